@@ -1,0 +1,299 @@
+"""The ``kernel-distill`` command line.
+
+Every user-facing failure (bad argument, missing or malformed file, impossible request) prints one line,
+``kernel-distill: error: ...``, and exits with code 2; Ctrl-C exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+from kernel_distill.errors import KernelDistillError
+
+EXIT_USAGE = 2
+DEFAULT_DEPTH = {"fc": 1, "convnet": 3, "convnet3": 3}
+
+
+def _add_common(p: argparse.ArgumentParser):
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")
+    p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
+    p.add_argument("--memory-budget-mb", type=float, default=512.0,
+                   help="memory bound for one block of the kernel computation (default 512)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+
+
+def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
+    p.add_argument("--kernel", choices=("fc", "convnet", "convnet3"), default=default_kernel,
+                   help="infinite network: fc, convnet (KIP ConvNet) or convnet3 (without the first conv)")
+    p.add_argument("--get", choices=("ntk", "nngp"), default=None, help="which kernel (default ntk)")
+    p.add_argument("--depth", type=int, default=None, help="hidden layers (fc, default 1) or conv blocks (3)")
+    p.add_argument("--W-std", dest="W_std", type=float, default=None, help="weight std (default sqrt(2))")
+    p.add_argument("--b-std", dest="b_std", type=float, default=None, help="bias std (default 0.1)")
+    p.add_argument("--reg", type=float, default=None, help="KRR regulariser relative to trace(K)/n (1e-6)")
+
+
+def _add_preprocess(p: argparse.ArgumentParser):
+    p.add_argument("--zca", action="store_true", help="ZCA-whiten the images (KIP's zca_normalize)")
+    p.add_argument("--zca-reg", type=float, default=0.1, help="ZCA regulariser relative to trace(C)/d (0.1)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kernel_distill import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kernel-distill",
+        description="Dataset distillation with infinite-width neural kernels (KIP, Label Solve).")
+    parser.add_argument("--version", action="version", version=f"kernel-distill {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("datasets", help="list the datasets and where they are found")
+    p.add_argument("--data-dir", default=None)
+
+    p = sub.add_parser("evaluate", help="KRR test accuracy of a distilled set (.npz)")
+    p.add_argument("file", help="distilled set: a kernel-distill .npz or a released KIP .npz")
+    p.add_argument("--dataset", required=True, help="dataset whose test split is used")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    _add_kernel(p, default_kernel=None)
+    _add_preprocess(p)
+    _add_common(p)
+
+    p = sub.add_parser("baseline", help="KRR accuracy of random natural class-balanced subsets")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--seeds", type=int, default=5, help="number of random subsets (seeds 0..N-1)")
+    p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--out", default=None, help="save the subset of seed 0 as a distilled-set .npz")
+    _add_kernel(p)
+    _add_preprocess(p)
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "float64", False):
+            import jax
+
+            jax.config.update("jax_enable_x64", True)
+        return _COMMANDS[args.command](args)
+    except KernelDistillError as e:
+        print(f"kernel-distill: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kernel-distill: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a JAX out-of-memory error is the user's to fix, not a bug to dump on them
+        if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
+            print("kernel-distill: error: out of memory; lower --memory-budget-mb, the batch or the "
+                  "support size", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def _spec_from_args(args, fallback: dict | None = None):
+    from kernel_distill.kernels import KernelSpec
+
+    fallback = fallback or {}
+    architecture = args.kernel or fallback.get("architecture", "fc")
+    kwargs = dict(architecture=architecture)
+    depth = args.depth if args.depth is not None else (
+        fallback.get("depth") if fallback.get("architecture") == architecture else None)
+    kwargs["depth"] = depth if depth is not None else DEFAULT_DEPTH[architecture]
+    for name in ("W_std", "b_std"):
+        value = getattr(args, name)
+        if value is None and fallback.get("architecture") == architecture:
+            value = fallback.get(name)
+        if value is not None:
+            kwargs[name] = value
+    return KernelSpec(**kwargs)
+
+
+def _kernel_fn(args, spec):
+    from kernel_distill.kernels import make_kernel_fn
+
+    if args.memory_budget_mb <= 0:
+        raise KernelDistillError("--memory-budget-mb must be positive")
+    return make_kernel_fn(spec, memory_budget_bytes=int(args.memory_budget_mb * 2**20))
+
+
+def _dtype(args):
+    return np.float64 if getattr(args, "float64", False) else np.float32
+
+
+def _check_positive(name: str, value, allow_none: bool = True):
+    if value is None and allow_none:
+        return
+    if value is None or value < 1:
+        raise KernelDistillError(f"{name} must be a positive integer, got {value}")
+
+
+def _cmd_datasets(args) -> int:
+    from kernel_distill.data import available_datasets, resolve_data_dir
+
+    print(f"data directory: {resolve_data_dir(args.data_dir)}")
+    rows = available_datasets(args.data_dir)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"  {r['name']:<{width}}  {r['status']:<34} {r['location']}")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from kernel_distill.data import dataset_info, load_dataset
+    from kernel_distill.io import load_distilled
+    from kernel_distill.krr import DEFAULT_REG, evaluate
+    from kernel_distill.preprocess import fit_preprocessor
+
+    _check_positive("--test-limit", args.test_limit)
+    info = dataset_info(args.dataset)
+    distilled = load_distilled(args.file)
+    if distilled.num_classes != info.num_classes:
+        raise KernelDistillError(f"{args.file} has {distilled.num_classes} label columns, {args.dataset} has "
+                                 f"{info.num_classes} classes")
+    if distilled.images.shape[1:] != info.image_shape:
+        raise KernelDistillError(f"{args.file} holds images of shape {distilled.images.shape[1:]}, "
+                                 f"{args.dataset} images are {info.image_shape}")
+    preprocessor = distilled.preprocessor
+    if preprocessor is None:
+        # A released KIP file: its images live in KIP's space, which we rebuild from the training set.
+        x_train, _ = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
+        preprocessor = fit_preprocessor(x_train, zca=args.zca, zca_reg=args.zca_reg)
+        print(f"{args.file} carries no preprocessing; fitted "
+              f"{'standardisation + ZCA' if args.zca else 'standardisation'} on the {args.dataset} training set")
+    x_test, y_test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
+    if args.test_limit:
+        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
+    meta = distilled.metadata
+    spec = _spec_from_args(args, meta.get("kernel"))
+    get = args.get or meta.get("get", "ntk")
+    reg = args.reg if args.reg is not None else meta.get("reg", DEFAULT_REG)
+    kernel_fn = _kernel_fn(args, spec)
+    start = time.perf_counter()
+    result = evaluate(kernel_fn, distilled.images.astype(_dtype(args)), distilled.labels.astype(_dtype(args)),
+                      preprocessor.apply(x_test).astype(_dtype(args)), y_test, reg=reg, get=get,
+                      progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    print(f"{args.file}: {len(distilled.images)} support images, {spec.architecture} {get.upper()} "
+          f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * result.accuracy:.2f}% on "
+          f"{result.num_test} {args.dataset} test images ({seconds:.1f} s)")
+    if args.json:
+        print(json.dumps(dict(file=str(args.file), dataset=args.dataset, kernel=spec.to_dict(), get=get, reg=reg,
+                              seconds=seconds, **result.to_dict())))
+    return 0
+
+
+def natural_subset(x_train, y_train, per_class: int, num_classes: int, seed: int):
+    """A seeded class-balanced subset of raw training images. Returns ``(x uint8, y int)``."""
+    import jax
+
+    from kernel_distill.data import class_balanced_indices
+
+    idx = class_balanced_indices(y_train, per_class, num_classes, jax.random.PRNGKey(seed))
+    return x_train[idx], y_train[idx]
+
+
+def _cmd_baseline(args) -> int:
+    from kernel_distill.data import dataset_info, load_dataset
+    from kernel_distill.io import DistilledSet, save_distilled
+    from kernel_distill.krr import DEFAULT_REG, evaluate
+    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+
+    _check_positive("--per-class", args.per_class, allow_none=False)
+    _check_positive("--seeds", args.seeds, allow_none=False)
+    _check_positive("--test-limit", args.test_limit)
+    info = dataset_info(args.dataset)
+    spec = _spec_from_args(args)
+    get, reg = args.get or "ntk", args.reg if args.reg is not None else DEFAULT_REG
+    x_train, y_train = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
+    x_test, y_test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
+    if args.test_limit:
+        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
+    preprocessor = fit_preprocessor(x_train, zca=args.zca, zca_reg=args.zca_reg)
+    z_test = preprocessor.apply(x_test).astype(_dtype(args))
+    kernel_fn = _kernel_fn(args, spec)
+    accuracies = []
+    for seed in range(args.seeds):
+        xs, ys = natural_subset(x_train, y_train, args.per_class, info.num_classes, seed)
+        zs, labels = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
+        result = evaluate(kernel_fn, zs.astype(_dtype(args)), labels.astype(_dtype(args)), z_test, y_test, reg=reg,
+                          get=get, progress=not args.no_progress, description=f"seed {seed}")
+        accuracies.append(result.accuracy)
+        print(f"seed {seed}: {100 * result.accuracy:.2f}%")
+        if seed == 0 and args.out:
+            meta = dict(dataset=args.dataset, method="natural", per_class=args.per_class, seed=seed,
+                        kernel=spec.to_dict(), get=get, reg=reg, metrics=result.to_dict())
+            save_distilled(args.out, DistilledSet(zs, labels, preprocessor, meta))
+            print(f"saved the seed-0 subset to {args.out}")
+    acc = 100 * np.asarray(accuracies)
+    std = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    print(f"{args.dataset}, {args.per_class} per class, {spec.architecture} {get.upper()} depth {spec.depth}: "
+          f"{acc.mean():.2f} +- {std:.2f}% over {len(acc)} seeds ({len(x_test)} test images)")
+    if args.json:
+        print(json.dumps(dict(dataset=args.dataset, per_class=args.per_class, kernel=spec.to_dict(), get=get,
+                              reg=reg, accuracies=acc.tolist(), mean=float(acc.mean()), std=std)))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    """Random natural 10-per-class support on digits, evaluated with the FC and ConvNet NTKs."""
+    from kernel_distill.data import load_dataset
+    from kernel_distill.io import DistilledSet, atomic_write_text, save_distilled
+    from kernel_distill.kernels import KernelSpec, make_kernel_fn
+    from kernel_distill.krr import DEFAULT_REG, evaluate
+    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+
+    out = pathlib.Path(args.out)
+    x_train, y_train = load_dataset("digits", "train")
+    x_test, y_test = load_dataset("digits", "test")
+    preprocessor = fit_preprocessor(x_train)
+    xs, ys = natural_subset(x_train, y_train, 10, 10, seed=0)
+    zs, labels = preprocessor.apply(xs), centered_one_hot(ys, 10)
+    z_test = preprocessor.apply(x_test)
+    metrics = {}
+    for spec in (KernelSpec("fc", depth=1), KernelSpec("convnet", depth=3)):
+        start = time.perf_counter()
+        result = evaluate(make_kernel_fn(spec), zs, labels, z_test, y_test, progress=not args.no_progress,
+                          description=spec.architecture)
+        metrics[spec.architecture] = dict(result.to_dict(), seconds=time.perf_counter() - start)
+        print(f"digits, 10 random natural images per class, {spec.architecture} NTK: "
+              f"KRR test accuracy {100 * result.accuracy:.2f}% on {result.num_test} test images")
+    meta = dict(dataset="digits", method="natural", per_class=10, seed=0, kernel=KernelSpec("fc").to_dict(),
+                get="ntk", reg=DEFAULT_REG, metrics=metrics)
+    path = save_distilled(out / "distilled.npz", DistilledSet(zs, labels, preprocessor, meta))
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    print(f"outputs: {path} and {out / 'metrics.json'}")
+    print(f"next: kernel-distill evaluate {path} --dataset digits --kernel convnet")
+    return 0
+
+
+_COMMANDS = {
+    "datasets": _cmd_datasets,
+    "evaluate": _cmd_evaluate,
+    "baseline": _cmd_baseline,
+    "demo": _cmd_demo,
+}
+
+
+def entry_point():  # console script
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

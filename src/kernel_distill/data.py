@@ -1,0 +1,451 @@
+"""Datasets: find, download, verify and load them as ``uint8`` NHWC images with integer labels.
+
+Where a dataset is looked for, in order, inside ``<data_dir>/<name>/``:
+
+1. ``train.npz`` / ``test.npz`` with arrays ``x`` (uint8, NHWC) and ``y`` (integer labels): the layout of
+   the project's shared data folder, and the cache this module writes after parsing original files.
+   ``cifar10`` is also found as ``<data_dir>/cifar10_jpeg_lossy/``, with a warning that it is lossy.
+2. The original distribution files: MNIST / Fashion-MNIST IDX ``.gz`` files, CIFAR ``python.tar.gz``
+   archives, SVHN ``.mat`` files.
+3. If neither is there (and ``download=True``), the original files are downloaded from their canonical
+   URLs, checked against their published MD5 checksums, then parsed as in 2.
+
+``data_dir`` is the argument, else the ``KERNEL_DISTILL_DATA`` environment variable, else
+``~/.cache/kernel_distill``. ``KERNEL_DISTILL_MIRROR`` replaces the base URL of every download (a local
+mirror). ``digits`` (scikit-learn's bundled 8x8 digits) needs no files and is the built-in default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import io
+import os
+import pathlib
+import pickle
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zipfile
+from typing import Callable
+
+import numpy as np
+
+from kernel_distill.errors import DataError
+
+SPLITS = ("train", "test")
+DATA_DIR_ENV = "KERNEL_DISTILL_DATA"
+MIRROR_ENV = "KERNEL_DISTILL_MIRROR"
+DEFAULT_DATA_DIR = pathlib.Path("~/.cache/kernel_distill")
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    """One original distribution file: where it is published and its MD5 checksum."""
+
+    filename: str
+    url: str
+    md5: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What kernel-distill knows of a dataset."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    class_names: tuple[str, ...]
+    files: dict  # split -> tuple[RemoteFile, ...]
+    description: str = ""
+    lossy_alias: str | None = None  # another folder name under which a lossy copy may be found
+
+
+def _idx_files(base: str, md5s: dict[str, str]) -> dict:
+    def rf(name):
+        return RemoteFile(name, base + name, md5s[name])
+
+    return {
+        "train": (rf("train-images-idx3-ubyte.gz"), rf("train-labels-idx1-ubyte.gz")),
+        "test": (rf("t10k-images-idx3-ubyte.gz"), rf("t10k-labels-idx1-ubyte.gz")),
+    }
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+_CIFAR10_TAR = RemoteFile("cifar-10-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+                          "c58f30108f718f92721af3b95e74349a")
+_CIFAR100_TAR = RemoteFile("cifar-100-python.tar.gz", "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+                           "eb9058c3a382ffc7106e4002c42a8d85")
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        "digits", 10, (8, 8, 1), _DIGITS, {},
+        "scikit-learn's bundled 8x8 handwritten digits (1,797 images), split 80/20 per class, seeded; "
+        "needs no files"),
+    "mnist": DatasetInfo(
+        "mnist", 10, (28, 28, 1), _DIGITS,
+        _idx_files("https://ossci-datasets.s3.amazonaws.com/mnist/", {
+            "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+            "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+            "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+            "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+        }),
+        "MNIST handwritten digits, 60,000 train / 10,000 test, 28x28 grey"),
+    "fashion_mnist": DatasetInfo(
+        "fashion_mnist", 10, (28, 28, 1),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+         "Ankle boot"),
+        _idx_files("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/", {
+            "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+            "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+            "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+            "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+        }),
+        "Fashion-MNIST (Zalando), 60,000 train / 10,000 test, 28x28 grey"),
+    "cifar10": DatasetInfo(
+        "cifar10", 10, (32, 32, 3),
+        ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        {"train": (_CIFAR10_TAR,), "test": (_CIFAR10_TAR,)},
+        "CIFAR-10, 50,000 train / 10,000 test, 32x32 colour", lossy_alias="cifar10_jpeg_lossy"),
+    "cifar100": DatasetInfo(
+        "cifar100", 100, (32, 32, 3), tuple(str(i) for i in range(100)),
+        {"train": (_CIFAR100_TAR,), "test": (_CIFAR100_TAR,)},
+        "CIFAR-100 (fine labels), 50,000 train / 10,000 test, 32x32 colour"),
+    "svhn": DatasetInfo(
+        "svhn", 10, (32, 32, 3), _DIGITS,
+        {"train": (RemoteFile("train_32x32.mat", "http://ufldl.stanford.edu/housenumbers/train_32x32.mat",
+                              "e26dedcc434d2e4c54c9b2d4a06d8373"),),
+         "test": (RemoteFile("test_32x32.mat", "http://ufldl.stanford.edu/housenumbers/test_32x32.mat",
+                             "eb5a983be6a315427106f1b164d9cef3"),)},
+        "SVHN cropped digits, 73,257 train / 26,032 test, 32x32 colour (label 10 mapped to 0)"),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name``, or a :class:`DataError` listing the known names."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The data directory: the argument, else ``$KERNEL_DISTILL_DATA``, else ``~/.cache/kernel_distill``."""
+    if data_dir is None:
+        data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return pathlib.Path(data_dir).expanduser()
+
+
+def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                 download: bool = True, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Load one split of a dataset.
+
+    Args:
+      name: one of :data:`DATASETS` (``digits``, ``mnist``, ``fashion_mnist``, ``cifar10``, ``cifar100``,
+        ``svhn``).
+      split: ``"train"`` or ``"test"``.
+      data_dir: where to look (see module docstring).
+      download: fetch the original files when nothing is found locally.
+      progress: show a progress bar while downloading.
+    Returns:
+      ``x``: uint8 ``(n, H, W, C)``; ``y``: int64 ``(n,)`` with values in ``[0, num_classes)``.
+    Raises:
+      DataError: unknown name or split, files missing and download off or failed, corrupt files.
+    """
+    info = dataset_info(name)
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
+    if name == "digits":
+        return _check_arrays(*_load_digits(split), info, "scikit-learn digits")
+
+    root = resolve_data_dir(data_dir)
+    folder = root / name
+    npz = folder / f"{split}.npz"
+    if npz.is_file():
+        return _check_arrays(*_read_npz(npz), info, str(npz))
+    if info.lossy_alias:
+        lossy = root / info.lossy_alias / f"{split}.npz"
+        if lossy.is_file():
+            warnings.warn(f"{name}: using the LOSSY copy {lossy} (JPEG-compressed pixels); accuracies on it are "
+                          f"not comparable with published {name} numbers", stacklevel=2)
+            return _check_arrays(*_read_npz(lossy), info, str(lossy))
+
+    originals = info.files[split]
+    missing = [f for f in originals if not (folder / f.filename).is_file()]
+    if missing:
+        if not download:
+            raise DataError(
+                f"{name} {split} not found in {folder}: expected {split}.npz or "
+                f"{', '.join(f.filename for f in originals)} (download is off)")
+        for remote in missing:
+            download_file(remote, folder, progress=progress)
+    x, y = _PARSERS[name](folder, split, originals)
+    x, y = _check_arrays(x, y, info, str(folder))
+    _try_cache(npz, x, y)
+    return x, y
+
+
+def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """What :func:`load_dataset` would find for each dataset without downloading, one dict per name."""
+    root = resolve_data_dir(data_dir)
+    rows = []
+    for name, info in DATASETS.items():
+        if name == "digits":
+            where, status = "scikit-learn (bundled)", "ready"
+        else:
+            folder = root / name
+            npz_ok = all((folder / f"{s}.npz").is_file() for s in SPLITS)
+            originals_ok = all((folder / f.filename).is_file() for s in SPLITS for f in info.files[s])
+            lossy = info.lossy_alias and all((root / info.lossy_alias / f"{s}.npz").is_file() for s in SPLITS)
+            if npz_ok:
+                where, status = str(folder), "ready (npz)"
+            elif originals_ok:
+                where, status = str(folder), "ready (original files)"
+            elif lossy:
+                where, status = str(root / info.lossy_alias), "ready (LOSSY JPEG copy)"
+            else:
+                where, status = str(folder), "missing (downloads on first use)"
+        rows.append(dict(name=name, status=status, location=where, description=info.description))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downloads.
+
+
+def _md5(path: pathlib.Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_url(remote: RemoteFile) -> str:
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        return mirror.rstrip("/") + "/" + remote.filename
+    return remote.url
+
+
+def download_file(remote: RemoteFile, folder: pathlib.Path, progress: bool = True,
+                  timeout_s: float = 60.0) -> pathlib.Path:
+    """Download ``remote`` into ``folder``, verify its MD5, and only then move it into place.
+
+    A failed, interrupted or mismatching download leaves nothing behind in ``folder``.
+    """
+    url = _source_url(remote)
+    target = folder / remote.filename
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data folder {folder}: {e}. Set {DATA_DIR_ENV} to a writable "
+                        f"folder") from None
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
+    tmp = pathlib.Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _stream(url, out, remote.filename, progress, timeout_s)
+        actual = _md5(tmp)
+        if actual != remote.md5:
+            raise DataError(f"checksum mismatch for {remote.filename} downloaded from {url}: MD5 {actual}, "
+                            f"expected {remote.md5}; the file was discarded")
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise DataError(f"download of {url} failed ({reason}). Download it by hand and put it at {target}, "
+                        f"or set {DATA_DIR_ENV} to a folder that holds it") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+def _stream(url: str, out, label: str, progress: bool, timeout_s: float):
+    from tqdm.auto import tqdm
+
+    request = urllib.request.Request(url, headers={"User-Agent": "kernel-distill"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        total = response.headers.get("Content-Length")
+        total = int(total) if total and total.isdigit() else None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}", disable=not progress,
+                  leave=False) as bar:
+            received = 0
+            for chunk in iter(lambda: response.read(1 << 16), b""):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+        if total is not None and received != total:
+            raise OSError(f"connection closed after {received} of {total} bytes")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parsers of the original formats.
+
+
+def _read_npz(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise DataError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(f.files)}")
+            return f["x"], f["y"]
+    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path} is not a readable .npz file ({e}); delete or replace it") from None
+
+
+def _read_idx(path: pathlib.Path, expected_ndim: int) -> np.ndarray:
+    """Parse a gzipped IDX file (the MNIST format): magic, dimensions, then unsigned bytes."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path} is truncated or not a gzip file ({e}); delete it and download again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path} is not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    if ndim != expected_ndim:
+        raise DataError(f"{path} has {ndim} dimensions, expected {expected_ndim}")
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    size = int(np.prod(dims))
+    if len(raw) != header + size:
+        raise DataError(f"{path} holds {len(raw) - header} data bytes, its header promises {size}; "
+                        f"the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _parse_idx_pair(folder: pathlib.Path, split: str, files) -> tuple[np.ndarray, np.ndarray]:
+    images_file, labels_file = files
+    x = _read_idx(folder / images_file.filename, 3)[..., None]
+    y = _read_idx(folder / labels_file.filename, 1)
+    return x, y
+
+
+def _cifar_members(folder: pathlib.Path, archive: RemoteFile) -> dict[str, dict]:
+    path = folder / archive.filename
+    out = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                f = tar.extractfile(member)
+                # The CIFAR archives are Python pickles of plain dicts of bytes and lists; they are only
+                # read after their MD5 matched the published one, or from a file the user placed.
+                out[pathlib.PurePosixPath(member.name).name] = pickle.load(f, encoding="bytes")
+    except (tarfile.TarError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise DataError(f"{path} is truncated or not a CIFAR python archive ({e}); delete it and download "
+                        f"again") from None
+    return out
+
+
+def _cifar_arrays(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+    labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _parse_cifar10(folder, split, files):
+    members = _cifar_members(folder, files[0])
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if n not in members]
+    if missing:
+        raise DataError(f"{folder / files[0].filename} lacks {', '.join(missing)}")
+    return _cifar_arrays([members[n] for n in names], b"labels")
+
+
+def _parse_cifar100(folder, split, files):
+    members = _cifar_members(folder, files[0])
+    if split not in members:
+        raise DataError(f"{folder / files[0].filename} lacks the '{split}' member")
+    return _cifar_arrays([members[split]], b"fine_labels")
+
+
+def _parse_svhn(folder, split, files):
+    import scipy.io
+
+    path = folder / files[0].filename
+    try:
+        mat = scipy.io.loadmat(path)
+        x = np.asarray(mat["X"], dtype=np.uint8).transpose(3, 0, 1, 2)
+        y = np.asarray(mat["y"]).reshape(-1).astype(np.int64)
+    except Exception as e:  # scipy raises many types for a bad .mat file
+        raise DataError(f"{path} is truncated or not an SVHN .mat file ({e}); delete it and download again") \
+            from None
+    y[y == 10] = 0  # SVHN labels the digit 0 as 10
+    return x, y
+
+
+_PARSERS: dict[str, Callable] = {
+    "mnist": _parse_idx_pair,
+    "fashion_mnist": _parse_idx_pair,
+    "cifar10": _parse_cifar10,
+    "cifar100": _parse_cifar100,
+    "svhn": _parse_svhn,
+}
+
+
+def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    y = bunch.target.astype(np.int64)
+    # 20% of every class goes to test; the legacy RandomState stream is frozen across NumPy versions.
+    rng = np.random.RandomState(0)
+    test = np.zeros(len(y), dtype=bool)
+    for c in range(10):
+        idx = np.flatnonzero(y == c)
+        test[rng.permutation(idx)[: int(round(0.2 * len(idx)))]] = True
+    keep = test if split == "test" else ~test
+    return x[keep], y[keep]
+
+
+def _check_arrays(x, y, info: DatasetInfo, source: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(x), np.asarray(y).reshape(-1)
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise DataError(f"{source}: images must be uint8 NHWC, got dtype {x.dtype} and shape {x.shape}")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(f"{source}: {x.shape[0]} images but {y.shape[0]} labels")
+    if x.shape[1:] != info.image_shape:
+        raise DataError(f"{source}: images of shape {x.shape[1:]}, expected {info.image_shape} for {info.name}")
+    if not np.issubdtype(y.dtype, np.integer) or (y.size and (y.min() < 0 or y.max() >= info.num_classes)):
+        raise DataError(f"{source}: labels must be integers in [0, {info.num_classes})")
+    return x, y.astype(np.int64)
+
+
+def _try_cache(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> None:
+    """Save parsed arrays as ``<split>.npz`` for fast loading next time; skip quietly if read-only."""
+    from kernel_distill.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError:
+        pass
+
+
+def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int, key) -> np.ndarray:
+    """Indices of ``per_class`` examples of every class, drawn without replacement with a ``jax.random`` key.
+
+    Returns an int array ``(per_class * num_classes,)`` ordered class by class.
+    """
+    import jax
+
+    labels = np.asarray(labels)
+    if per_class < 1:
+        raise DataError(f"per-class count must be at least 1, got {per_class}")
+    chosen = []
+    keys = jax.random.split(key, num_classes)
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < per_class:
+            raise DataError(f"class {c} has only {len(idx)} examples, fewer than the {per_class} asked for")
+        perm = np.asarray(jax.random.permutation(keys[c], len(idx)))
+        chosen.append(idx[perm[:per_class]])
+    return np.concatenate(chosen)
