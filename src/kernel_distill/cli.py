@@ -17,7 +17,6 @@ import numpy as np
 from kernel_distill.errors import KernelDistillError
 
 EXIT_USAGE = 2
-DEFAULT_DEPTH = {"fc": 1, "convnet": 3, "convnet3": 3}
 
 
 def _add_common(p: argparse.ArgumentParser):
@@ -115,7 +114,7 @@ def _spec_from_args(args, fallback: dict | None = None):
     kwargs = dict(architecture=architecture)
     depth = args.depth if args.depth is not None else (
         fallback.get("depth") if fallback.get("architecture") == architecture else None)
-    kwargs["depth"] = depth if depth is not None else DEFAULT_DEPTH[architecture]
+    kwargs["depth"] = depth
     for name in ("W_std", "b_std"):
         value = getattr(args, name)
         if value is None and fallback.get("architecture") == architecture:
@@ -267,7 +266,7 @@ def _cmd_demo(args) -> int:
     zs, labels = preprocessor.apply(xs), centered_one_hot(ys, 10)
     z_test = preprocessor.apply(x_test)
     metrics = {}
-    for spec in (KernelSpec("fc", depth=1), KernelSpec("convnet", depth=3)):
+    for spec in (KernelSpec("fc"), KernelSpec("convnet")):
         start = time.perf_counter()
         result = evaluate(make_kernel_fn(spec), zs, labels, z_test, y_test, progress=not args.no_progress,
                           description=spec.architecture)

@@ -61,14 +61,15 @@ class KernelSpec:
 
     Attributes:
       architecture: ``"fc"``, ``"convnet"`` (with the prepended conv + ReLU) or ``"convnet3"`` (without).
-      depth: hidden Dense+ReLU layers for ``fc``; conv+ReLU+pool blocks for the conv nets. KIP: 1 (FC), 3.
+      depth: hidden Dense+ReLU layers for ``fc``; conv+ReLU+pool blocks for the conv nets. ``None`` picks
+        the KIP default: 1 for ``fc``, 3 for the conv nets.
       W_std: weight standard deviation. KIP default ``sqrt(2)``.
       b_std: bias standard deviation. KIP default 0.1.
       parameterization: only ``"ntk"`` is implemented (the KIP default); ``"standard"`` is refused.
     """
 
     architecture: str = "fc"
-    depth: int = 1
+    depth: int | None = None
     W_std: float = math.sqrt(2.0)
     b_std: float = 0.1
     parameterization: str = "ntk"
@@ -77,6 +78,8 @@ class KernelSpec:
         if self.architecture not in ARCHITECTURES:
             raise KernelDistillError(
                 f"unknown kernel architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+        if self.depth is None:
+            object.__setattr__(self, "depth", 1 if self.architecture == "fc" else 3)
         if not isinstance(self.depth, (int, np.integer)) or self.depth < 0:
             raise KernelDistillError(f"kernel depth must be a non-negative integer, got {self.depth!r}")
         if self.architecture != "fc" and self.depth < 1:
@@ -111,22 +114,26 @@ class KernelSpec:
 
 
 @jax.custom_jvp
-def _sqrt_nonneg(x):
-    """sqrt(max(x, 0)) whose derivative is 0 (not inf) where x <= 0.
+def _sqrt_nonneg(x, floor):
+    """sqrt(max(x, 0)) whose derivative is 0 (not inf or NaN) where ``x <= floor``.
 
-    On the diagonal K(x, x) the argument ``q1 q2 - c^2`` is exactly zero; its true derivative along
-    ``x1 = x2`` is zero, but the chain rule of a plain sqrt would give 0 * inf = NaN.
+    On the diagonal K(x, x) the argument ``q1 q2 - c^2`` is zero in exact arithmetic and its derivative
+    along ``x1 = x2`` is zero, but the chain rule of a plain sqrt gives 0 * inf = NaN. Compiled code also
+    leaves rounding residue there (XLA contracts ``q1 q2 - c c`` into a fused multiply-add, which returns
+    the product's rounding error, down to 1e-38), so the cut-off must be relative: ``floor`` is a few ulps
+    of ``q1 q2``. Only the derivative is cut; the value is the exact square root.
     """
+    del floor
     return jnp.sqrt(jnp.maximum(x, 0.0))
 
 
 @_sqrt_nonneg.defjvp
 def _sqrt_nonneg_jvp(primals, tangents):
-    (x,), (t,) = primals, tangents
-    y = _sqrt_nonneg(x)
-    positive = x > jnp.finfo(jnp.result_type(x)).tiny
-    safe_y = jnp.where(positive, y, 1.0)
-    return y, jnp.where(positive, t / (2.0 * safe_y), 0.0)
+    (x, floor), (t, _) = primals, tangents
+    y = _sqrt_nonneg(x, floor)
+    above = x > floor
+    safe_y = jnp.where(above, y, 1.0)
+    return y, jnp.where(above, t / (2.0 * safe_y), 0.0)
 
 
 def _relu_kernels(cov, var1, var2, ntk):
@@ -140,7 +147,9 @@ def _relu_kernels(cov, var1, var2, ntk):
       ``(nngp, ntk)`` after the ReLU; ``ntk`` is ``None`` when the input was.
     """
     prod = var1 * var2
-    sin_part = _sqrt_nonneg(prod - cov * cov)  # |x1||x2| sin(theta)
+    eps = jnp.finfo(jnp.result_type(prod)).eps
+    floor = 16 * eps * jax.lax.stop_gradient(prod) + jnp.finfo(jnp.result_type(prod)).tiny
+    sin_part = _sqrt_nonneg(prod - cov * cov, floor)  # |x1||x2| sin(theta)
     # arctan2 has an undefined gradient at (0, 0) (a pixel with zero variance, possible with b_std = 0);
     # there the angle is irrelevant because the kernel is 0, so feed it a harmless point.
     degenerate = prod <= jnp.finfo(jnp.result_type(prod)).tiny

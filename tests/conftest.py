@@ -1,0 +1,49 @@
+"""Shared fixtures. Real data comes from ``../shared/data`` (or ``$KERNEL_DISTILL_DATA``)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDENS = REPO / "tests" / "goldens"
+
+
+def _shared_data_dir() -> pathlib.Path | None:
+    for candidate in (os.environ.get("KERNEL_DISTILL_DATA"), REPO.parent / "shared" / "data"):
+        if candidate and (pathlib.Path(candidate) / "mnist" / "test.npz").is_file():
+            return pathlib.Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> pathlib.Path:
+    """The real datasets; tests about accuracy on real data are skipped (loudly) without them."""
+    path = _shared_data_dir()
+    if path is None:
+        pytest.skip("real data not found: put the shared data folder at ../shared/data or set KERNEL_DISTILL_DATA")
+    return path
+
+
+@pytest.fixture
+def x64():
+    """Run the test body with float64 enabled, restoring the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_environment(monkeypatch, tmp_path):
+    """No test downloads from the internet or writes to the user's cache by accident."""
+    monkeypatch.setenv("KERNEL_DISTILL_MIRROR", "http://127.0.0.1:9/")  # discard port: fails fast, locally
+    if os.environ.get("KERNEL_DISTILL_DATA") is None:
+        monkeypatch.setenv("KERNEL_DISTILL_DATA", str(tmp_path / "no-data-here"))
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
