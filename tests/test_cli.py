@@ -1,0 +1,89 @@
+"""The command line: real runs on digits, and one-line errors with exit code 2 for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kernel_distill.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_baseline_then_evaluate_round_trip(tmp_path, capsys):
+    out_file = tmp_path / "natural.npz"
+    code, out, _ = run(capsys, "baseline", "--dataset", "digits", "--per-class", "5", "--seeds", "2",
+                       "--no-progress", "--json", "--out", str(out_file))
+    assert code == 0
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert len(summary["accuracies"]) == 2 and 50 < summary["mean"] <= 100
+    code, out, _ = run(capsys, "evaluate", str(out_file), "--dataset", "digits", "--no-progress", "--json")
+    assert code == 0
+    evaluated = json.loads(out.strip().splitlines()[-1])
+    assert evaluated["accuracy"] * 100 == pytest.approx(summary["accuracies"][0])
+
+
+def test_evaluate_with_a_conv_kernel(tmp_path, capsys):
+    out_file = tmp_path / "natural.npz"
+    assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",
+               "--out", str(out_file))[0] == 0
+    code, out, _ = run(capsys, "evaluate", str(out_file), "--dataset", "digits", "--kernel", "convnet",
+                       "--get", "nngp", "--test-limit", "40", "--no-progress")
+    assert code == 0 and "convnet NNGP" in out and "40 digits test images" in out
+
+
+def test_released_kip_file_is_evaluated_with_refitted_preprocessing(tmp_path, capsys, rng):
+    path = tmp_path / "kip.npz"
+    np.savez(path, images=rng.normal(size=(10, 8, 8, 1)).astype(np.float32),
+             labels=(np.eye(10) - 0.1).astype(np.float32))
+    code, out, _ = run(capsys, "evaluate", str(path), "--dataset", "digits", "--no-progress")
+    assert code == 0 and "carries no preprocessing" in out
+
+
+def test_datasets_lists_everything(capsys):
+    code, out, _ = run(capsys, "datasets")
+    assert code == 0
+    for name in ("digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
+        assert name in out
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["evaluate", "missing.npz", "--dataset", "digits"], "no such file"),
+    (["baseline", "--dataset", "imagenet"], "unknown dataset"),
+    (["baseline", "--dataset", "digits", "--per-class", "500"], "fewer than the 500"),
+    (["baseline", "--dataset", "digits", "--per-class", "0"], "positive integer"),
+    (["baseline", "--dataset", "digits", "--kernel", "convnet", "--depth", "5"], "at least 32x32"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, match):
+    code, _, err = run(capsys, *argv, "--no-progress")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("kernel-distill: error:") and match in err
+
+
+def test_unreachable_download_is_one_line(tmp_path, capsys):
+    code, _, err = run(capsys, "baseline", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "download of" in err and str(tmp_path / "mnist") in err
+
+
+def test_mismatched_file_and_dataset(tmp_path, capsys, rng):
+    path = tmp_path / "wrong.npz"
+    np.savez(path, images=rng.normal(size=(3, 28, 28, 1)).astype(np.float32), labels=np.zeros((3, 10), np.float32))
+    code, _, err = run(capsys, "evaluate", str(path), "--dataset", "digits")
+    assert code == 2 and "images of shape" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_text("garbage")
+    proc = subprocess.run([sys.executable, "-m", "kernel_distill.cli", "evaluate", str(bad), "--dataset", "digits"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not a readable .npz" in proc.stderr
