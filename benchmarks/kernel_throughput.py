@@ -1,0 +1,192 @@
+"""Kernel throughput (image pairs per second) and peak memory: kernel-distill against neural-tangents 0.6.5.
+
+Each measurement runs in a fresh subprocess (so peak memory is its own) on the same seeded inputs:
+
+* ``ours``: ``kernel_distill.kernels.make_kernel_fn`` (this venv's JAX);
+* ``nt``: neural-tangents 0.6.5's ``stax`` kernel of the same network, run by ``--nt-python`` (a separate
+  virtualenv with ``jax==0.5.3 jaxlib==0.5.3 neural-tangents==0.6.5``, see ``tools/make_goldens.py``).
+
+Both compute the NTK (which includes the NNGP) of the KIP networks: FC depth 1 and ConvNet depth 3 with
+the prepended conv. The work per pair and the machine's limits come from XLA's own cost analysis of our
+compiled kernel (flops, bytes accessed) and from a measured float32 matmul rate and copy bandwidth.
+
+    .venv/bin/python benchmarks/kernel_throughput.py --nt-python /tmp/ntvenv/bin/python
+    .venv/bin/python benchmarks/kernel_throughput.py --impls ours   # no neural-tangents (e.g. on a GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+SHAPES = {"28x28x1": (28, 28, 1), "32x32x3": (32, 32, 3)}
+# (n1, n2) per architecture: enough pairs for a stable timing, small enough for neural-tangents' memory.
+SIZES = {"fc": (2000, 2000), "convnet": (8, 16)}
+
+
+def _sizes() -> dict:
+    """SIZES, with the ConvNet's overridable as KD_BENCH_CONV_SIZE="n1,n2" (a GPU wants more pairs)."""
+    sizes = dict(SIZES)
+    if os.environ.get("KD_BENCH_CONV_SIZE"):
+        sizes["convnet"] = tuple(int(v) for v in os.environ["KD_BENCH_CONV_SIZE"].split(","))
+    return sizes
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _inputs(shape, n1, n2, dtype):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n1, *shape)).astype(dtype), rng.standard_normal((n2, *shape)).astype(dtype)
+
+
+def _nt_kernel_fn(arch):
+    import neural_tangents  # noqa: F401
+    from neural_tangents import stax
+
+    w, b = 2**0.5, 0.1
+    if arch == "fc":
+        layers = [stax.Flatten(), stax.Dense(1, w, b), stax.Relu(), stax.Dense(1, w, b)]
+    else:
+        def conv():
+            return stax.Conv(1, (3, 3), padding="SAME", W_std=w, b_std=b)
+        layers = [conv(), stax.Relu()]
+        for _ in range(3):
+            layers += [conv(), stax.Relu(), stax.AvgPool((2, 2), strides=(2, 2))]
+        layers += [stax.Flatten(), stax.Dense(1, w, b)]
+    _, _, kernel_fn = stax.serial(*layers)
+    return lambda a, c: kernel_fn(a, c, "ntk")
+
+
+def worker(impl, arch, shape_name, dtype_name, repeats):
+    import jax
+
+    if dtype_name == "float64":
+        jax.config.update("jax_enable_x64", True)
+    import numpy as np
+
+    n1, n2 = _sizes()[arch]
+    x1, x2 = _inputs(SHAPES[shape_name], n1, n2, np.dtype(dtype_name))
+    if impl == "ours":
+        from kernel_distill.kernels import make_kernel_fn
+
+        budget_mb = float(os.environ.get("KD_BENCH_BUDGET_MB", "512"))
+        kernel_fn = make_kernel_fn(architecture=arch, depth=1 if arch == "fc" else 3,
+                                   memory_budget_bytes=int(budget_mb * 2**20))
+        fn = jax.jit(lambda a, c: kernel_fn(a, c, get="ntk"))
+    else:
+        fn = jax.jit(_nt_kernel_fn(arch))
+    x1, x2 = jax.device_put(x1), jax.device_put(x2)
+    rss_before = _rss_mb()
+    fn(x1, x2).block_until_ready()  # compile + warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x1, x2).block_until_ready()
+        times.append(time.perf_counter() - start)
+    seconds = float(np.median(times))
+    result = dict(impl=impl, arch=arch, shape=shape_name, dtype=dtype_name, n1=n1, n2=n2, seconds=seconds,
+                  pairs_per_second=n1 * n2 / seconds, peak_extra_mb=_peak_rss_mb() - rss_before,
+                  backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), jax=jax.__version__)
+    if jax.default_backend() == "gpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        result["peak_device_mb"] = stats.get("peak_bytes_in_use", 0) / 2**20
+    if impl == "ours":
+        cost = fn.lower(x1, x2).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        result["flops_per_pair"] = float(cost.get("flops", 0)) / (n1 * n2)
+        result["bytes_per_pair"] = float(cost.get("bytes accessed", 0)) / (n1 * n2)
+    print(json.dumps(result))
+
+
+def machine_limits():
+    """Measured float32 matmul rate (GFLOP/s) and large-array copy bandwidth (GB/s) through this JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda m: m @ m)
+    mm(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        mm(a).block_until_ready()
+    gflops = 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+    big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
+    copy = jax.jit(lambda v: v * 1.0001 + 1.0)
+    copy(big).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        copy(big).block_until_ready()
+    gbps = 5 * 2 * big.nbytes / (time.perf_counter() - start) / 1e9
+    return gflops, gbps
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--impls", nargs="+", default=["ours", "nt"], choices=["ours", "nt"])
+    parser.add_argument("--nt-python", default="/tmp/ntvenv/bin/python")
+    parser.add_argument("--archs", nargs="+", default=["fc", "convnet"])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--jsonl", default=None)
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ARCH", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker, repeats=args.repeats)
+        return
+
+    import jax
+
+    gflops, gbps = machine_limits()
+    print(f"# kernel throughput, {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, {jax.default_backend()} {jax.devices()[0].device_kind}; measured limits: "
+          f"{gflops:.0f} GFLOP/s float32 matmul, {gbps:.1f} GB/s copy")
+    print("| network | input | dtype | impl | pairs/s | peak extra MB | GFLOP/s (share of matmul peak) "
+          "| GB/s (share of copy bandwidth) |")
+    print("|---|---|---|---|---|---|---|---|")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    work = {}
+    for arch in args.archs:
+        for shape in args.shapes:
+            for dtype in args.dtypes:
+                for impl in args.impls:
+                    python = sys.executable if impl == "ours" else args.nt_python
+                    cmd = [python, __file__, "--worker", impl, arch, shape, dtype, "--repeats", str(args.repeats)]
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+                    if proc.returncode != 0 or not lines:
+                        tail = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                        print(f"| {arch} | {shape} | {dtype} | {impl} | failed: {tail} | | | |", flush=True)
+                        continue
+                    r = json.loads(lines[-1])
+                    if impl == "ours":
+                        work[(arch, shape, dtype)] = (r["flops_per_pair"], r["bytes_per_pair"])
+                    flops, bytes_ = work.get((arch, shape, dtype), (0.0, 0.0))
+                    achieved_gflops = flops * r["pairs_per_second"] / 1e9
+                    achieved_gbps = bytes_ * r["pairs_per_second"] / 1e9
+                    mem = r.get("peak_device_mb", r["peak_extra_mb"])
+                    print(f"| {arch} | {shape} | {dtype} | {impl} | {r['pairs_per_second']:,.0f} | {mem:,.0f} | "
+                          f"{achieved_gflops:.1f} ({100 * achieved_gflops / gflops:.1f}%) | "
+                          f"{achieved_gbps:.1f} ({100 * achieved_gbps / gbps:.0f}%) |", flush=True)
+                    if args.jsonl:
+                        with open(args.jsonl, "a") as f:
+                            f.write(json.dumps(dict(r, machine_gflops=gflops, machine_gbps=gbps)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
