@@ -41,7 +41,7 @@ def krr_predict(k_ts, k_ss, y_s, reg: float = DEFAULT_REG):
       ``(n_t, C)`` predictions, in the dtype of the kernels.
     """
     factor = jax.scipy.linalg.cho_factor(regularized(k_ss, reg), lower=True)
-    return k_ts @ jax.scipy.linalg.cho_solve(factor, y_s)
+    return jnp.matmul(k_ts, jax.scipy.linalg.cho_solve(factor, y_s), precision=jax.lax.Precision.HIGHEST)
 
 
 def krr_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG):
