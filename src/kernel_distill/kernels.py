@@ -398,8 +398,9 @@ class KernelFn:
             dtype = jnp.float32
         x1, x2 = x1.astype(dtype), x2.astype(dtype)
         tile = self.tile_bytes
-        if tile is None:
-            tile = CPU_TILE_BYTES if jax.default_backend() == "cpu" else self.memory_budget_bytes
+        if tile is None:  # only the conv kernels' 4-D arrays gain from cache-sized tiles
+            on_cpu = jax.default_backend() == "cpu"
+            tile = CPU_TILE_BYTES if (on_cpu and self.spec.is_conv) else self.memory_budget_bytes
         return _kernel_matrix(x1, x2, self.spec, get, min(self.memory_budget_bytes, tile))
 
     def _check_inputs(self, x1, x2):
@@ -452,9 +453,7 @@ def _kernel_matrix(x1, x2, spec: KernelSpec, get: Get, budget: int):
 
     if not spec.is_conv:
         x1f, x2f = x1.reshape(n1, -1), x2.reshape(n2, -1)
-        d = x1f.shape[1]
-        # Rows of x1 and x2 in a tile also cost memory, d values each.
-        b1, b2 = _block_sizes(n1, n2, _FC_ARRAYS_PER_PAIR * itemsize + 2 * d * itemsize // 64, budget)
+        b1, b2 = _block_sizes(n1, n2, _FC_ARRAYS_PER_PAIR * itemsize, budget)
         if b1 >= n1 and b2 >= n2:
             return _pick(_fc_block(x1f, x2f, spec, want_ntk), get)
 
