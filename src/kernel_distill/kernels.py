@@ -166,13 +166,22 @@ def _relu_kernels(cov, var1, var2, ntk):
     return nngp, (None if ntk is None else ntk * dot_sigma)
 
 
+_ZERO_NTK = "zero"  # marks the input layer's NTK (zero), so no pass is spent averaging an array of zeros
+
+
 def _affine(nngp, ntk, spec: KernelSpec, spatial_average: Callable | None = None):
-    """A Dense or conv layer: ``nngp' = W^2 A(nngp) + b^2``, ``ntk' = nngp' + W^2 A(ntk)``."""
+    """A Dense or conv layer: ``nngp' = W^2 A(nngp) + b^2``, ``ntk' = nngp' + W^2 A(ntk)``.
+
+    ``ntk`` is ``None`` when only the NNGP is wanted, or ``_ZERO_NTK`` before the first layer.
+    """
     average = spatial_average or (lambda a: a)
     w2, b2 = spec.W_std**2, spec.b_std**2
     new_nngp = w2 * average(nngp) + b2
-    new_ntk = None if ntk is None else new_nngp + w2 * average(ntk)
-    return new_nngp, new_ntk
+    if ntk is None:
+        return new_nngp, None
+    if isinstance(ntk, str):
+        return new_nngp, new_nngp
+    return new_nngp, new_nngp + w2 * average(ntk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,7 +274,7 @@ def _fc_block(x1, x2, spec: KernelSpec, want_ntk: bool):
     cov = jnp.matmul(x1, x2.T, precision=_EXACT) / d
     var1 = jnp.sum(x1 * x1, axis=-1) / d
     var2 = jnp.sum(x2 * x2, axis=-1) / d
-    ntk = jnp.zeros_like(cov) if want_ntk else None
+    ntk = _ZERO_NTK if want_ntk else None
     for _ in range(spec.depth):
         cov, ntk = _affine(cov, ntk, spec)
         var1, _ = _affine(var1, None, spec)
@@ -273,6 +282,24 @@ def _fc_block(x1, x2, spec: KernelSpec, want_ntk: bool):
         cov, ntk = _relu_kernels(cov, var1[:, None], var2[None, :], ntk)
         var1, var2 = var1 / 2.0, var2 / 2.0  # E[relu(z)^2] = var / 2
     return _affine(cov, ntk, spec)
+
+
+def _patches3x3(x):
+    """Zero-padded 3x3 neighbourhoods. ``(b, H, W, C) -> (b, H, W, 9 C)``."""
+    h, w = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return jnp.concatenate([padded[:, dh:dh + h, dw:dw + w] for dh in range(3) for dw in range(3)], axis=-1)
+
+
+def _first_conv_covariance(x1, x2, subscripts: str):
+    """``A(K0)``: the input covariance after the first 3x3 conv's spatial average, in one product.
+
+    ``A(K0)[p, q] = mean over shifts d of x1[p + d] . x2[q + d] / C`` is a dot product of 3x3 patches, so
+    a matmul over 9 C features replaces the input covariance and two full passes over the 4-D array.
+    """
+    p1 = _patches3x3(x1)
+    p2 = p1 if x2 is x1 else _patches3x3(x2)
+    return jnp.einsum(subscripts, p1, p2, precision=_EXACT) / p1.shape[-1]
 
 
 def _conv_self_variances(x, spec: KernelSpec) -> list:
@@ -283,11 +310,11 @@ def _conv_self_variances(x, spec: KernelSpec) -> list:
     Returns:
       One ``(b, H_l, W_l)`` array per ReLU layer, in order.
     """
-    k = jnp.einsum("bhwc,bijc->bhwij", x, x, precision=_EXACT) / x.shape[-1]
+    k = _first_conv_covariance(x, x, "bhwc,bijc->bhwij")
     variances = []
-    for op in _conv_layer_plan(spec):
+    for i, op in enumerate(_conv_layer_plan(spec)):
         if op == "conv":
-            k, _ = _affine(k, None, spec, _conv3x3_pairs)
+            k, _ = _affine(k, None, spec, _conv3x3_pairs if i > 0 else None)
         elif op == "relu":
             v = _pixel_variances(k)
             variances.append(v)
@@ -302,12 +329,12 @@ def _conv_block(x1, x2, variances1, variances2, spec: KernelSpec, want_ntk: bool
 
     ``variances1/2`` are the outputs of :func:`_conv_self_variances` for ``x1`` and ``x2``.
     """
-    k = jnp.einsum("ahwc,bijc->abhwij", x1, x2, precision=_EXACT) / x1.shape[-1]
-    ntk = jnp.zeros_like(k) if want_ntk else None
+    k = _first_conv_covariance(x1, x2, "ahwc,bijc->abhwij")
+    ntk = _ZERO_NTK if want_ntk else None
     relu_index = 0
-    for op in _conv_layer_plan(spec):
+    for i, op in enumerate(_conv_layer_plan(spec)):
         if op == "conv":
-            k, ntk = _affine(k, ntk, spec, _conv3x3_pairs)
+            k, ntk = _affine(k, ntk, spec, _conv3x3_pairs if i > 0 else None)
         elif op == "relu":
             v1 = variances1[relu_index][:, None, :, :, None, None]
             v2 = variances2[relu_index][None, :, None, None, :, :]
