@@ -74,6 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(p)
     _add_common(p)
 
+    p = sub.add_parser("kip", help="distill a dataset with KIP (learn support images, optionally labels)")
+    p.add_argument("--dataset", default=None, help="dataset to distill (default digits)")
+    p.add_argument("--per-class", type=int, default=None, help="support images per class (default 10)")
+    p.add_argument("--learn-labels", action="store_true", default=None, help="also learn the support labels")
+    p.add_argument("--init", choices=("real", "noise"), default=None,
+                   help="support initialisation: random real training images (default) or Gaussian noise")
+    p.add_argument("--target-batch", type=int, default=None,
+                   help="class-balanced target images per step (default 5000, capped by the smallest class)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.01)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="total steps (default 1000; with --resume: new total)")
+    p.add_argument("--eval-every", type=int, default=None, help="test-set evaluation interval (default 100)")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval (default 100)")
+    p.add_argument("--out", default=None, help="output folder (default runs/kip-DATASET-PERCLASS)")
+    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
+    _add_kernel(p, default_kernel=None)
+    p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten the images")
+    p.add_argument("--zca-reg", type=float, default=None, help="ZCA regulariser (default 0.1)")
+    _add_common(p)
+
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--no-progress", action="store_true")
@@ -251,34 +272,69 @@ def _cmd_baseline(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    """Random natural 10-per-class support on digits, evaluated with the FC and ConvNet NTKs."""
-    from kernel_distill.data import load_dataset
-    from kernel_distill.io import DistilledSet, atomic_write_text, save_distilled
-    from kernel_distill.kernels import KernelSpec, make_kernel_fn
-    from kernel_distill.krr import DEFAULT_REG, evaluate
-    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+    """KIP on scikit-learn's digits (bundled, no files): 10 learned images and labels per class."""
+    from kernel_distill.kernels import KernelSpec
+    from kernel_distill.kip import KipConfig, run_kip
+    from kernel_distill.preprocess import prepare_dataset
 
     out = pathlib.Path(args.out)
-    x_train, y_train = load_dataset("digits", "train")
-    x_test, y_test = load_dataset("digits", "test")
-    preprocessor = fit_preprocessor(x_train)
-    xs, ys = natural_subset(x_train, y_train, 10, 10, seed=0)
-    zs, labels = preprocessor.apply(xs), centered_one_hot(ys, 10)
-    z_test = preprocessor.apply(x_test)
-    metrics = {}
-    for spec in (KernelSpec("fc"), KernelSpec("convnet")):
-        start = time.perf_counter()
-        result = evaluate(make_kernel_fn(spec), zs, labels, z_test, y_test, progress=not args.no_progress,
-                          description=spec.architecture)
-        metrics[spec.architecture] = dict(result.to_dict(), seconds=time.perf_counter() - start)
-        print(f"digits, 10 random natural images per class, {spec.architecture} NTK: "
-              f"KRR test accuracy {100 * result.accuracy:.2f}% on {result.num_test} test images")
-    meta = dict(dataset="digits", method="natural", per_class=10, seed=0, kernel=KernelSpec("fc").to_dict(),
-                get="ntk", reg=DEFAULT_REG, metrics=metrics)
-    path = save_distilled(out / "distilled.npz", DistilledSet(zs, labels, preprocessor, meta))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    print(f"outputs: {path} and {out / 'metrics.json'}")
-    print(f"next: kernel-distill evaluate {path} --dataset digits --kernel convnet")
+    config = KipConfig(dataset="digits", per_class=10, kernel=KernelSpec("fc"), learn_labels=True, steps=1000,
+                       eval_every=100, checkpoint_every=100)
+    data = prepare_dataset("digits", progress=False)
+    start = time.perf_counter()
+    summary = run_kip(config, data, out, progress=not args.no_progress)
+    print(f"KIP on digits (1,438 training images -> 10 per class), FC NTK, {summary['step']} steps in "
+          f"{time.perf_counter() - start:.0f} s: KRR test accuracy {100 * summary['last_accuracy']:.2f}% on "
+          f"{len(data.y_test)} test images")
+    print(f"outputs in {out}/: distilled.npz, grid.png (the learned images), curve.png, metrics.jsonl")
+    print(f"MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
+          f"--learn-labels --steps 2000 --out runs/mnist-fc-10")
+    return 0
+
+
+def _kip_config_from_args(args, base=None):
+    from kernel_distill.kip import KipConfig
+
+    base = base.to_dict() if base is not None else KipConfig().to_dict()
+    overrides = dict(dataset=args.dataset, per_class=args.per_class, learn_labels=args.learn_labels, init=args.init,
+                     target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,
+                     zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
+                     checkpoint_every=args.checkpoint_every, get=args.get)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    base["memory_budget_mb"] = args.memory_budget_mb
+    if args.kernel or args.depth is not None or args.W_std is not None or args.b_std is not None:
+        base["kernel"] = _spec_from_args(args, base["kernel"]).to_dict()
+    return KipConfig.from_dict(base)
+
+
+def _cmd_kip(args) -> int:
+    from kernel_distill.kip import load_checkpoint, run_kip
+    from kernel_distill.preprocess import prepare_dataset
+
+    _check_positive("--test-limit", args.test_limit)
+    if args.resume:
+        saved, _ = load_checkpoint(args.resume)
+        changed = [name for name in ("dataset", "per_class", "learn_labels", "init", "zca", "kernel", "seed")
+                   if getattr(args, name, None) not in (None, False)]
+        if changed:
+            raise KernelDistillError(f"--resume continues the saved run as configured; drop {', '.join(changed)} "
+                                     f"(only --steps and the intervals may change)")
+        config = _kip_config_from_args(args, saved)
+        out = args.resume
+    else:
+        config = _kip_config_from_args(args)
+        out = args.out or f"runs/kip-{config.dataset}-{config.per_class}"
+    data = prepare_dataset(config.dataset, args.data_dir, zca=config.zca, zca_reg=config.zca_reg,
+                           test_limit=args.test_limit, progress=not args.no_progress)
+    start = time.perf_counter()
+    summary = run_kip(config, data, out, resume=bool(args.resume), progress=not args.no_progress)
+    summary["seconds"] = time.perf_counter() - start
+    print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.architecture} {config.get.upper()}, "
+          f"{summary['step']} steps in {summary['seconds']:.0f} s: test accuracy {100 * summary['last_accuracy']:.2f}% "
+          f"(best {100 * summary['best_accuracy']:.2f}% at step {summary['best_step']})")
+    print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json")
+    if args.json:
+        print(json.dumps(summary))
     return 0
 
 
@@ -287,6 +343,7 @@ _COMMANDS = {
     "evaluate": _cmd_evaluate,
     "baseline": _cmd_baseline,
     "demo": _cmd_demo,
+    "kip": _cmd_kip,
 }
 
 

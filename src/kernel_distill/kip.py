@@ -1,0 +1,427 @@
+"""KIP (Kernel Inducing Points): learn a small support set by gradient descent through the KRR loss.
+
+Each step draws a fresh class-balanced target batch ``(X_t, y_t)`` from the whole training set and takes
+one Adam step on the support images (and, with ``learn_labels``, the support labels) against
+
+    loss = 0.5 * mean((K_ts (K_ss + reg * tr(K_ss)/n I)^-1 y_s - y_t)^2)
+
+(Nguyen, Chen & Lee, ICLR 2021; Nguyen, Novak, Xiao & Lee, NeurIPS 2021). Every ``eval_every`` steps the
+support is scored by KRR on the whole test set; the best support is kept beside the last one. Every
+``checkpoint_every`` steps, and on Ctrl-C, the complete state (support, labels, optimiser state, random
+key, step, best support) is written atomically, so ``resume`` continues exactly where the run stopped:
+the random key chain and the optimiser state make a resumed run step-for-step identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.io import DistilledSet, atomic_savez, atomic_write_text, save_distilled
+from kernel_distill.kernels import KernelSpec, make_kernel_fn
+from kernel_distill.krr import DEFAULT_REG, evaluate, krr_loss
+from kernel_distill.preprocess import PreparedData, centered_one_hot
+
+CHECKPOINT = "checkpoint.npz"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclasses.dataclass(frozen=True)
+class KipConfig:
+    """Everything that defines a KIP run. Defaults follow the KIP papers unless docs/KIP.md says otherwise.
+
+    Attributes:
+      dataset: dataset name (see :mod:`kernel_distill.data`).
+      per_class: support images per class.
+      kernel: the infinite network; ``get``: ``"ntk"`` or ``"nngp"``.
+      learn_labels: also optimise the support labels.
+      init: ``"real"`` (class-balanced random training images) or ``"noise"`` (standard normal).
+      target_batch_size: target points per step, drawn class-balanced (rounded down to a multiple of the
+        number of classes); ``None``: 5,000, or the whole class-balanced training set if smaller.
+      learning_rate: Adam step size. reg: KRR regulariser relative to ``trace(K_ss)/n``.
+      zca, zca_reg: preprocessing. seed: initial random key.
+      steps: total optimisation steps. eval_every, checkpoint_every, log_every: intervals in steps.
+      memory_budget_mb: bound on one tile of the kernel computation.
+    """
+
+    dataset: str = "digits"
+    per_class: int = 10
+    kernel: KernelSpec = KernelSpec()
+    get: str = "ntk"
+    learn_labels: bool = False
+    init: str = "real"
+    target_batch_size: int | None = None
+    learning_rate: float = 0.01
+    reg: float = DEFAULT_REG
+    zca: bool = False
+    zca_reg: float = 0.1
+    seed: int = 0
+    steps: int = 1000
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    log_every: int = 10
+    memory_budget_mb: float = 512.0
+
+    def __post_init__(self):
+        if isinstance(self.kernel, dict):
+            object.__setattr__(self, "kernel", KernelSpec.from_dict(self.kernel))
+        positive = dict(per_class=self.per_class, target_batch_size=self.target_batch_size or 1, steps=self.steps,
+                        eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
+                        log_every=self.log_every)
+        for name, value in positive.items():
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise KernelDistillError(f"{name} must be a positive integer, got {value!r}")
+        if self.init not in ("real", "noise"):
+            raise KernelDistillError(f"init must be 'real' or 'noise', got {self.init!r}")
+        if self.get not in ("ntk", "nngp"):
+            raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {self.get!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise KernelDistillError(f"learning rate must be positive, got {self.learning_rate}")
+        if not (self.reg >= 0 and math.isfinite(self.reg)):
+            raise KernelDistillError(f"reg must be non-negative, got {self.reg}")
+        if self.memory_budget_mb <= 0:
+            raise KernelDistillError("memory budget must be positive")
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["kernel"] = self.kernel.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KipConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclasses.dataclass
+class KipState:
+    """The resumable state of a run (host numpy arrays)."""
+
+    step: int
+    images: np.ndarray  # float32 (n, H, W, C)
+    labels: np.ndarray  # float32 (n, num_classes)
+    opt_leaves: list  # optax state leaves
+    key: np.ndarray  # uint32 (2,)
+    best_images: np.ndarray
+    best_labels: np.ndarray
+    best_accuracy: float = -1.0
+    best_step: int = -1
+    last_accuracy: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure pieces.
+
+
+def class_index_table(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of each class, padded: ``(num_classes, max_count)`` int32 and counts ``(num_classes,)``."""
+    groups = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    counts = np.array([len(g) for g in groups], np.int32)
+    table = np.zeros((num_classes, max(counts.max(), 1)), np.int32)
+    for c, g in enumerate(groups):
+        table[c, :len(g)] = g
+    return table, counts
+
+
+def sample_balanced(key, table, counts, per_class: int):
+    """``per_class`` distinct indices of every class, drawn with ``key``. Returns int ``(C * per_class,)``."""
+    max_count = table.shape[1]
+
+    def one_class(k, row, count):
+        weights = (jnp.arange(max_count) < count).astype(jnp.float32)
+        picks = jax.random.choice(k, max_count, (per_class,), replace=False, p=weights / count)
+        return row[picks]
+
+    keys = jax.random.split(key, table.shape[0])
+    return jax.vmap(one_class)(keys, table, counts).reshape(-1)
+
+
+def make_optimizer(config: KipConfig) -> optax.GradientTransformation:
+    return optax.adam(config.learning_rate)
+
+
+def _params(images, labels, learn_labels: bool) -> dict:
+    return {"images": images, "labels": labels} if learn_labels else {"images": images}
+
+
+def make_step(kernel_fn, config: KipConfig, optimizer, table, counts, per_class_target: int):
+    """The jitted KIP step ``(params, opt_state, key, fixed_labels, x_train, y_train) -> (..., loss)``."""
+
+    def loss_fn(params, fixed_labels, x_t, y_t):
+        xs = params["images"]
+        ys = params.get("labels", fixed_labels)
+        k_ss = kernel_fn(xs, xs, get=config.get)
+        k_ts = kernel_fn(x_t, xs, get=config.get)
+        return krr_loss(k_ts, k_ss, ys, y_t, config.reg)
+
+    @jax.jit
+    def step(params, opt_state, key, fixed_labels, x_train, y_train):
+        key, sample_key = jax.random.split(key)
+        idx = sample_balanced(sample_key, table, counts, per_class_target)
+        loss, grads = jax.value_and_grad(loss_fn)(params, fixed_labels, x_train[idx], y_train[idx])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, key, loss
+
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def save_checkpoint(out_dir: pathlib.Path, state: KipState) -> None:
+    arrays = dict(step=np.int64(state.step), images=state.images, labels=state.labels, key=state.key,
+                  best_images=state.best_images, best_labels=state.best_labels,
+                  best_accuracy=np.float64(state.best_accuracy), best_step=np.int64(state.best_step),
+                  last_accuracy=np.float64(np.nan if state.last_accuracy is None else state.last_accuracy),
+                  num_opt_leaves=np.int64(len(state.opt_leaves)))
+    for i, leaf in enumerate(state.opt_leaves):
+        arrays[f"opt_{i}"] = np.asarray(leaf)
+    atomic_savez(out_dir / CHECKPOINT, **arrays)
+
+
+def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
+    """Read ``config.json`` and ``checkpoint.npz`` from a run folder, with a clear error if unusable."""
+    out_dir = pathlib.Path(out_dir)
+    config_path, checkpoint_path = out_dir / CONFIG, out_dir / CHECKPOINT
+    if not out_dir.is_dir():
+        raise KernelDistillError(f"cannot resume: {out_dir} is not a folder")
+    if not config_path.is_file() or not checkpoint_path.is_file():
+        raise KernelDistillError(f"cannot resume: {out_dir} has no {CONFIG} and {CHECKPOINT} (not a KIP run folder)")
+    try:
+        config = KipConfig.from_dict(json.loads(config_path.read_text()))
+        with np.load(checkpoint_path, allow_pickle=False) as f:
+            leaves = [f[f"opt_{i}"] for i in range(int(f["num_opt_leaves"]))]
+            last = float(f["last_accuracy"])
+            state = KipState(step=int(f["step"]), images=f["images"], labels=f["labels"], opt_leaves=leaves,
+                             key=f["key"], best_images=f["best_images"], best_labels=f["best_labels"],
+                             best_accuracy=float(f["best_accuracy"]), best_step=int(f["best_step"]),
+                             last_accuracy=None if math.isnan(last) else last)
+    except KernelDistillError:
+        raise
+    except Exception as e:  # a truncated zip, a missing key, bad JSON: all mean the folder is unusable
+        raise KernelDistillError(f"cannot resume from {out_dir}: unreadable checkpoint ({type(e).__name__}: {e})") \
+            from None
+    return config, state
+
+
+def _read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+
+
+def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
+    from kernel_distill.data import class_balanced_indices
+
+    key = jax.random.PRNGKey(config.seed)
+    key, init_key = jax.random.split(key)
+    idx = class_balanced_indices(data.y_train, config.per_class, data.num_classes, init_key)
+    labels = centered_one_hot(data.y_train[idx], data.num_classes)
+    if config.init == "real":
+        images = data.x_train[idx].astype(np.float32)
+    else:
+        images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), np.float32)
+    opt_state = optimizer.init(_params(jnp.asarray(images), jnp.asarray(labels), config.learn_labels))
+    return KipState(step=0, images=images, labels=labels, opt_leaves=[np.asarray(x) for x in
+                                                                      jax.tree_util.tree_leaves(opt_state)],
+                    key=np.asarray(key), best_images=images.copy(), best_labels=labels.copy())
+
+
+DEFAULT_TARGET_BATCH = 5000
+
+
+def available_memory_bytes() -> int:
+    """Physical memory of this machine (the bound a step's arrays must fit in)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_feasible(config: KipConfig, data: PreparedData) -> int:
+    """Validate the run against the data; returns the target images drawn per class each step."""
+    counts = np.bincount(data.y_train, minlength=data.num_classes)
+    if config.per_class > counts.min():
+        raise KernelDistillError(f"--per-class {config.per_class} is larger than the smallest class of "
+                                 f"{data.name} ({counts.min()} training images)")
+    if config.target_batch_size is None:
+        per_class_target = min(DEFAULT_TARGET_BATCH // data.num_classes, int(counts.min()))
+    else:
+        per_class_target = config.target_batch_size // data.num_classes
+        if per_class_target < 1:
+            raise KernelDistillError(f"the target batch ({config.target_batch_size}) must hold at least one image "
+                                     f"per class ({data.num_classes} classes)")
+        if per_class_target > counts.min():
+            raise KernelDistillError(
+                f"a class-balanced target batch of {config.target_batch_size} needs {per_class_target} images per "
+                f"class; the smallest class of {data.name} has {counts.min()}: use --target-batch "
+                f"{counts.min() * data.num_classes} or less")
+    n_support = config.per_class * data.num_classes
+    n_target = per_class_target * data.num_classes
+    # Memory of one step: kernel tiles are bounded, but K_ts and its gradient, the target batch and the
+    # training set on the device are not.
+    needed = 4 * (8 * n_target * n_support + 3 * n_target * data.x_train[0].size + data.x_train.size)
+    if config.kernel.is_conv:
+        needed += int(config.memory_budget_mb * 2**20) * 3
+    available = available_memory_bytes()
+    if needed > 0.8 * available:
+        raise KernelDistillError(
+            f"a target batch of {n_target} with {n_support} support images needs about {needed / 2**30:.1f} GiB "
+            f"per step, more than this machine's {available / 2**30:.1f} GiB: lower --target-batch")
+    return per_class_target
+
+
+def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,
+            progress: bool = True, log=print) -> dict:
+    """Run (or resume) KIP, writing everything into ``out_dir``. Returns a summary dict.
+
+    On Ctrl-C the state is checkpointed and outputs are written before ``KeyboardInterrupt`` propagates.
+    A NaN or inf loss stops the run with :class:`KernelDistillError`; the last good checkpoint stays.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = pathlib.Path(out_dir)
+    per_class_target = check_feasible(config, data)
+    kernel_fn = make_kernel_fn(config.kernel, memory_budget_bytes=int(config.memory_budget_mb * 2**20))
+    optimizer = make_optimizer(config)
+    table, counts = class_index_table(data.y_train, data.num_classes)
+    step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
+
+    if resume:
+        _, state = load_checkpoint(out_dir)
+        records = _read_metrics(out_dir / METRICS, state.step)
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        state = initial_state(config, data, optimizer)
+        records = []
+    atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
+
+    params = _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels)
+    treedef = jax.tree_util.tree_structure(optimizer.init(params))
+    if treedef.num_leaves != len(state.opt_leaves):
+        raise KernelDistillError(f"cannot resume from {out_dir}: its optimiser state does not match this config")
+    opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state.opt_leaves])
+    key = jnp.asarray(state.key)
+    fixed_labels = jnp.asarray(state.labels)
+    x_train = jnp.asarray(data.x_train)
+    y_train = jnp.asarray(centered_one_hot(data.y_train, data.num_classes))
+
+    def sync_state():
+        state.images = np.asarray(params["images"])
+        state.labels = np.asarray(params["labels"]) if config.learn_labels else np.asarray(fixed_labels)
+        state.opt_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)]
+        state.key = np.asarray(key)
+
+    def append_metrics(record):
+        records.append(record)
+        with open(out_dir / METRICS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def evaluate_now():
+        result = evaluate(kernel_fn, state.images, state.labels, data.x_test, data.y_test, reg=config.reg,
+                          get=config.get, progress=False)
+        state.last_accuracy = result.accuracy
+        if result.accuracy > state.best_accuracy:
+            state.best_accuracy, state.best_step = result.accuracy, state.step
+            state.best_images, state.best_labels = state.images.copy(), state.labels.copy()
+        append_metrics(dict(step=state.step, test_accuracy=result.accuracy, test_loss=result.mse_loss,
+                            time=time.time()))
+        return result.accuracy
+
+    if state.step == 0 and not records:
+        evaluate_now()
+
+    interrupted = False
+    bar = tqdm(total=config.steps, initial=state.step, desc="KIP", unit="step", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        while state.step < config.steps:
+            new_params, new_opt_state, new_key, loss = step_fn(params, opt_state, key, fixed_labels, x_train,
+                                                               y_train)
+            loss = float(loss)
+            if not math.isfinite(loss) or not bool(jnp.all(jnp.isfinite(new_params["images"]))):
+                raise KernelDistillError(
+                    f"the KRR loss became {loss} at step {state.step + 1}; stopped. The last good checkpoint "
+                    f"(step {_checkpoint_step(out_dir)}) is in {out_dir}: lower --lr or raise --reg and resume")
+            params, opt_state, key = new_params, new_opt_state, new_key
+            state.step += 1
+            bar.update(1)
+            if state.step % config.log_every == 0 or state.step == config.steps:
+                append_metrics(dict(step=state.step, loss=loss))
+            if state.step % config.eval_every == 0 or state.step == config.steps:
+                sync_state()
+                evaluate_now()
+            bar.set_postfix(loss=f"{loss:.3g}", acc=_pct(state.last_accuracy), best=_pct(state.best_accuracy),
+                            refresh=False)
+            if state.step % config.checkpoint_every == 0:
+                sync_state()
+                save_checkpoint(out_dir, state)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        bar.close()
+    sync_state()
+    save_checkpoint(out_dir, state)
+    summary = write_outputs(config, data, state, records, out_dir)
+    if interrupted:
+        log(f"interrupted at step {state.step}: checkpoint and outputs written to {out_dir}; "
+            f"continue with --resume {out_dir}")
+        raise KeyboardInterrupt
+    return summary
+
+
+def _checkpoint_step(out_dir: pathlib.Path):
+    try:
+        with np.load(out_dir / CHECKPOINT) as f:
+            return int(f["step"])
+    except Exception:
+        return "none"
+
+
+def _pct(value):
+    return "-" if value is None or value < 0 else f"{100 * value:.2f}%"
+
+
+def write_outputs(config: KipConfig, data: PreparedData, state: KipState, records: list[dict],
+                  out_dir: pathlib.Path) -> dict:
+    """distilled.npz (last), distilled_best.npz, grid.png, curve.png; returns the summary."""
+    from kernel_distill import plots
+
+    base_meta = dict(dataset=data.name, method="kip", per_class=config.per_class, seed=config.seed,
+                     kernel=config.kernel.to_dict(), get=config.get, reg=config.reg, learn_labels=config.learn_labels,
+                     config=config.to_dict())
+    last_meta = dict(base_meta, step=state.step, metrics=dict(test_accuracy=state.last_accuracy))
+    best_meta = dict(base_meta, step=state.best_step, metrics=dict(test_accuracy=state.best_accuracy))
+    save_distilled(out_dir / "distilled.npz", DistilledSet(state.images, state.labels, data.preprocessor, last_meta))
+    save_distilled(out_dir / "distilled_best.npz",
+                   DistilledSet(state.best_images, state.best_labels, data.preprocessor, best_meta))
+    viewable = data.preprocessor.to_viewable(state.images)
+    plots.save_image_grid(out_dir / "grid.png", viewable, state.labels, data.num_classes, data.class_names,
+                          title=f"KIP {data.name}, {config.per_class}/class, step {state.step}")
+    plots.save_learning_curve(out_dir / "curve.png", records,
+                              title=f"KIP {data.name}, {config.kernel.architecture} {config.get.upper()}")
+    return dict(step=state.step, last_accuracy=state.last_accuracy, best_accuracy=state.best_accuracy,
+                best_step=state.best_step, out_dir=str(out_dir))
