@@ -68,6 +68,15 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, match):
     assert err.count("\n") == 1 and err.startswith("kernel-distill: error:") and match in err
 
 
+@pytest.mark.parametrize("argv", [["kip", "--kernel", "resnet"], ["baseline"], ["frobnicate"],
+                                  ["kip", "--per-class", "ten"]])
+def test_argument_errors_are_one_line_too(capsys, argv):
+    with pytest.raises(SystemExit) as excinfo:
+        main(argv)
+    err = capsys.readouterr().err
+    assert excinfo.value.code == 2 and err.count("\n") == 1 and err.startswith("kernel-distill: error:")
+
+
 def test_unreachable_download_is_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "baseline", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress")
     assert code == 2 and err.count("\n") == 1 and "download of" in err and str(tmp_path / "mnist") in err

@@ -44,14 +44,22 @@ def _add_preprocess(p: argparse.ArgumentParser):
     p.add_argument("--zca-reg", type=float, default=0.1, help="ZCA regulariser relative to trace(C)/d (0.1)")
 
 
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr (no usage dump) and exit code 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"kernel-distill: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from kernel_distill import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrorParser(
         prog="kernel-distill",
         description="Dataset distillation with infinite-width neural kernels (KIP, Label Solve).")
     parser.add_argument("--version", action="version", version=f"kernel-distill {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=_OneLineErrorParser)
 
     p = sub.add_parser("datasets", help="list the datasets and where they are found")
     p.add_argument("--data-dir", default=None)
