@@ -83,3 +83,28 @@ def save_learning_curve(path: str | os.PathLike, records: list[dict], title: str
         ax_loss.set_title(title, fontsize=9)
     atomic_write_bytes(path, _figure_bytes(fig))
     plt.close(fig)
+
+
+def save_heatmap(path: str | os.PathLike, matrix: np.ndarray, row_label: str, col_label: str,
+                 tick_names: tuple[str, ...] | None = None, title: str = "") -> None:
+    """A ``(C, C)`` matrix as a diverging heat map with a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limit = float(np.abs(matrix).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit)
+    fig.colorbar(image, ax=ax)
+    ticks = np.arange(matrix.shape[0])
+    names = tick_names if tick_names and len(tick_names) == matrix.shape[0] else [str(t) for t in ticks]
+    if matrix.shape[0] <= 20:
+        ax.set_xticks(ticks, names, rotation=90, fontsize=7)
+        ax.set_yticks(ticks, names, fontsize=7)
+    ax.set_xlabel(col_label)
+    ax.set_ylabel(row_label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    atomic_write_bytes(path, _figure_bytes(fig))
+    plt.close(fig)

@@ -1,0 +1,125 @@
+"""Label Solve: closed-form optimal labels for a fixed (natural) support, over the whole training set.
+
+KRR with support ``(X_s, y_s)`` predicts ``K_ts (K_ss + lam I)^-1 y_s`` on the training set, with
+``lam = reg * trace(K_ss) / n`` exactly as in :mod:`kernel_distill.krr`. Writing ``z = (K_ss + lam I)^-1 y_s``,
+the training-set MSE is a least-squares problem in ``z``; its ridge solution gives the labels
+
+    y_s = (K_ss + lam I) (K_st K_ts + eps I)^-1 K_st y_t,     eps = ls_reg * trace(K_st K_ts) / n
+
+where ``y_t`` are the mean-centred one-hot labels of the whole training set. (Nguyen et al., NeurIPS 2021,
+"Label Solve"; we regularise the outer factor with the same ``lam`` the evaluation uses, so the solved
+labels are optimal for the predictor that is scored, and the inner Gram matrix relatively, like KIP's reg.)
+
+``K_st K_ts`` (n x n) and ``K_st y_t`` (n x C) are accumulated in float64 over blocks of the training set,
+so memory is bounded by the block size whatever the training set's size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+import jax
+import numpy as np
+import scipy.linalg
+
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.krr import DEFAULT_REG
+
+DEFAULT_LS_REG = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelSolveResult:
+    labels: np.ndarray  # float32 (n, C)
+    gram: np.ndarray  # float64 (n, n): K_st K_ts
+    projected_targets: np.ndarray  # float64 (n, C): K_st y_t
+    num_train: int
+
+
+def accumulate_normal_equations(kernel_fn: Callable, x_support: np.ndarray,
+                                train_blocks: Iterable[tuple[np.ndarray, np.ndarray]], get: str = "ntk",
+                                progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Sum ``K_sb K_bs`` and ``K_sb y_b`` over training blocks ``(x_b, y_b)``.
+
+    Returns ``(gram (n, n) float64, projected (n, C) float64, number of training points)``.
+    """
+    n = len(x_support)
+    gram = np.zeros((n, n))
+    projected = None
+    count = 0
+    cross = jax.jit(lambda a, b: kernel_fn(a, b, get=get))
+    for x_block, y_block in train_blocks:
+        k_sb = np.asarray(cross(x_support, x_block), dtype=np.float64)  # (n, b)
+        gram += k_sb @ k_sb.T
+        contribution = k_sb @ np.asarray(y_block, dtype=np.float64)
+        projected = contribution if projected is None else projected + contribution
+        count += len(x_block)
+        if progress is not None:
+            progress.update(1)
+    if projected is None:
+        raise KernelDistillError("the training set is empty")
+    return gram, projected, count
+
+
+def labels_from_normal_equations(k_ss: np.ndarray, gram: np.ndarray, projected: np.ndarray,
+                                 reg: float = DEFAULT_REG, ls_reg: float = DEFAULT_LS_REG) -> np.ndarray:
+    """``(K_ss + lam I) (gram + eps I)^-1 projected`` in float64. Returns ``(n, C)``."""
+    k_ss = np.asarray(k_ss, np.float64)
+    n = len(k_ss)
+    lam = reg * np.trace(k_ss) / n
+    eps = ls_reg * np.trace(gram) / n
+    try:
+        factor = scipy.linalg.cho_factor(gram + eps * np.eye(n), lower=True)
+    except np.linalg.LinAlgError:
+        raise KernelDistillError(f"K_st K_ts is singular (duplicate support images?); raise --ls-reg "
+                                 f"(now {ls_reg:g})") from None
+    z = scipy.linalg.cho_solve(factor, projected)
+    return (k_ss + lam * np.eye(n)) @ z
+
+
+def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
+                 reg: float = DEFAULT_REG, ls_reg: float = DEFAULT_LS_REG, get: str = "ntk",
+                 block_size: int = 5000, progress: bool = True) -> LabelSolveResult:
+    """Label Solve over ``x_train`` in blocks of ``block_size``.
+
+    Args:
+      x_support: float ``(n, H, W, C)`` preprocessed support images.
+      x_train: float ``(N, H, W, C)`` preprocessed training images (an array or a memory map: only one
+        block at a time is turned into a device array).
+      y_train: float ``(N, num_classes)`` centred one-hot training labels.
+    """
+    from tqdm.auto import tqdm
+
+    if block_size < 1:
+        raise KernelDistillError("block size must be positive")
+    if len(x_train) != len(y_train):
+        raise KernelDistillError(f"{len(x_train)} training images but {len(y_train)} labels")
+    starts = range(0, len(x_train), block_size)
+    blocks = ((x_train[i:i + block_size], y_train[i:i + block_size]) for i in starts)
+    with tqdm(total=len(starts), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
+        gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
+    k_ss = np.asarray(kernel_fn(x_support, x_support, get=get), np.float64)
+    labels = labels_from_normal_equations(k_ss, gram, projected, reg, ls_reg)
+    return LabelSolveResult(labels.astype(np.float32), gram, projected, count)
+
+
+def training_objective(kernel_fn: Callable, x_support, y_support, x_train, y_train, reg: float = DEFAULT_REG,
+                       get: str = "ntk", block_size: int = 5000) -> float:
+    """The KRR MSE ``0.5 mean((K_ts (K_ss + lam I)^-1 y_s - y_t)^2)`` over the training set, in blocks."""
+    from kernel_distill.krr import solve_support
+
+    alpha = solve_support(np.asarray(kernel_fn(x_support, x_support, get=get)), y_support, reg)
+    cross = jax.jit(lambda a, b: kernel_fn(a, b, get=get))
+    total = 0.0
+    for i in range(0, len(x_train), block_size):
+        pred = np.asarray(cross(x_train[i:i + block_size], x_support), np.float64) @ alpha
+        total += float(np.sum((pred - y_train[i:i + block_size]) ** 2))
+    return 0.5 * total / (len(x_train) * np.asarray(y_train).shape[1])
+
+
+def label_covariance(original_labels: np.ndarray, solved_labels: np.ndarray) -> np.ndarray:
+    """``(C, C)`` covariance over the support between one-hot classes (rows) and solved labels (columns)."""
+    a = original_labels - original_labels.mean(axis=0)
+    b = solved_labels - solved_labels.mean(axis=0)
+    return a.T @ b / len(a)
