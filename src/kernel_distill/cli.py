@@ -7,6 +7,7 @@ Every user-facing failure (bad argument, missing or malformed file, impossible r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -116,6 +117,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ridge on K_st K_ts, relative to its trace / n (default 1e-6)")
     p.add_argument("--out", default=None, help="output folder (default runs/ls-DATASET-SIZE)")
     _add_kernel(p)
+    _add_preprocess(p)
+    _add_common(p)
+
+    p = sub.add_parser("transfer", help="train finite networks on a distilled set; report real test accuracy")
+    p.add_argument("file", nargs="?", default=None, help="distilled set (.npz); omit with --natural-per-class")
+    p.add_argument("--dataset", default=None, help="test data (default: the file's metadata)")
+    p.add_argument("--natural-per-class", type=int, default=None,
+                   help="instead of a file, a random natural class-balanced subset of this size (baseline)")
+    p.add_argument("--model", choices=("convnet", "convnet3", "fc", "evalnet"), default="convnet")
+    p.add_argument("--width", type=int, default=None, help="channels / units (convnet 128, fc 1024)")
+    p.add_argument("--depth", type=int, default=None, help="conv blocks (3) or hidden layers (1)")
+    p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--loss", choices=("mse", "ce"), default="mse",
+                   help="mse on the (learned) labels or cross-entropy on their argmax")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
+    p.add_argument("--test-limit", type=int, default=None)
+    p.add_argument("--out", default=None, help="folder for transfer_metrics.json and transfer_curve.png")
     _add_preprocess(p)
     _add_common(p)
 
@@ -381,6 +406,79 @@ def _cmd_label_solve(args) -> int:
     return 0
 
 
+def _cmd_transfer(args) -> int:
+    from kernel_distill import plots
+    from kernel_distill.data import dataset_info, load_dataset
+    from kernel_distill.finite import TrainConfig, build_model, train_seeds
+    from kernel_distill.io import atomic_write_text, load_distilled
+    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+
+    _check_positive("--seeds", args.seeds, allow_none=False)
+    _check_positive("--test-limit", args.test_limit)
+    if (args.file is None) == (args.natural_per_class is None):
+        raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    if args.file:
+        distilled = load_distilled(args.file)
+        dataset = args.dataset or distilled.metadata.get("dataset")
+        if not dataset:
+            raise KernelDistillError(f"{args.file} does not say its dataset: add --dataset")
+        info = dataset_info(dataset)
+        if distilled.images.shape[1:] != info.image_shape or distilled.num_classes != info.num_classes:
+            raise KernelDistillError(f"{args.file} does not match {dataset}: images {distilled.images.shape[1:]}, "
+                                     f"{distilled.num_classes} label columns")
+        preprocessor = distilled.preprocessor
+        if preprocessor is None:
+            x_raw, _ = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
+            preprocessor = fit_preprocessor(x_raw, zca=args.zca, zca_reg=args.zca_reg)
+        x_support, y_support, source = distilled.images, distilled.labels, str(args.file)
+    else:
+        if not args.dataset:
+            raise KernelDistillError("--natural-per-class needs --dataset")
+        _check_positive("--natural-per-class", args.natural_per_class)
+        dataset, info = args.dataset, dataset_info(args.dataset)
+        x_raw, y_raw = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
+        preprocessor = fit_preprocessor(x_raw, zca=args.zca, zca_reg=args.zca_reg)
+        xs, ys = natural_subset(x_raw, y_raw, args.natural_per_class, info.num_classes, args.seed)
+        x_support, y_support = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
+        source = f"{args.natural_per_class} natural images per class (seed {args.seed})"
+    x_test, y_test = load_dataset(dataset, "test", args.data_dir, progress=not args.no_progress)
+    if args.test_limit:
+        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
+    z_test = preprocessor.apply(x_test)
+    config = TrainConfig(steps=args.steps, optimizer=args.optimizer, learning_rate=args.lr,
+                         weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
+                         eval_every=args.eval_every)
+    for name in ("--width", "--depth"):
+        value = getattr(args, name[2:])
+        if value is not None and value < 1:
+            raise KernelDistillError(f"{name} must be positive")
+
+    def model_fn():
+        return build_model(args.model, info.num_classes, args.width, args.depth, args.parameterization)
+
+    result = train_seeds(model_fn, x_support, y_support, z_test, y_test, config, range(args.seeds),
+                         progress=not args.no_progress)
+    seconds = sum(r["seconds"] for r in result["runs"])
+    print(f"{args.model} ({result['runs'][0]['num_parameters']:,} parameters) trained {args.steps} steps on "
+          f"{source}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f}% over {args.seeds} "
+          f"seeds on {len(y_test)} {dataset} test images ({seconds:.0f} s)")
+    metrics = dict(source=source, dataset=dataset, model=args.model, width=args.width, depth=args.depth,
+                   parameterization=args.parameterization, train=dataclasses.asdict(config), mean=result["mean"],
+                   std=result["std"], seconds=seconds,
+                   runs=[dict(test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"])
+                         for r in result["runs"]])
+    if args.out:
+        out = pathlib.Path(args.out)
+        atomic_write_text(out / "transfer_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        records = [dict(step=step, test_accuracy=acc) for step, acc in result["runs"][0]["curve"]]
+        plots.save_learning_curve(out / "transfer_curve.png", records,
+                                  title=f"{args.model} on {source} (seed 0)")
+        print(f"outputs in {out}: transfer_metrics.json, transfer_curve.png")
+    if args.json:
+        print(json.dumps(metrics))
+    return 0
+
+
 def _kip_config_from_args(args, base=None):
     from kernel_distill.kip import KipConfig
 
@@ -434,6 +532,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "kip": _cmd_kip,
     "label-solve": _cmd_label_solve,
+    "transfer": _cmd_transfer,
 }
 
 

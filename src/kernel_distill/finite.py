@@ -1,0 +1,267 @@
+"""Finite-width networks (flax + optax) trained on a distilled set, scored on the real test set.
+
+Models:
+
+* :class:`KipConvNet`: the finite version of the KIP ConvNet kernel: optional 3x3 conv + ReLU, then
+  ``depth`` blocks of (3x3 SAME conv, ReLU, 2x2 average pool), flatten, dense; ``width`` channels;
+  standard or NTK parameterization with ``W_std``/``b_std`` as in :mod:`kernel_distill.kernels`.
+* :class:`FCNet`: ``depth`` hidden Dense+ReLU layers of ``width`` units, then a dense readout.
+* :class:`EvalConvNet`: the field's standard evaluation network (DC, DSA, MTT, ...): ``depth`` blocks of
+  (3x3 conv with bias, instance normalisation, ReLU, 2x2 average pool) of width 128, then a dense layer.
+
+Training: full-batch (distilled sets are small) SGD with momentum 0.9 and a cosine schedule, or Adam;
+decoupled weight decay; MSE on the (possibly learned, dense) labels or cross-entropy on their argmax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kernel_distill.errors import KernelDistillError
+
+MODELS = ("convnet", "convnet3", "fc", "evalnet")
+
+
+class _Dense(nn.Module):
+    """Dense layer in standard or NTK parameterization."""
+
+    features: int
+    W_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+    parameterization: str = "standard"
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = x.shape[-1]
+        if self.parameterization == "ntk":
+            w = self.param("kernel", nn.initializers.normal(1.0), (fan_in, self.features))
+            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
+            return self.W_std / math.sqrt(fan_in) * (x @ w) + self.b_std * b
+        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), (fan_in, self.features))
+        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
+        return x @ w + b
+
+
+class _Conv(nn.Module):
+    """3x3 SAME convolution in standard or NTK parameterization (NHWC)."""
+
+    features: int
+    W_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+    parameterization: str = "standard"
+
+    @nn.compact
+    def __call__(self, x):
+        fan_in = 9 * x.shape[-1]
+        shape = (3, 3, x.shape[-1], self.features)
+        if self.parameterization == "ntk":
+            w = self.param("kernel", nn.initializers.normal(1.0), shape)
+            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
+            scale, bias_scale = self.W_std / math.sqrt(fan_in), self.b_std
+        else:
+            w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), shape)
+            b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
+            scale, bias_scale = 1.0, 1.0
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return scale * y + bias_scale * b
+
+
+def _avg_pool(x):
+    return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+
+
+class KipConvNet(nn.Module):
+    """Finite KIP ConvNet. ``(n, H, W, C) -> (n, num_classes)``.
+
+    Parameters: ``(9 C + 1) w`` for the first conv, ``(9 w + 1) w`` for each further conv, and
+    ``(w * H' * W' + 1) * num_classes`` for the readout, where ``H' = H // 2**depth`` (likewise ``W'``).
+    """
+
+    num_classes: int
+    width: int = 128
+    depth: int = 3
+    prepend_conv: bool = True
+    parameterization: str = "standard"
+    W_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+
+    @nn.compact
+    def __call__(self, x):
+        conv = dict(features=self.width, W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization)
+        if self.prepend_conv:
+            x = nn.relu(_Conv(**conv)(x))
+        for _ in range(self.depth):
+            x = _avg_pool(nn.relu(_Conv(**conv)(x)))
+        x = x.reshape(len(x), -1)
+        return _Dense(self.num_classes, self.W_std, self.b_std, self.parameterization)(x)
+
+
+class FCNet(nn.Module):
+    """Fully connected ReLU net. ``(n, ...) -> (n, num_classes)``.
+
+    Parameters: ``(d + 1) w + (depth - 1)(w + 1) w + (w + 1) num_classes`` for ``depth >= 1``.
+    """
+
+    num_classes: int
+    width: int = 1024
+    depth: int = 1
+    parameterization: str = "standard"
+    W_std: float = math.sqrt(2.0)
+    b_std: float = 0.1
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(len(x), -1)
+        for _ in range(self.depth):
+            x = nn.relu(_Dense(self.width, self.W_std, self.b_std, self.parameterization)(x))
+        return _Dense(self.num_classes, self.W_std, self.b_std, self.parameterization)(x)
+
+
+class EvalConvNet(nn.Module):
+    """The standard dataset-distillation evaluation ConvNet (width 128, depth 3, instance norm, avg pool).
+
+    ``(n, H, W, C) -> (n, num_classes)``. Parameters: per block ``(9 c_in + 1) w + 2 w`` (conv with bias,
+    instance-norm scale and shift), then ``(w * H' * W' + 1) * num_classes`` with ``H' = H // 2**depth``.
+    """
+
+    num_classes: int
+    width: int = 128
+    depth: int = 3
+
+    @nn.compact
+    def __call__(self, x):
+        for _ in range(self.depth):
+            x = nn.Conv(self.width, (3, 3), padding="SAME")(x)
+            x = nn.GroupNorm(num_groups=self.width, epsilon=1e-5)(x)  # one group per channel: instance norm
+            x = _avg_pool(nn.relu(x))
+        return nn.Dense(self.num_classes)(x.reshape(len(x), -1))
+
+
+def build_model(name: str, num_classes: int, width: int | None = None, depth: int | None = None,
+                parameterization: str = "standard") -> nn.Module:
+    if name not in MODELS:
+        raise KernelDistillError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if parameterization not in ("standard", "ntk"):
+        raise KernelDistillError(f"parameterization must be 'standard' or 'ntk', got {parameterization!r}")
+    if name in ("convnet", "convnet3"):
+        return KipConvNet(num_classes, width or 128, depth or 3, prepend_conv=name == "convnet",
+                          parameterization=parameterization)
+    if name == "fc":
+        return FCNet(num_classes, width or 1024, depth if depth is not None else 1, parameterization)
+    return EvalConvNet(num_classes, width or 128, depth or 3)
+
+
+def count_parameters(params) -> int:
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How a finite network is trained on a distilled set."""
+
+    steps: int = 1000
+    optimizer: str = "sgd"  # "sgd" (momentum 0.9, cosine schedule) or "adam"
+    learning_rate: float = 0.01
+    weight_decay: float = 5e-4
+    loss: str = "mse"  # "mse" on the labels, or "ce" on their argmax
+    batch_size: int = 256
+    eval_every: int = 100
+
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise KernelDistillError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.loss not in ("mse", "ce"):
+            raise KernelDistillError(f"loss must be 'mse' or 'ce', got {self.loss!r}")
+        for name in ("steps", "batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise KernelDistillError(f"{name} must be positive")
+        if not self.learning_rate > 0:
+            raise KernelDistillError("learning rate must be positive")
+
+
+def _optimizer(config: TrainConfig):
+    if config.optimizer == "sgd":
+        schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
+        base = optax.sgd(schedule, momentum=0.9)
+    else:
+        schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
+        base = optax.adam(schedule)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+
+
+def _loss_fn(logits, labels, kind: str):
+    if kind == "mse":
+        return 0.5 * jnp.mean(jnp.sum((logits - labels) ** 2, axis=-1))
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(labels, axis=-1)))
+
+
+def test_accuracy(model: nn.Module, params, x_test, y_test, batch_size: int = 1000) -> float:
+    """Accuracy of ``argmax(model(x))`` on ``(x_test, y_test)``, in batches."""
+    apply = jax.jit(model.apply)
+    correct = 0
+    for i in range(0, len(x_test), batch_size):
+        logits = apply(params, jnp.asarray(x_test[i:i + batch_size]))
+        correct += int(jnp.sum(jnp.argmax(logits, -1) == jnp.asarray(y_test[i:i + batch_size])))
+    return correct / len(x_test)
+
+
+def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfig, key,
+          progress: bool = True, description: str = "train") -> dict:
+    """Train ``model`` on ``(x_train, y_train)`` (float labels ``(n, C)``) and score it on the test set.
+
+    Returns ``dict(test_accuracy, curve=[(step, accuracy), ...], seconds, num_parameters)``.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    x_train, y_train = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.float32)
+    init_key, key = jax.random.split(key)
+    params = model.init(init_key, x_train[:1])
+    optimizer = _optimizer(config)
+    opt_state = optimizer.init(params)
+    batch = min(config.batch_size, len(x_train))
+
+    @jax.jit
+    def step(params, opt_state, key):
+        key, sub = jax.random.split(key)
+        idx = jax.random.permutation(sub, len(x_train))[:batch]
+
+        def loss(p):
+            return _loss_fn(model.apply(p, x_train[idx]), y_train[idx], config.loss)
+
+        value, grads = jax.value_and_grad(loss)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, key, value
+
+    start = time.perf_counter()
+    curve = []
+    with tqdm(total=config.steps, desc=description, disable=not progress, leave=False, unit="step") as bar:
+        for i in range(1, config.steps + 1):
+            params, opt_state, key, value = step(params, opt_state, key)
+            if i % config.eval_every == 0 or i == config.steps:
+                value = float(value)
+                if not math.isfinite(value):
+                    raise KernelDistillError(f"training loss became {value} at step {i}; lower --lr")
+                curve.append((i, test_accuracy(model, params, x_test, y_test)))
+                bar.set_postfix(loss=f"{value:.3g}", acc=f"{100 * curve[-1][1]:.2f}%", refresh=False)
+            bar.update(1)
+    return dict(test_accuracy=curve[-1][1], curve=curve, seconds=time.perf_counter() - start,
+                num_parameters=count_parameters(params))
+
+
+def train_seeds(model_fn: Callable[[], nn.Module], x_train, y_train, x_test, y_test, config: TrainConfig,
+                seeds: Sequence[int], progress: bool = True) -> dict:
+    """:func:`train` once per seed. Returns per-seed results and the mean and std of test accuracy."""
+    runs = [train(model_fn(), x_train, y_train, x_test, y_test, config, jax.random.PRNGKey(s), progress,
+                  description=f"seed {s}") for s in seeds]
+    acc = np.array([r["test_accuracy"] for r in runs])
+    return dict(runs=runs, mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0)
