@@ -336,8 +336,8 @@ def _cmd_demo(args) -> int:
           f"{time.perf_counter() - start:.0f} s: KRR test accuracy {100 * summary['last_accuracy']:.2f}% on "
           f"{len(data.y_test)} test images")
     print(f"outputs in {out}/: distilled.npz, grid.png (the learned images), curve.png, metrics.jsonl")
-    print(f"MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
-          f"--learn-labels --steps 2000 --out runs/mnist-fc-10")
+    print("MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
+          "--learn-labels --steps 2000 --out runs/mnist-fc-10")
     return 0
 
 
