@@ -56,12 +56,18 @@ def main():
                           "--eval-every", str(args.train_steps)]
                 if args.width:
                     common += ["--width", str(args.width)]
-                results = [cli("transfer", str(kip_dir / "distilled.npz"), *common),
-                           cli("transfer", str(ls_dir / "distilled.npz"), *common),
-                           cli("transfer", "--natural-per-class", str(per_class), "--dataset", name, *common)]
-                cells = [f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}" for r in results]
-                print(f"| {name} | {per_class} | {model} | {' | '.join(cells)} | "
-                      f"{sum(r['seconds'] for r in results):.0f} |", flush=True)
+                runs = [(str(kip_dir / "distilled.npz"),), (str(ls_dir / "distilled.npz"),),
+                        ("--natural-per-class", str(per_class), "--dataset", name)]
+                cells, seconds = [], 0.0
+                for source in runs:
+                    try:
+                        r = cli("transfer", *source, *common)
+                    except RuntimeError as e:  # e.g. a diverged training: report it, keep going
+                        cells.append("diverged" if "became nan" in str(e) else "failed")
+                        continue
+                    cells.append(f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}")
+                    seconds += r["seconds"]
+                print(f"| {name} | {per_class} | {model} | {' | '.join(cells)} | {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
