@@ -39,7 +39,7 @@ def main():
     args = parser.parse_args()
     root = pathlib.Path(args.out)
     print(f"# transfer to finite networks, {time.strftime('%Y-%m-%d')}; {args.train_steps} steps, SGD momentum "
-          f"0.9 lr 0.01 cosine, weight decay 5e-4, MSE on the set's labels, {args.seeds} seeds")
+          f"0.9 lr 0.05 cosine, weight decay 5e-4, MSE on the set's labels, {args.seeds} seeds")
     print("| dataset | per class | model | KIP-FC set % | LS set % | natural % | train s (all 3 sets) |")
     print("|---|---|---|---|---|---|---|")
     for name in args.datasets:

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")

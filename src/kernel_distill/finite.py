@@ -169,7 +169,9 @@ class TrainConfig:
 
     steps: int = 1000
     optimizer: str = "sgd"  # "sgd" (momentum 0.9, cosine schedule) or "adam"
-    learning_rate: float = 0.01
+    # 0.05 with the class-averaged MSE: 0.01 left 1000 steps undertrained (Fashion-MNIST 10/class, FC 1024:
+    # 41.7% vs 59.9%), and summing the MSE over classes at 0.01 diverged on the same data.
+    learning_rate: float = 0.05
     weight_decay: float = 5e-4
     loss: str = "mse"  # "mse" on the labels, or "ce" on their argmax
     batch_size: int = 256
@@ -199,7 +201,9 @@ def _optimizer(config: TrainConfig):
 
 def _loss_fn(logits, labels, kind: str):
     if kind == "mse":
-        return 0.5 * jnp.mean(jnp.sum((logits - labels) ** 2, axis=-1))
+        # The mean over classes too (as in the KRR loss): summing over classes multiplies the loss's top
+        # curvature by C, and a 1024-wide standard-parameterized net then diverged at lr 0.01 with momentum.
+        return 0.5 * jnp.mean((logits - labels) ** 2)
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(labels, axis=-1)))
 
 
