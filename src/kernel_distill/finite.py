@@ -30,6 +30,21 @@ from kernel_distill.errors import KernelDistillError
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 
 
+def _layer_parameters(module: nn.Module, kernel_shape: tuple, fan_in: int, features: int):
+    """Weights, bias and their output scales for standard or NTK parameterization.
+
+    NTK: weights and biases ~ N(0, 1), scaled by ``W_std / sqrt(fan_in)`` and ``b_std`` in the forward pass.
+    Standard: weights ~ N(0, W_std^2 / fan_in), biases ~ N(0, b_std^2), unscaled.
+    """
+    if module.parameterization == "ntk":
+        w = module.param("kernel", nn.initializers.normal(1.0), kernel_shape)
+        b = module.param("bias", nn.initializers.normal(1.0), (features,))
+        return w, b, module.W_std / math.sqrt(fan_in), module.b_std
+    w = module.param("kernel", nn.initializers.normal(module.W_std / math.sqrt(fan_in)), kernel_shape)
+    b = module.param("bias", nn.initializers.normal(module.b_std), (features,))
+    return w, b, 1.0, 1.0
+
+
 class _Dense(nn.Module):
     """Dense layer in standard or NTK parameterization."""
 
@@ -41,13 +56,8 @@ class _Dense(nn.Module):
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        if self.parameterization == "ntk":
-            w = self.param("kernel", nn.initializers.normal(1.0), (fan_in, self.features))
-            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
-            return self.W_std / math.sqrt(fan_in) * (x @ w) + self.b_std * b
-        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), (fan_in, self.features))
-        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
-        return x @ w + b
+        w, b, scale, bias_scale = _layer_parameters(self, (fan_in, self.features), fan_in, self.features)
+        return scale * (x @ w) + bias_scale * b
 
 
 class _Conv(nn.Module):
@@ -60,16 +70,8 @@ class _Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        fan_in = 9 * x.shape[-1]
         shape = (3, 3, x.shape[-1], self.features)
-        if self.parameterization == "ntk":
-            w = self.param("kernel", nn.initializers.normal(1.0), shape)
-            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
-            scale, bias_scale = self.W_std / math.sqrt(fan_in), self.b_std
-        else:
-            w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), shape)
-            b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
-            scale, bias_scale = 1.0, 1.0
+        w, b, scale, bias_scale = _layer_parameters(self, shape, 9 * x.shape[-1], self.features)
         y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return scale * y + bias_scale * b
 
