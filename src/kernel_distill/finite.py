@@ -30,48 +30,45 @@ from kernel_distill.errors import KernelDistillError
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 
 
-def _layer_parameters(module: nn.Module, kernel_shape: tuple, fan_in: int, features: int):
-    """Weights, bias and their output scales for standard or NTK parameterization.
+class _ParameterizedLayer(nn.Module):
+    """Fields and parameter creation shared by the dense and conv layers.
 
-    NTK: weights and biases ~ N(0, 1), scaled by ``W_std / sqrt(fan_in)`` and ``b_std`` in the forward pass.
-    Standard: weights ~ N(0, W_std^2 / fan_in), biases ~ N(0, b_std^2), unscaled.
+    NTK parameterization: weights and biases ~ N(0, 1), scaled by ``W_std / sqrt(fan_in)`` and ``b_std`` in
+    the forward pass. Standard: weights ~ N(0, W_std^2 / fan_in), biases ~ N(0, b_std^2), unscaled.
     """
-    if module.parameterization == "ntk":
-        w = module.param("kernel", nn.initializers.normal(1.0), kernel_shape)
-        b = module.param("bias", nn.initializers.normal(1.0), (features,))
-        return w, b, module.W_std / math.sqrt(fan_in), module.b_std
-    w = module.param("kernel", nn.initializers.normal(module.W_std / math.sqrt(fan_in)), kernel_shape)
-    b = module.param("bias", nn.initializers.normal(module.b_std), (features,))
-    return w, b, 1.0, 1.0
-
-
-class _Dense(nn.Module):
-    """Dense layer in standard or NTK parameterization."""
 
     features: int
     W_std: float = math.sqrt(2.0)
     b_std: float = 0.1
     parameterization: str = "standard"
+
+    def _parameters(self, kernel_shape: tuple, fan_in: int):
+        """Returns ``(weights, bias, weight scale, bias scale)``."""
+        if self.parameterization == "ntk":
+            w = self.param("kernel", nn.initializers.normal(1.0), kernel_shape)
+            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
+            return w, b, self.W_std / math.sqrt(fan_in), self.b_std
+        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), kernel_shape)
+        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
+        return w, b, 1.0, 1.0
+
+
+class _Dense(_ParameterizedLayer):
+    """Dense layer in standard or NTK parameterization."""
 
     @nn.compact
     def __call__(self, x):
         fan_in = x.shape[-1]
-        w, b, scale, bias_scale = _layer_parameters(self, (fan_in, self.features), fan_in, self.features)
+        w, b, scale, bias_scale = self._parameters((fan_in, self.features), fan_in)
         return scale * (x @ w) + bias_scale * b
 
 
-class _Conv(nn.Module):
+class _Conv(_ParameterizedLayer):
     """3x3 SAME convolution in standard or NTK parameterization (NHWC)."""
-
-    features: int
-    W_std: float = math.sqrt(2.0)
-    b_std: float = 0.1
-    parameterization: str = "standard"
 
     @nn.compact
     def __call__(self, x):
-        shape = (3, 3, x.shape[-1], self.features)
-        w, b, scale, bias_scale = _layer_parameters(self, shape, 9 * x.shape[-1], self.features)
+        w, b, scale, bias_scale = self._parameters((3, 3, x.shape[-1], self.features), 9 * x.shape[-1])
         y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return scale * y + bias_scale * b
 

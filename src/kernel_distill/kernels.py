@@ -499,7 +499,7 @@ def _kernel_matrix(x1, x2, spec: KernelSpec, get: Get, budget: int):
         return _pick(_conv_block(a, b, va, vb, spec, want_ntk), get)
 
     block = jax.checkpoint(block)
-    return _tile_pairs(lambda a, va, b, vb: block(a, va, b, vb), (x1, var1), (x2, var2), b1, b2)
+    return _tile_pairs(block, (x1, var1), (x2, var2), b1, b2)
 
 
 def _tile_pairs(block_fn, rows1: tuple, rows2: tuple, b1: int, b2: int):
