@@ -65,3 +65,8 @@ def test_cli_transfer(tmp_path, capsys):
     assert main(["transfer", "--model", "fc"]) == 2
     assert "FILE or --natural-per-class" in capsys.readouterr().err
     assert main(["transfer", str(tmp_path / "missing.npz")]) == 2
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((3, 28, 28, 1), np.float32), labels=np.zeros((3, 10), np.float32))
+    capsys.readouterr()
+    assert main(["transfer", str(wrong), "--dataset", "digits"]) == 2
+    assert "images of shape" in capsys.readouterr().err

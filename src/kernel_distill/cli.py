@@ -224,28 +224,40 @@ def _cmd_datasets(args) -> int:
     return 0
 
 
-def _cmd_evaluate(args) -> int:
+def _preprocessing_for(distilled, path, dataset: str, args):
+    """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
+
+    A file without preprocessing (a released KIP file) gets it fitted on the training set (``--zca`` /
+    ``--zca-reg`` say how).
+    """
     from kernel_distill.data import dataset_info, load_dataset
-    from kernel_distill.io import load_distilled
-    from kernel_distill.krr import DEFAULT_REG, evaluate
     from kernel_distill.preprocess import fit_preprocessor
 
-    _check_positive("--test-limit", args.test_limit)
-    info = dataset_info(args.dataset)
-    distilled = load_distilled(args.file)
+    info = dataset_info(dataset)
     if distilled.num_classes != info.num_classes:
-        raise KernelDistillError(f"{args.file} has {distilled.num_classes} label columns, {args.dataset} has "
+        raise KernelDistillError(f"{path} has {distilled.num_classes} label columns, {dataset} has "
                                  f"{info.num_classes} classes")
     if distilled.images.shape[1:] != info.image_shape:
-        raise KernelDistillError(f"{args.file} holds images of shape {distilled.images.shape[1:]}, "
-                                 f"{args.dataset} images are {info.image_shape}")
+        raise KernelDistillError(f"{path} holds images of shape {distilled.images.shape[1:]}, "
+                                 f"{dataset} images are {info.image_shape}")
     preprocessor = distilled.preprocessor
     if preprocessor is None:
         # A released KIP file: its images live in KIP's space, which we rebuild from the training set.
-        x_train, _ = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
+        x_train, _ = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
         preprocessor = fit_preprocessor(x_train, zca=args.zca, zca_reg=args.zca_reg)
-        print(f"{args.file} carries no preprocessing; fitted "
-              f"{'standardisation + ZCA' if args.zca else 'standardisation'} on the {args.dataset} training set")
+        print(f"{path} carries no preprocessing; fitted "
+              f"{'standardisation + ZCA' if args.zca else 'standardisation'} on the {dataset} training set")
+    return preprocessor
+
+
+def _cmd_evaluate(args) -> int:
+    from kernel_distill.data import load_dataset
+    from kernel_distill.io import load_distilled
+    from kernel_distill.krr import DEFAULT_REG, evaluate
+
+    _check_positive("--test-limit", args.test_limit)
+    distilled = load_distilled(args.file)
+    preprocessor = _preprocessing_for(distilled, args.file, args.dataset, args)
     x_test, y_test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
     if args.test_limit:
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
@@ -423,13 +435,7 @@ def _cmd_transfer(args) -> int:
         if not dataset:
             raise KernelDistillError(f"{args.file} does not say its dataset: add --dataset")
         info = dataset_info(dataset)
-        if distilled.images.shape[1:] != info.image_shape or distilled.num_classes != info.num_classes:
-            raise KernelDistillError(f"{args.file} does not match {dataset}: images {distilled.images.shape[1:]}, "
-                                     f"{distilled.num_classes} label columns")
-        preprocessor = distilled.preprocessor
-        if preprocessor is None:
-            x_raw, _ = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
-            preprocessor = fit_preprocessor(x_raw, zca=args.zca, zca_reg=args.zca_reg)
+        preprocessor = _preprocessing_for(distilled, args.file, dataset, args)
         x_support, y_support, source = distilled.images, distilled.labels, str(args.file)
     else:
         if not args.dataset:
