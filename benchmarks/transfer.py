@@ -1,21 +1,30 @@
 """Transfer: finite networks trained on KIP-FC sets, Label Solve sets and natural subsets of the same size.
 
 For each dataset and images-per-class, makes (or reuses, if its folder exists) a KIP-FC set with learned
-labels and a Label Solve set, then trains each finite model for ``--train-steps`` steps with 3 seeds on:
-the KIP set, the LS set, and a random natural subset; prints test accuracy mean +- std and training time.
+labels and a Label Solve set (FC NTK, whole training set), then trains each finite model with ``--seeds``
+seeds on: the KIP set, the LS set, and a random natural class-balanced subset; prints test accuracy
+(mean +- std over the seeds, whole test set) and the training time per seed.
 
-    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/transfer.py \
-        --datasets mnist fashion_mnist --per-class 1 10 --kip-steps 2000 --models fc convnet
+Every finished cell is appended to ``OUT/results.jsonl``; a rerun skips the cells already there, so a long
+table can be built over several sessions or stopped with Ctrl-C. ``--jobs 2`` trains two cells at once
+(one JAX process keeps only ~1.1 cores busy on a 2-core machine). ``--table-only`` prints what is cached.
+
+    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/transfer.py \\
+        --datasets mnist fashion_mnist --per-class 1 10 50 --models evalnet fc --train-steps 300 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import pathlib
 import subprocess
 import sys
 import time
+
+SOURCES = ("kip", "ls", "natural")
+DEFAULT_WIDTH = {"fc": 1024, "convnet": 128, "convnet3": 128, "evalnet": 128}
 
 
 def cli(*args) -> dict:
@@ -26,48 +35,108 @@ def cli(*args) -> dict:
     return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
+def make_sets(root: pathlib.Path, name: str, per_class: int, kip_steps: int) -> None:
+    kip_dir = root / f"{name}-kip-{per_class}"
+    if not (kip_dir / "distilled.npz").is_file():
+        cli("kip", "--dataset", name, "--per-class", str(per_class), "--learn-labels", "--steps", str(kip_steps),
+            "--eval-every", str(kip_steps), "--out", str(kip_dir))
+    ls_dir = root / f"{name}-ls-{per_class}"
+    if not (ls_dir / "distilled.npz").is_file():
+        cli("label-solve", "--dataset", name, "--support-size", str(10 * per_class), "--out", str(ls_dir))
+
+
+def cell_key(cell: dict) -> tuple:
+    return tuple(cell[k] for k in ("dataset", "per_class", "model", "width", "source", "steps", "lr", "batch_size",
+                                   "loss", "seeds"))
+
+
+def run_cell(root: pathlib.Path, cell: dict) -> dict:
+    if cell["source"] == "natural":
+        source = ("--natural-per-class", str(cell["per_class"]), "--dataset", cell["dataset"])
+    else:
+        source = (str(root / f"{cell['dataset']}-{cell['source']}-{cell['per_class']}" / "distilled.npz"),)
+    try:
+        r = cli("transfer", *source, "--model", cell["model"], "--width", str(cell["width"]), "--steps",
+                str(cell["steps"]), "--lr", str(cell["lr"]), "--batch-size", str(cell["batch_size"]), "--loss",
+                cell["loss"], "--seeds", str(cell["seeds"]), "--eval-every", str(cell["steps"]))
+    except RuntimeError as e:  # e.g. a diverged training: record it, keep going
+        return dict(cell, error="diverged" if "became nan" in str(e) else str(e)[-200:])
+    train_seconds = (r["seconds"] - r["eval_seconds"]) / cell["seeds"]
+    return dict(cell, mean=r["mean"], std=r["std"], accuracies=[run["test_accuracy"] for run in r["runs"]],
+                train_seconds_per_seed=train_seconds)
+
+
+def print_table(results: dict, cells: list[dict]) -> None:
+    print("| dataset | per class | model | KIP-FC set % | LS set % | natural % | train s / seed (KIP, LS, nat.) |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {}
+    for cell in cells:
+        rows.setdefault((cell["dataset"], cell["per_class"], f"{cell['model']}-{cell['width']}"), []).append(cell)
+    for (name, per_class, model), row in rows.items():
+        accs, secs = [], []
+        for cell in row:
+            r = results.get(cell_key(cell))
+            if r is None:
+                accs.append("-")
+                secs.append("-")
+            elif "error" in r:
+                accs.append(r["error"] if r["error"] == "diverged" else "failed")
+                secs.append("-")
+            else:
+                accs.append(f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}")
+                secs.append(f"{r['train_seconds_per_seed']:.0f}")
+        print(f"| {name} | {per_class} | {model} | {' | '.join(accs)} | {', '.join(secs)} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
-    parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10])
+    parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--kip-steps", type=int, default=2000)
-    parser.add_argument("--models", nargs="+", default=["fc", "convnet"])
-    parser.add_argument("--train-steps", type=int, default=1000)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["evalnet", "fc"],
+                        choices=sorted(DEFAULT_WIDTH))
     parser.add_argument("--width", type=int, default=None, help="model width (default: 1024 fc, 128 conv)")
+    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--loss", choices=("mse", "ce"), default="mse")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once")
+    parser.add_argument("--table-only", action="store_true", help="print the cached results, train nothing")
     parser.add_argument("--out", default="runs/bench-transfer")
     args = parser.parse_args()
     root = pathlib.Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    results_file = root / "results.jsonl"
+    results = {}
+    if results_file.is_file():
+        for line in results_file.read_text().splitlines():
+            r = json.loads(line)
+            results[cell_key(r)] = r
+    cells = [dict(dataset=name, per_class=per_class, model=model, width=args.width or DEFAULT_WIDTH[model],
+                  source=source, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size, loss=args.loss,
+                  seeds=args.seeds)
+             for name in args.datasets for per_class in args.per_class for model in args.models
+             for source in SOURCES]
     print(f"# transfer to finite networks, {time.strftime('%Y-%m-%d')}; {args.train_steps} steps, SGD momentum "
-          f"0.9 lr 0.05 cosine, weight decay 5e-4, MSE on the set's labels, {args.seeds} seeds")
-    print("| dataset | per class | model | KIP-FC set % | LS set % | natural % | train s (all 3 sets) |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.datasets:
-        for per_class in args.per_class:
-            kip_dir = root / f"{name}-kip-{per_class}"
-            if not (kip_dir / "distilled.npz").is_file():
-                cli("kip", "--dataset", name, "--per-class", str(per_class), "--learn-labels", "--steps",
-                    str(args.kip_steps), "--eval-every", str(args.kip_steps), "--out", str(kip_dir))
-            ls_dir = root / f"{name}-ls-{per_class}"
-            if not (ls_dir / "distilled.npz").is_file():
-                cli("label-solve", "--dataset", name, "--support-size", str(10 * per_class), "--out", str(ls_dir))
-            for model in args.models:
-                common = ["--model", model, "--steps", str(args.train_steps), "--seeds", str(args.seeds),
-                          "--eval-every", str(args.train_steps)]
-                if args.width:
-                    common += ["--width", str(args.width)]
-                runs = [(str(kip_dir / "distilled.npz"),), (str(ls_dir / "distilled.npz"),),
-                        ("--natural-per-class", str(per_class), "--dataset", name)]
-                cells, seconds = [], 0.0
-                for source in runs:
-                    try:
-                        r = cli("transfer", *source, *common)
-                    except RuntimeError as e:  # e.g. a diverged training: report it, keep going
-                        cells.append("diverged" if "became nan" in str(e) else "failed")
-                        continue
-                    cells.append(f"{100 * r['mean']:.2f} +- {100 * r['std']:.2f}")
-                    seconds += r["seconds"]
-                print(f"| {name} | {per_class} | {model} | {' | '.join(cells)} | {seconds:.0f} |", flush=True)
+          f"0.9, lr {args.lr} cosine, batch {args.batch_size}, weight decay 5e-4, {args.loss} loss on the set's "
+          f"labels, {args.seeds} seeds, {args.jobs} job(s) at once")
+    if not args.table_only:
+        for name in args.datasets:
+            for per_class in args.per_class:
+                make_sets(root, name, per_class, args.kip_steps)
+        # The small sets first, so that an interrupted run has whole rows to show.
+        todo = sorted((cell for cell in cells if cell_key(cell) not in results), key=lambda c: c["per_class"])
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            for future in concurrent.futures.as_completed([pool.submit(run_cell, root, c) for c in todo]):
+                r = future.result()
+                results[cell_key(r)] = r
+                with results_file.open("a") as f:
+                    f.write(json.dumps(r) + "\n")
+                outcome = r["error"] if "error" in r else f"{100 * r['mean']:.2f}%"
+                print(f"done: {r['dataset']} {r['per_class']}/class {r['model']} {r['source']}: {outcome}",
+                      flush=True)
+    print_table(results, cells)
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ def test_training_on_ten_images_per_class_beats_chance_on_held_out_digits(digits
                    digits.y_test, TrainConfig(steps=200, eval_every=100), jax.random.PRNGKey(0), progress=False)
     assert result["test_accuracy"] > 0.5  # chance is 0.1
     assert [step for step, _ in result["curve"]] == [100, 200]
+    assert 0 < result["eval_seconds"] < result["seconds"]
 
 
 def test_cli_transfer(tmp_path, capsys):
@@ -60,6 +61,7 @@ def test_cli_transfer(tmp_path, capsys):
     assert code == 0
     metrics = json.loads((out / "transfer_metrics.json").read_text())
     assert len(metrics["runs"]) == 2 and 0.2 < metrics["mean"] <= 1.0
+    assert 0 < metrics["eval_seconds"] < metrics["seconds"]
     assert (out / "transfer_curve.png").is_file()
     capsys.readouterr()
     assert main(["transfer", "--model", "fc"]) == 2

@@ -465,14 +465,17 @@ def _cmd_transfer(args) -> int:
     result = train_seeds(model_fn, x_support, y_support, z_test, y_test, config, range(args.seeds),
                          progress=not args.no_progress)
     seconds = sum(r["seconds"] for r in result["runs"])
+    eval_seconds = sum(r["eval_seconds"] for r in result["runs"])
     print(f"{args.model} ({result['runs'][0]['num_parameters']:,} parameters) trained {args.steps} steps on "
           f"{source}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f}% over {args.seeds} "
-          f"seeds on {len(y_test)} {dataset} test images ({seconds:.0f} s)")
+          f"seeds on {len(y_test)} {dataset} test images ({seconds - eval_seconds:.0f} s training, "
+          f"{eval_seconds:.0f} s testing)")
     metrics = dict(source=source, dataset=dataset, model=args.model, width=args.width, depth=args.depth,
                    parameterization=args.parameterization, train=dataclasses.asdict(config), mean=result["mean"],
                    std=result["std"], seconds=seconds,
-                   runs=[dict(test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"])
-                         for r in result["runs"]])
+                   eval_seconds=eval_seconds,
+                   runs=[dict(test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
+                              eval_seconds=r["eval_seconds"]) for r in result["runs"]])
     if args.out:
         out = pathlib.Path(args.out)
         atomic_write_text(out / "transfer_metrics.json", json.dumps(metrics, indent=2) + "\n")
