@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from kernel_distill.finite import default_learning_rate
+
 SOURCES = ("kip", "ls", "natural")
 DEFAULT_WIDTH = {"fc": 1024, "convnet": 128, "convnet3": 128, "evalnet": 128}
 
@@ -97,7 +99,7 @@ def main():
                         choices=sorted(DEFAULT_WIDTH))
     parser.add_argument("--width", type=int, default=None, help="model width (default: 1024 fc, 128 conv)")
     parser.add_argument("--train-steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--lr", type=float, default=None, help="default: the CLI's per-model default")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--loss", choices=("mse", "ce"), default="mse")
     parser.add_argument("--seeds", type=int, default=3)
@@ -114,13 +116,14 @@ def main():
             r = json.loads(line)
             results[cell_key(r)] = r
     cells = [dict(dataset=name, per_class=per_class, model=model, width=args.width or DEFAULT_WIDTH[model],
-                  source=source, steps=args.train_steps, lr=args.lr, batch_size=args.batch_size, loss=args.loss,
+                  source=source, steps=args.train_steps, lr=args.lr or default_learning_rate(model),
+                  batch_size=args.batch_size, loss=args.loss,
                   seeds=args.seeds)
              for name in args.datasets for per_class in args.per_class for model in args.models
              for source in SOURCES]
     print(f"# transfer to finite networks, {time.strftime('%Y-%m-%d')}; {args.train_steps} steps, SGD momentum "
-          f"0.9, lr {args.lr} cosine, batch {args.batch_size}, weight decay 5e-4, {args.loss} loss on the set's "
-          f"labels, {args.seeds} seeds, {args.jobs} job(s) at once")
+          f"0.9, lr {args.lr or 'per model'} cosine, batch {args.batch_size}, weight decay 5e-4, {args.loss} "
+          f"loss on the set's labels, {args.seeds} seeds, {args.jobs} job(s) at once")
     if not args.table_only:
         for name in args.datasets:
             for per_class in args.per_class:

@@ -72,3 +72,17 @@ def test_cli_transfer(tmp_path, capsys):
     capsys.readouterr()
     assert main(["transfer", str(wrong), "--dataset", "digits"]) == 2
     assert "images of shape" in capsys.readouterr().err
+
+
+def test_cli_transfer_learning_rate_defaults_per_model(tmp_path, capsys):
+    """The un-normalised KIP ConvNet gets a lower default lr than fc / evalnet; an explicit --lr wins."""
+    learning_rates = {}
+    for model, extra in [("convnet", []), ("fc", []), ("convnet", ["--lr", "0.02"])]:
+        out = tmp_path / f"{model}{len(extra)}"
+        assert main(["transfer", "--natural-per-class", "2", "--dataset", "digits", "--model", model, "--width", "8",
+                     "--steps", "2", "--seeds", "1", "--eval-every", "2", "--test-limit", "20", "--out", str(out),
+                     "--no-progress", *extra]) == 0
+        learning_rates[(model, bool(extra))] = json.loads((out / "transfer_metrics.json").read_text())["train"][
+            "learning_rate"]
+    capsys.readouterr()
+    assert learning_rates == {("convnet", False): 0.01, ("fc", False): 0.05, ("convnet", True): 0.02}

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate (default 0.05)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 0.05; 0.01 for convnet and convnet3, which have no normalisation)")
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
@@ -421,7 +422,7 @@ def _cmd_label_solve(args) -> int:
 def _cmd_transfer(args) -> int:
     from kernel_distill import plots
     from kernel_distill.data import dataset_info, load_dataset
-    from kernel_distill.finite import TrainConfig, build_model, train_seeds
+    from kernel_distill.finite import TrainConfig, build_model, default_learning_rate, train_seeds
     from kernel_distill.io import atomic_write_text, load_distilled
     from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
 
@@ -451,7 +452,8 @@ def _cmd_transfer(args) -> int:
     if args.test_limit:
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     z_test = preprocessor.apply(x_test)
-    config = TrainConfig(steps=args.steps, optimizer=args.optimizer, learning_rate=args.lr,
+    config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
+                         learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
                          weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
                          eval_every=args.eval_every)
     for name in ("--width", "--depth"):

@@ -188,6 +188,13 @@ class TrainConfig:
             raise KernelDistillError("learning rate must be positive")
 
 
+def default_learning_rate(model_name: str) -> float:
+    """The SGD learning rate ``kernel-distill transfer`` uses for a model when ``--lr`` is not given."""
+    # Measured (docs/BENCHMARKS.md): the un-normalised 128-wide KIP ConvNet diverged or stalled at 0.05 on
+    # MNIST 1/class sets and trained at 0.01; fc and the instance-normalised evalnet do well at 0.05.
+    return 0.01 if model_name in ("convnet", "convnet3") else TrainConfig.learning_rate
+
+
 def _optimizer(config: TrainConfig):
     if config.optimizer == "sgd":
         schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
