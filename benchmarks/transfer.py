@@ -23,10 +23,9 @@ import subprocess
 import sys
 import time
 
-from kernel_distill.finite import default_learning_rate
+from kernel_distill.finite import MODELS, build_model, default_learning_rate
 
 SOURCES = ("kip", "ls", "natural")
-DEFAULT_WIDTH = {"fc": 1024, "convnet": 128, "convnet3": 128, "evalnet": 128}
 
 
 def cli(*args) -> dict:
@@ -95,8 +94,7 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--kip-steps", type=int, default=2000)
-    parser.add_argument("--models", nargs="+", default=["evalnet", "fc"],
-                        choices=sorted(DEFAULT_WIDTH))
+    parser.add_argument("--models", nargs="+", default=["evalnet", "fc"], choices=MODELS)
     parser.add_argument("--width", type=int, default=None, help="model width (default: 1024 fc, 128 conv)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None, help="default: the CLI's per-model default")
@@ -115,7 +113,7 @@ def main():
         for line in results_file.read_text().splitlines():
             r = json.loads(line)
             results[cell_key(r)] = r
-    cells = [dict(dataset=name, per_class=per_class, model=model, width=args.width or DEFAULT_WIDTH[model],
+    cells = [dict(dataset=name, per_class=per_class, model=model, width=args.width or build_model(model, 10).width,
                   source=source, steps=args.train_steps, lr=args.lr or default_learning_rate(model),
                   batch_size=args.batch_size, loss=args.loss,
                   seeds=args.seeds)

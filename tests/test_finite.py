@@ -66,6 +66,9 @@ def test_cli_transfer(tmp_path, capsys):
     capsys.readouterr()
     assert main(["transfer", "--model", "fc"]) == 2
     assert "FILE or --natural-per-class" in capsys.readouterr().err
+    for flag, message in [("--width", "--width must be a positive integer"), ("--steps", "steps must be positive")]:
+        assert main(["transfer", "--natural-per-class", "1", "--dataset", "digits", flag, "0"]) == 2
+        assert message in capsys.readouterr().err
     assert main(["transfer", str(tmp_path / "missing.npz")]) == 2
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, images=np.zeros((3, 28, 28, 1), np.float32), labels=np.zeros((3, 10), np.float32))

@@ -427,7 +427,13 @@ def _cmd_transfer(args) -> int:
     from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
 
     _check_positive("--seeds", args.seeds, allow_none=False)
-    _check_positive("--test-limit", args.test_limit)
+    for name in ("--test-limit", "--width", "--depth"):
+        _check_positive(name, getattr(args, name[2:].replace("-", "_")))
+    # Before any data is loaded, so that a bad training setting fails at once.
+    config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
+                         learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
+                         weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
+                         eval_every=args.eval_every)
     if (args.file is None) == (args.natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
     if args.file:
@@ -452,14 +458,6 @@ def _cmd_transfer(args) -> int:
     if args.test_limit:
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     z_test = preprocessor.apply(x_test)
-    config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
-                         learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
-                         weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
-                         eval_every=args.eval_every)
-    for name in ("--width", "--depth"):
-        value = getattr(args, name[2:])
-        if value is not None and value < 1:
-            raise KernelDistillError(f"{name} must be positive")
 
     def model_fn():
         return build_model(args.model, info.num_classes, args.width, args.depth, args.parameterization)
@@ -474,8 +472,7 @@ def _cmd_transfer(args) -> int:
           f"{eval_seconds:.0f} s testing)")
     metrics = dict(source=source, dataset=dataset, model=args.model, width=args.width, depth=args.depth,
                    parameterization=args.parameterization, train=dataclasses.asdict(config), mean=result["mean"],
-                   std=result["std"], seconds=seconds,
-                   eval_seconds=eval_seconds,
+                   std=result["std"], seconds=seconds, eval_seconds=eval_seconds,
                    runs=[dict(test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
                               eval_seconds=r["eval_seconds"]) for r in result["runs"]])
     if args.out:

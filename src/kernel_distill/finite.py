@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -231,8 +232,6 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
     ``seconds`` is the whole wall time (compilation and evaluations included), ``eval_seconds`` the part of
     it spent scoring the test set.
     """
-    import time
-
     from tqdm.auto import tqdm
 
     x_train, y_train = jnp.asarray(x_train, jnp.float32), jnp.asarray(y_train, jnp.float32)

@@ -166,7 +166,7 @@ def _relu_kernels(cov, var1, var2, ntk):
     return nngp, (None if ntk is None else ntk * dot_sigma)
 
 
-_ZERO_NTK = "zero"  # marks the input layer's NTK (zero), so no pass is spent averaging an array of zeros
+_ZERO_NTK = object()  # marks the input layer's NTK (zero), so no pass is spent averaging an array of zeros
 
 
 def _affine(nngp, ntk, spec: KernelSpec, spatial_average: Callable | None = None):
@@ -179,7 +179,7 @@ def _affine(nngp, ntk, spec: KernelSpec, spatial_average: Callable | None = None
     new_nngp = w2 * average(nngp) + b2
     if ntk is None:
         return new_nngp, None
-    if isinstance(ntk, str):
+    if ntk is _ZERO_NTK:
         return new_nngp, new_nngp
     return new_nngp, new_nngp + w2 * average(ntk)
 
