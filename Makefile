@@ -21,7 +21,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/kernel-distill demo --out runs/demo
+	$(BIN)/kernel-distill demo --out runs/demo --overwrite
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

@@ -54,7 +54,7 @@ def main():
                                    checkpoint_every=max(steps // 4, 1), target_batch_size=args.target_batch)
                 out = pathlib.Path(args.out) / f"{name}-{args.kernel}-{per_class}-{labels}"
                 start = time.perf_counter()
-                summary = run_kip(config, data, out, progress=False, log=lambda *_: None)
+                summary = run_kip(config, data, out, progress=False, log=lambda *_: None, overwrite=True)
                 seconds = time.perf_counter() - start
                 published = PUBLISHED_KIP_FC.get((name, per_class)) if args.kernel == "fc" else None
                 print(f"| {name} | {per_class} | {labels} | {steps} | {100 * summary['last_accuracy']:.2f} | "

@@ -116,13 +116,14 @@ def test_cli_kip_and_its_errors(tmp_path, capsys, monkeypatch):
     for argv, match in [
         (["kip", "--dataset", "digits", "--per-class", "1000"], "larger than the smallest class"),
         (["kip", "--resume", str(tmp_path / "nothing")], "cannot resume"),
-        (["kip", "--resume", str(out), "--per-class", "3"], "drop per_class"),
+        (["kip", "--resume", str(out), "--per-class", "3"], "--per-class would change per_class"),
         (["kip", "--dataset", "digits", "--target-batch", "5"], "at least one image per class"),
         (["kip", "--dataset", "digits", "--target-batch", "100000"], "use --target-batch"),
         (["kip", "--dataset", "digits", "--target-batch", "1000"], "lower --target-batch"),
     ]:
         if "1000" in argv:  # pretend the machine has 1 MiB, so an ordinary batch does not fit
             monkeypatch.setattr(kip, "available_memory_bytes", lambda: 2**20)
-        assert main(argv + ["--no-progress", "--out", str(tmp_path / "x")]) == 2, argv
+        extra = [] if "--resume" in argv else ["--out", str(tmp_path / "x")]
+        assert main(argv + ["--no-progress", *extra]) == 2, argv
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, (argv, err)

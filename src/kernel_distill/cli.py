@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -20,11 +21,34 @@ from kernel_distill.errors import KernelDistillError
 EXIT_USAGE = 2
 
 
+def _number(minimum: float | None = None, strict: bool = False):
+    """An argparse type: a finite float (NaN and inf refused), optionally bounded below."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if abs(value) > FLOAT32_MAX:  # computations run in float32 unless --float64: it would become inf
+            raise argparse.ArgumentTypeError(f"{text} is beyond the float32 range (+-{FLOAT32_MAX:.3g})")
+        if minimum is not None and (value <= minimum if strict else value < minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum:g}, got {text}")
+        return value
+
+    return parse
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+POSITIVE, NON_NEGATIVE = _number(0.0, strict=True), _number(0.0)
+
+
 def _add_common(p: argparse.ArgumentParser):
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")
     p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
-    p.add_argument("--memory-budget-mb", type=float, default=512.0,
+    p.add_argument("--memory-budget-mb", type=POSITIVE, default=512.0,
                    help="memory bound for one block of the kernel computation (default 512)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
@@ -35,14 +59,14 @@ def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
                    help="infinite network: fc, convnet (KIP ConvNet) or convnet3 (without the first conv)")
     p.add_argument("--get", choices=("ntk", "nngp"), default=None, help="which kernel (default ntk)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (fc, default 1) or conv blocks (3)")
-    p.add_argument("--W-std", dest="W_std", type=float, default=None, help="weight std (default sqrt(2))")
-    p.add_argument("--b-std", dest="b_std", type=float, default=None, help="bias std (default 0.1)")
-    p.add_argument("--reg", type=float, default=None, help="KRR regulariser relative to trace(K)/n (1e-6)")
+    p.add_argument("--W-std", dest="W_std", type=POSITIVE, default=None, help="weight std (default sqrt(2))")
+    p.add_argument("--b-std", dest="b_std", type=NON_NEGATIVE, default=None, help="bias std (default 0.1)")
+    p.add_argument("--reg", type=NON_NEGATIVE, default=None, help="KRR regulariser relative to trace(K)/n (1e-6)")
 
 
 def _add_preprocess(p: argparse.ArgumentParser):
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the images (KIP's zca_normalize)")
-    p.add_argument("--zca-reg", type=float, default=0.1, help="ZCA regulariser relative to trace(C)/d (0.1)")
+    p.add_argument("--zca-reg", type=POSITIVE, default=0.1, help="ZCA regulariser relative to trace(C)/d (0.1)")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -91,18 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="support initialisation: random real training images (default) or Gaussian noise")
     p.add_argument("--target-batch", type=int, default=None,
                    help="class-balanced target images per step (default 5000, capped by the smallest class)")
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 0.01)")
+    p.add_argument("--lr", type=POSITIVE, default=None, help="Adam learning rate (default 0.01)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="total steps (default 1000; with --resume: new total)")
     p.add_argument("--eval-every", type=int, default=None, help="test-set evaluation interval (default 100)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval (default 100)")
-    p.add_argument("--out", default=None, help="output folder (default runs/kip-DATASET-PERCLASS)")
-    p.add_argument("--resume", default=None, metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument("--out", default=None,
+                   help="output folder, empty or new (default runs/kip-DATASET-PERCLASS)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (otherwise a non-empty --out is refused)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run saved in DIR; only --steps and the intervals may change")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     _add_kernel(p, default_kernel=None)
     p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten the images")
-    p.add_argument("--zca-reg", type=float, default=None, help="ZCA regulariser (default 0.1)")
+    p.add_argument("--zca-reg", type=POSITIVE, default=None, help="ZCA regulariser (default 0.1)")
     _add_common(p)
+    p.set_defaults(memory_budget_mb=None)  # a resumed run keeps its own unless the option is given
 
     p = sub.add_parser("label-solve", help="solve the optimal labels of a natural support over the training set")
     p.add_argument("--dataset", required=True)
@@ -113,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--block-size", type=int, default=5000, help="training images per kernel block (5000)")
-    p.add_argument("--ls-reg", type=float, default=1e-6,
+    p.add_argument("--ls-reg", type=NON_NEGATIVE, default=1e-6,
                    help="ridge on K_st K_ts, relative to its trace / n (default 1e-6)")
     p.add_argument("--out", default=None, help="output folder (default runs/ls-DATASET-SIZE)")
     _add_kernel(p)
@@ -131,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--lr", type=POSITIVE, default=None,
                    help="learning rate (default 0.05; 0.01 for convnet and convnet3, which have no normalisation)")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
     p.add_argument("--batch-size", type=int, default=256)
@@ -147,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
     p.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -166,6 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kernel-distill: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # no space, no permission, not a folder: the path and the reason, not a traceback
+        from kernel_distill.runs import describe_os_error
+
+        print(f"kernel-distill: error: {describe_os_error(e, 'file error on')}", file=sys.stderr)
+        return EXIT_USAGE
     except Exception as e:  # a JAX out-of-memory error is the user's to fix, not a bug to dump on them
         if "RESOURCE_EXHAUSTED" in str(e) or isinstance(e, MemoryError):
             print("kernel-distill: error: out of memory; lower --memory-budget-mb, the batch or the "
@@ -344,7 +379,7 @@ def _cmd_demo(args) -> int:
                        eval_every=100, checkpoint_every=100)
     data = prepare_dataset("digits", progress=False)
     start = time.perf_counter()
-    summary = run_kip(config, data, out, progress=not args.no_progress)
+    summary = run_kip(config, data, out, progress=not args.no_progress, overwrite=args.overwrite)
     print(f"KIP on digits (1,438 training images -> 10 per class), FC NTK, {summary['step']} steps in "
           f"{time.perf_counter() - start:.0f} s: KRR test accuracy {100 * summary['last_accuracy']:.2f}% on "
           f"{len(data.y_test)} test images")
@@ -494,40 +529,48 @@ def _kip_config_from_args(args, base=None):
     overrides = dict(dataset=args.dataset, per_class=args.per_class, learn_labels=args.learn_labels, init=args.init,
                      target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,
                      zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
-                     checkpoint_every=args.checkpoint_every, get=args.get)
+                     checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
+                     memory_budget_mb=args.memory_budget_mb)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    base["memory_budget_mb"] = args.memory_budget_mb
     if args.kernel or args.depth is not None or args.W_std is not None or args.b_std is not None:
         base["kernel"] = _spec_from_args(args, base["kernel"]).to_dict()
     return KipConfig.from_dict(base)
 
 
 def _cmd_kip(args) -> int:
-    from kernel_distill.kip import load_checkpoint, run_kip
+    from kernel_distill.kip import RUN_FILES, check_resume, load_checkpoint, run_kip
     from kernel_distill.preprocess import prepare_dataset
+    from kernel_distill.runs import claim_run_folder
 
     _check_positive("--test-limit", args.test_limit)
     if args.resume:
-        saved, _ = load_checkpoint(args.resume)
-        changed = [name for name in ("dataset", "per_class", "learn_labels", "init", "zca", "kernel", "seed")
-                   if getattr(args, name, None) not in (None, False)]
-        if changed:
-            raise KernelDistillError(f"--resume continues the saved run as configured; drop {', '.join(changed)} "
-                                     f"(only --steps and the intervals may change)")
-        config = _kip_config_from_args(args, saved)
+        if args.out is not None:
+            raise KernelDistillError(f"--out cannot be used with --resume: the run continues in {args.resume}")
+        if args.overwrite:
+            raise KernelDistillError("--overwrite cannot be used with --resume")
         out = args.resume
+        claim = claim_run_folder(out, resume=True)
     else:
         config = _kip_config_from_args(args)
         out = args.out or f"runs/kip-{config.dataset}-{config.per_class}"
-    data = prepare_dataset(config.dataset, args.data_dir, zca=config.zca, zca_reg=config.zca_reg,
-                           test_limit=args.test_limit, progress=not args.no_progress)
-    start = time.perf_counter()
-    summary = run_kip(config, data, out, resume=bool(args.resume), progress=not args.no_progress)
+        claim = claim_run_folder(out, overwrite=args.overwrite, run_files=RUN_FILES)
+    # The folder is checked, locked and (on resume) the request compared before any data is loaded.
+    with claim:
+        if args.resume:
+            saved, _ = load_checkpoint(out)
+            config = _kip_config_from_args(args, saved)
+            check_resume(out, config)
+        data = prepare_dataset(config.dataset, args.data_dir, zca=config.zca, zca_reg=config.zca_reg,
+                               test_limit=config.test_limit, progress=not args.no_progress)
+        start = time.perf_counter()
+        summary = run_kip(config, data, out, resume=bool(args.resume), overwrite=args.overwrite,
+                          progress=not args.no_progress)
     summary["seconds"] = time.perf_counter() - start
     print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.architecture} {config.get.upper()}, "
           f"{summary['step']} steps in {summary['seconds']:.0f} s: test accuracy {100 * summary['last_accuracy']:.2f}% "
           f"(best {100 * summary['best_accuracy']:.2f}% at step {summary['best_step']})")
-    print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json")
+    print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, "
+          f"config_history.jsonl")
     if args.json:
         print(json.dumps(summary))
     return 0

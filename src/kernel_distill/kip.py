@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kernel_distill import runs
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, atomic_savez, atomic_write_text, save_distilled
 from kernel_distill.kernels import KernelSpec, make_kernel_fn
@@ -54,6 +55,11 @@ class KipConfig:
       zca, zca_reg: preprocessing. seed: initial random key.
       steps: total optimisation steps. eval_every, checkpoint_every, log_every: intervals in steps.
       memory_budget_mb: bound on one tile of the kernel computation.
+      test_limit: evaluate on the first ``test_limit`` test images only (``None``: all); it changes the
+        reported accuracies and the best-support choice, so it is part of the run.
+
+    A resumed run may change only the fields in :data:`RESUMABLE_FIELDS`; every other field, including
+    any added later, is compared with the saved config (:func:`kernel_distill.runs.resume_changes`).
     """
 
     dataset: str = "digits"
@@ -73,15 +79,36 @@ class KipConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     memory_budget_mb: float = 512.0
+    test_limit: int | None = None
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
             object.__setattr__(self, "kernel", KernelSpec.from_dict(self.kernel))
+        if not isinstance(self.kernel, KernelSpec):
+            raise KernelDistillError(f"kernel must be a KernelSpec or its dict, got {self.kernel!r}")
+        for name in ("dataset", "get", "init"):
+            if not isinstance(getattr(self, name), str):
+                raise KernelDistillError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("learn_labels", "zca"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise KernelDistillError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("learning_rate", "reg", "zca_reg", "memory_budget_mb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+                    or not math.isfinite(value):
+                raise KernelDistillError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise KernelDistillError(f"seed must be an integer, got {self.seed!r}")
+        if self.test_limit is not None and (isinstance(self.test_limit, bool) or
+                                            not isinstance(self.test_limit, (int, np.integer)) or self.test_limit < 1):
+            raise KernelDistillError(f"test_limit must be a positive integer, got {self.test_limit!r}")
+        if not self.zca_reg > 0:
+            raise KernelDistillError(f"zca_reg must be positive, got {self.zca_reg}")
         positive = dict(per_class=self.per_class, target_batch_size=self.target_batch_size or 1, steps=self.steps,
                         eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
                         log_every=self.log_every)
         for name, value in positive.items():
-            if not isinstance(value, (int, np.integer)) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise KernelDistillError(f"{name} must be a positive integer, got {value!r}")
         if self.init not in ("real", "noise"):
             raise KernelDistillError(f"init must be 'real' or 'noise', got {self.init!r}")
@@ -101,8 +128,34 @@ class KipConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "KipConfig":
+        """The inverse of :meth:`to_dict`; an unknown key or a value of the wrong type is an error."""
+        if not isinstance(d, dict):
+            raise KernelDistillError(f"a KIP config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KernelDistillError(f"unknown KIP config field(s): {', '.join(unknown)}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, KernelDistillError):
+                raise
+            raise KernelDistillError(f"invalid KIP config: {e}") from None
+
+
+# Fields a resumed run may change: the step total, the intervals, and the memory bound of a kernel tile (a
+# resource limit: it changes how the kernel is tiled, not what it computes). Each change is recorded.
+RESUMABLE_FIELDS = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "memory_budget_mb"})
+
+# The command-line option that sets each config field (``--`` + the field name otherwise).
+CONFIG_FLAGS = {"target_batch_size": "--target-batch", "learning_rate": "--lr", "kernel.architecture": "--kernel",
+                "kernel.depth": "--depth", "kernel.W_std": "--W-std", "kernel.b_std": "--b-std",
+                "kernel.parameterization": "--kernel"}
+
+
+def config_flag(name: str) -> str:
+    """The command-line option of a (flattened, ``kernel.depth``) config field."""
+    return CONFIG_FLAGS.get(name, "--" + name.split(".")[-1].replace("_", "-"))
 
 
 @dataclasses.dataclass
@@ -198,10 +251,18 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
     config_path, checkpoint_path = out_dir / CONFIG, out_dir / CHECKPOINT
     if not out_dir.is_dir():
         raise KernelDistillError(f"cannot resume: {out_dir} is not a folder")
-    if not config_path.is_file() or not checkpoint_path.is_file():
-        raise KernelDistillError(f"cannot resume: {out_dir} has no {CONFIG} and {CHECKPOINT} (not a KIP run folder)")
+    if not config_path.is_file():
+        raise KernelDistillError(f"cannot resume: {out_dir} has no {CONFIG} (not a KIP run folder)")
+    if not checkpoint_path.is_file():
+        raise KernelDistillError(f"cannot resume: {out_dir} has no {CHECKPOINT} (the run stopped before its first "
+                                 f"checkpoint); start it again with --out {out_dir} --overwrite")
     try:
         config = KipConfig.from_dict(json.loads(config_path.read_text()))
+    except KernelDistillError as e:
+        raise KernelDistillError(f"cannot resume from {out_dir}: {CONFIG}: {e}") from None
+    except (ValueError, OSError) as e:  # bad JSON or UTF-8, unreadable file
+        raise KernelDistillError(f"cannot resume from {out_dir}: {CONFIG} is unreadable ({e})") from None
+    try:
         with np.load(checkpoint_path, allow_pickle=False) as f:
             leaves = [f[f"opt_{i}"] for i in range(int(f["num_opt_leaves"]))]
             last = float(f["last_accuracy"])
@@ -209,11 +270,9 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
                              key=f["key"], best_images=f["best_images"], best_labels=f["best_labels"],
                              best_accuracy=float(f["best_accuracy"]), best_step=int(f["best_step"]),
                              last_accuracy=None if math.isnan(last) else last)
-    except KernelDistillError:
-        raise
-    except Exception as e:  # a truncated zip, a missing key, bad JSON: all mean the folder is unusable
-        raise KernelDistillError(f"cannot resume from {out_dir}: unreadable checkpoint ({type(e).__name__}: {e})") \
-            from None
+    except Exception as e:  # a truncated zip, bad zlib data, a missing key: all mean the checkpoint is unusable
+        raise KernelDistillError(f"cannot resume from {out_dir}: unreadable {CHECKPOINT} "
+                                 f"({type(e).__name__}: {e})") from None
     return config, state
 
 
@@ -293,36 +352,65 @@ def check_feasible(config: KipConfig, data: PreparedData) -> int:
     return per_class_target
 
 
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz", "grid.png", "curve.png")
+
+
 def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, overwrite: bool = False) -> dict:
     """Run (or resume) KIP, writing everything into ``out_dir``. Returns a summary dict.
 
+    The folder belongs to this run (:func:`kernel_distill.runs.claim_run_folder`): a new run refuses a
+    non-empty folder unless ``overwrite``, and a live run holds its lock. A resumed run must use the saved
+    config except for :data:`RESUMABLE_FIELDS`, and ``config.steps`` must lie beyond the checkpoint.
+    A step-0 checkpoint is written before the first step, so a run killed at any point can be resumed.
     On Ctrl-C the state is checkpointed and outputs are written before ``KeyboardInterrupt`` propagates.
-    A NaN or inf loss stops the run with :class:`KernelDistillError`; the last good checkpoint stays.
+    A NaN or inf loss or support stops the run with :class:`KernelDistillError`; the last good checkpoint
+    stays.
     """
+    with runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_files=RUN_FILES) as folder:
+        return _run_kip_in(config, data, folder, resume, progress, log)
+
+
+def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) -> tuple[KipState, dict]:
+    """Load the checkpoint of ``out_dir`` and check that ``config`` may continue it.
+
+    Returns the state and the allowed changes ``{field: [saved, new]}``; raises naming the option of any
+    other change, or when ``config.steps`` does not lie beyond the checkpoint.
+    """
+    saved, state = load_checkpoint(out_dir)
+    changes = runs.resume_changes(saved.to_dict(), config.to_dict(), RESUMABLE_FIELDS, flag_of)
+    if config.steps <= state.step:
+        raise KernelDistillError(f"the checkpoint in {out_dir} is at step {state.step} and the run asks for "
+                                 f"{config.steps} steps in all: nothing to do; give --steps above {state.step}")
+    return state, changes
+
+
+def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool,
+                log) -> dict:
     from tqdm.auto import tqdm
 
-    out_dir = pathlib.Path(out_dir)
+    if resume:
+        state, changes = check_resume(out_dir, config)
     per_class_target = check_feasible(config, data)
     kernel_fn = make_kernel_fn(config.kernel, memory_budget_bytes=int(config.memory_budget_mb * 2**20))
     optimizer = make_optimizer(config)
     table, counts = class_index_table(data.y_train, data.num_classes)
     step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
 
-    if resume:
-        _, state = load_checkpoint(out_dir)
-        records = _read_metrics(out_dir / METRICS, state.step)
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
         state = initial_state(config, data, optimizer)
-        records = []
-    atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
-    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
-
     params = _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels)
     treedef = jax.tree_util.tree_structure(optimizer.init(params))
     if treedef.num_leaves != len(state.opt_leaves):
         raise KernelDistillError(f"cannot resume from {out_dir}: its optimiser state does not match this config")
+    if resume:
+        records = _read_metrics(out_dir / METRICS, state.step)
+        runs.append_history(out_dir, "resume", state.step, changes=changes)
+    else:
+        records = []
+        runs.append_history(out_dir, "start", 0, config=config.to_dict())
+    atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
+    atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
     opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state.opt_leaves])
     key = jnp.asarray(state.key)
     fixed_labels = jnp.asarray(state.labels)
@@ -341,7 +429,8 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
             f.write(json.dumps(record) + "\n")
 
     def evaluate_now():
-        result = evaluate(kernel_fn, state.images, state.labels, data.x_test, data.y_test, reg=config.reg,
+        result = evaluate(kernel_fn, state.images, state.labels, data.x_test[:config.test_limit],
+                          data.y_test[:config.test_limit], reg=config.reg,
                           get=config.get, progress=False)
         state.last_accuracy = result.accuracy
         if result.accuracy > state.best_accuracy:
@@ -353,6 +442,8 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
 
     if state.step == 0 and not records:
         evaluate_now()
+    if not resume:  # a run killed before its first periodic checkpoint resumes from here
+        save_checkpoint(out_dir, state)
 
     interrupted = False
     bar = tqdm(total=config.steps, initial=state.step, desc="KIP", unit="step", disable=not progress,
@@ -362,10 +453,14 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
             new_params, new_opt_state, new_key, loss = step_fn(params, opt_state, key, fixed_labels, x_train,
                                                                y_train)
             loss = float(loss)
-            if not math.isfinite(loss) or not bool(jnp.all(jnp.isfinite(new_params["images"]))):
+            finite_support = all(bool(jnp.all(jnp.isfinite(v))) for v in new_params.values())
+            if not math.isfinite(loss) or not finite_support:
+                what = (f"the KRR loss became {loss}" if not math.isfinite(loss) else
+                        f"the support became NaN or inf (loss {loss:.4g} before the update)")
                 raise KernelDistillError(
-                    f"the KRR loss became {loss} at step {state.step + 1}; stopped. The last good checkpoint "
-                    f"(step {_checkpoint_step(out_dir)}) is in {out_dir}: lower --lr or raise --reg and resume")
+                    f"{what} at step {state.step + 1}; stopped. {out_dir} keeps the last good checkpoint "
+                    f"(step {_checkpoint_step(out_dir)}); a resume would repeat this: start a new run with a lower "
+                    f"--lr or a higher --reg")
             params, opt_state, key = new_params, new_opt_state, new_key
             state.step += 1
             bar.update(1)
@@ -398,7 +493,7 @@ def _checkpoint_step(out_dir: pathlib.Path):
         with np.load(out_dir / CHECKPOINT) as f:
             return int(f["step"])
     except Exception:
-        return "none"
+        return "none written"
 
 
 def _pct(value):
@@ -412,7 +507,8 @@ def write_outputs(config: KipConfig, data: PreparedData, state: KipState, record
 
     base_meta = dict(dataset=data.name, method="kip", per_class=config.per_class, seed=config.seed,
                      kernel=config.kernel.to_dict(), get=config.get, reg=config.reg, learn_labels=config.learn_labels,
-                     config=config.to_dict())
+                     config=config.to_dict(),
+                     config_history=[{k: v for k, v in r.items() if k != "config"} for r in runs.read_history(out_dir)])
     last_meta = dict(base_meta, step=state.step, metrics=dict(test_accuracy=state.last_accuracy))
     best_meta = dict(base_meta, step=state.best_step, metrics=dict(test_accuracy=state.best_accuracy))
     save_distilled(out_dir / "distilled.npz", DistilledSet(state.images, state.labels, data.preprocessor, last_meta))
