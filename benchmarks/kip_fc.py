@@ -19,8 +19,7 @@ import time
 import jax
 
 from kernel_distill.kernels import KernelSpec
-from kernel_distill.kip import KipConfig, run_kip
-from kernel_distill.preprocess import prepare_dataset
+from kernel_distill.kip import KipConfig, prepare_for, run_kip
 
 PUBLISHED_KIP_FC = {("mnist", 1): 85.5, ("mnist", 10): 97.2, ("mnist", 50): 98.4}
 
@@ -46,7 +45,7 @@ def main():
     print("| dataset | per class | labels | steps | final acc % | best acc % (step) | published KIP-FC % | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets:
-        data = prepare_dataset(name, progress=False)
+        data = prepare_for(KipConfig(dataset=name), progress=False)  # the same validation split for every run
         for per_class, steps in zip(args.per_class, args.steps):
             for labels in args.labels:
                 config = KipConfig(dataset=name, per_class=per_class, kernel=KernelSpec(args.kernel),

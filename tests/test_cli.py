@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from kernel_distill.cli import main
+from kernel_distill.results import read_results
 
 
 def run(capsys, *argv):
@@ -19,22 +20,31 @@ def run(capsys, *argv):
 
 
 def test_baseline_then_evaluate_round_trip(tmp_path, capsys):
-    out_file = tmp_path / "natural.npz"
     code, out, _ = run(capsys, "baseline", "--dataset", "digits", "--per-class", "5", "--seeds", "2",
-                       "--no-progress", "--json", "--out", str(out_file))
+                       "--no-progress", "--json", "--out", str(tmp_path / "base"))
     assert code == 0
     summary = json.loads(out.strip().splitlines()[-1])
-    assert len(summary["accuracies"]) == 2 and 50 < summary["mean"] <= 100
-    code, out, _ = run(capsys, "evaluate", str(out_file), "--dataset", "digits", "--no-progress", "--json")
+    assert summary == read_results(tmp_path / "base")  # --json prints the record results.json holds
+    metrics = summary["metrics"]
+    assert len(metrics["test_accuracies"]) == 2 and 0.5 < metrics["test_accuracy"] <= 1
+    assert metrics["test_accuracy"] == pytest.approx(np.mean(metrics["test_accuracies"]))
+    code, out, _ = run(capsys, "evaluate", str(tmp_path / "base" / "natural.npz"), "--dataset", "digits",
+                       "--no-progress", "--json", "--out", str(tmp_path / "eval"))
     assert code == 0
-    evaluated = json.loads(out.strip().splitlines()[-1])
-    assert evaluated["accuracy"] * 100 == pytest.approx(summary["accuracies"][0])
+    evaluated = read_results(tmp_path / "eval")
+    assert evaluated["metrics"]["test_accuracy"] == pytest.approx(metrics["test_accuracies"][0])
+    # Both read the same test split, so their checksums agree; the baseline also read the training split.
+    assert evaluated["dataset"]["checksums"]["test"] == summary["dataset"]["checksums"]["test"]
+    assert set(summary["dataset"]["checksums"]) == {"train", "test"}
+    for record, command in ((summary, "baseline"), (evaluated, "evaluate")):
+        assert record["command"] == command and record["selection"]["split"] == "none"
+        assert command in record["provenance"]["command_line"]
 
 
 def test_evaluate_with_a_conv_kernel(tmp_path, capsys):
     out_file = tmp_path / "natural.npz"
     assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",
-               "--out", str(out_file))[0] == 0
+               "--out", str(tmp_path))[0] == 0
     code, out, _ = run(capsys, "evaluate", str(out_file), "--dataset", "digits", "--kernel", "convnet",
                        "--get", "nngp", "--test-limit", "40", "--no-progress")
     assert code == 0 and "convnet NNGP" in out and "40 digits test images" in out

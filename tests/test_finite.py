@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from kernel_distill.cli import main
+from kernel_distill.results import read_results
 from kernel_distill.finite import TrainConfig, build_model, count_parameters, train
-from kernel_distill.preprocess import centered_one_hot, prepare_dataset
+from kernel_distill.data import prepare_dataset
+from kernel_distill.preprocess import centered_one_hot
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +61,11 @@ def test_cli_transfer(tmp_path, capsys):
     code = main(["transfer", "--natural-per-class", "5", "--dataset", "digits", "--model", "fc", "--width", "64",
                  "--steps", "50", "--seeds", "2", "--eval-every", "25", "--out", str(out), "--no-progress"])
     assert code == 0
-    metrics = json.loads((out / "transfer_metrics.json").read_text())
-    assert len(metrics["runs"]) == 2 and 0.2 < metrics["mean"] <= 1.0
-    assert 0 < metrics["eval_seconds"] < metrics["seconds"]
+    record = read_results(out)
+    metrics = record["metrics"]
+    assert len(metrics["test_accuracies"]) == 2 and 0.2 < metrics["test_accuracy"] <= 1.0
+    assert 0 < metrics["eval_seconds"] and 0 < metrics["train_seconds"]
+    assert [c[-1][0] for c in record["curves"].values()] == [50, 50]  # one test curve per seed
     assert (out / "transfer_curve.png").is_file()
     capsys.readouterr()
     assert main(["transfer", "--model", "fc"]) == 2
@@ -75,6 +79,10 @@ def test_cli_transfer(tmp_path, capsys):
     capsys.readouterr()
     assert main(["transfer", str(wrong), "--dataset", "digits"]) == 2
     assert "images of shape" in capsys.readouterr().err
+    for ignored in ("--float64", "--memory-budget-mb"):  # finite nets train in float32 without kernel tiles
+        with pytest.raises(SystemExit):
+            main(["transfer", "--natural-per-class", "1", "--dataset", "digits", ignored])
+        assert "unrecognized arguments" in capsys.readouterr().err
 
 
 def test_cli_transfer_learning_rate_defaults_per_model(tmp_path, capsys):
@@ -85,7 +93,6 @@ def test_cli_transfer_learning_rate_defaults_per_model(tmp_path, capsys):
         assert main(["transfer", "--natural-per-class", "2", "--dataset", "digits", "--model", model, "--width", "8",
                      "--steps", "2", "--seeds", "1", "--eval-every", "2", "--test-limit", "20", "--out", str(out),
                      "--no-progress", *extra]) == 0
-        learning_rates[(model, bool(extra))] = json.loads((out / "transfer_metrics.json").read_text())["train"][
-            "learning_rate"]
+        learning_rates[(model, bool(extra))] = read_results(out)["config"]["train"]["learning_rate"]
     capsys.readouterr()
     assert learning_rates == {("convnet", False): 0.01, ("fc", False): 0.05, ("convnet", True): 0.02}

@@ -13,12 +13,12 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import load_distilled
 from kernel_distill.kernels import KernelSpec
 from kernel_distill.kip import KipConfig, load_checkpoint, run_kip
-from kernel_distill.preprocess import prepare_dataset
+from kernel_distill.data import prepare_dataset
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return prepare_dataset("digits", progress=False)
+    return prepare_dataset("digits", progress=False, val_size=200)
 
 
 def _config(**kwargs):
@@ -61,7 +61,7 @@ def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, digits, monkeypatch):
 
     def interrupting_evaluate(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the evaluation at step 10
+        if calls["n"] == 3:  # the evaluation at step 10 (validation, then test, at every evaluation)
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
@@ -121,7 +121,7 @@ def test_cli_kip_and_its_errors(tmp_path, capsys, monkeypatch):
         (["kip", "--dataset", "digits", "--target-batch", "100000"], "use --target-batch"),
         (["kip", "--dataset", "digits", "--target-batch", "1000"], "lower --target-batch"),
     ]:
-        if "1000" in argv:  # pretend the machine has 1 MiB, so an ordinary batch does not fit
+        if argv[-2:] == ["--target-batch", "1000"]:  # pretend the machine has 1 MiB: an ordinary batch won't fit
             monkeypatch.setattr(kip, "available_memory_bytes", lambda: 2**20)
         extra = [] if "--resume" in argv else ["--out", str(tmp_path / "x")]
         assert main(argv + ["--no-progress", *extra]) == 2, argv

@@ -10,8 +10,10 @@ import pytest
 from kernel_distill.cli import main
 from kernel_distill.io import load_distilled
 from kernel_distill.kernels import make_kernel_fn
+from kernel_distill.results import read_results
 from kernel_distill.label_solve import solve_labels, training_objective
-from kernel_distill.preprocess import centered_one_hot, prepare_dataset
+from kernel_distill.data import prepare_dataset
+from kernel_distill.preprocess import centered_one_hot
 
 
 @pytest.fixture
@@ -68,9 +70,12 @@ def test_cli_outputs_and_accuracy_gain(tmp_path, capsys):
     out = tmp_path / "ls"
     code = main(["label-solve", "--dataset", "digits", "--support-size", "20", "--out", str(out), "--no-progress"])
     assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    record = read_results(out)
+    metrics = record["metrics"]
     # Measured 78.3% -> 92.8% on digits' 359 test images.
-    assert metrics["test_accuracy_solved_labels"] > metrics["test_accuracy_original_labels"] + 0.05
+    assert metrics["test_accuracy"] > metrics["test_accuracy_original_labels"] + 0.05
+    assert record["selection"]["split"] == "none"  # Label Solve selects nothing: no validation split needed
+    assert len(record["curves"]["label_covariance"]) == 10
     assert load_distilled(out / "distilled.npz").metadata["method"] == "label_solve"
     assert (out / "label_covariance.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()

@@ -44,14 +44,15 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 POSITIVE, NON_NEGATIVE = _number(0.0, strict=True), _number(0.0)
 
 
-def _add_common(p: argparse.ArgumentParser):
+def _add_common(p: argparse.ArgumentParser, kernel_options: bool = True):
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")
-    p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
-    p.add_argument("--memory-budget-mb", type=POSITIVE, default=512.0,
-                   help="memory bound for one block of the kernel computation (default 512)")
+    if kernel_options:
+        p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
+        p.add_argument("--memory-budget-mb", type=POSITIVE, default=512.0,
+                       help="memory bound for one block of the kernel computation (default 512)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.add_argument("--json", action="store_true", help="also print the result record (results.json) as one JSON line")
 
 
 def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="distilled set: a kernel-distill .npz or a released KIP .npz")
     p.add_argument("--dataset", required=True, help="dataset whose test split is used")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--out", default=None, help="folder for results.json")
     _add_kernel(p, default_kernel=None)
     _add_preprocess(p)
     _add_common(p)
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-class", type=int, default=10)
     p.add_argument("--seeds", type=int, default=5, help="number of random subsets (seeds 0..N-1)")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--out", default=None, help="save the subset of seed 0 as a distilled-set .npz")
+    p.add_argument("--out", default=None, help="folder for results.json and natural.npz (the seed-0 subset)")
     _add_kernel(p)
     _add_preprocess(p)
     _add_common(p)
@@ -118,7 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=POSITIVE, default=None, help="Adam learning rate (default 0.01)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="total steps (default 1000; with --resume: new total)")
-    p.add_argument("--eval-every", type=int, default=None, help="test-set evaluation interval (default 100)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="evaluation interval, validation and test (default 100)")
+    p.add_argument("--select-on", choices=("validation", "test"), default=None,
+                   help="split that picks distilled_best.npz: validation (default) or test (only to reproduce the "
+                        "papers; written in the file's metadata and the report)")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="class-balanced validation images held out of the training split, never used as targets "
+                        "(default 200 on digits, 5000 otherwise; 0 with --select-on test)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint interval (default 100)")
     p.add_argument("--out", default=None,
                    help="output folder, empty or new (default runs/kip-DATASET-PERCLASS)")
@@ -162,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     p.add_argument("--lr", type=POSITIVE, default=None,
                    help="learning rate (default 0.05; 0.01 for convnet and convnet3, which have no normalisation)")
-    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4)
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4,
+                   help="L2 weight decay, added to the gradient before the optimiser (coupled; default 5e-4)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
     p.add_argument("--batch-size", type=int, default=256)
@@ -170,9 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
     p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--out", default=None, help="folder for transfer_metrics.json and transfer_curve.png")
+    p.add_argument("--out", default=None, help="folder for results.json and transfer_curve.png")
     _add_preprocess(p)
-    _add_common(p)
+    _add_common(p, kernel_options=False)  # finite networks train in float32 and need no kernel memory budget
 
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -184,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = ["kernel-distill", *(sys.argv[1:] if argv is None else argv)]  # for results.json
     try:
         if getattr(args, "float64", False):
             import jax
@@ -260,147 +271,125 @@ def _cmd_datasets(args) -> int:
     return 0
 
 
-def _preprocessing_for(distilled, path, dataset: str, args):
-    """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
+def _finish(args, record: dict, out=None) -> None:
+    """Write ``out/results.json`` when there is an output folder; print the record with ``--json``."""
+    from kernel_distill.results import write_results
 
-    A file without preprocessing (a released KIP file) gets it fitted on the training set (``--zca`` /
-    ``--zca-reg`` say how).
-    """
-    from kernel_distill.data import dataset_info, load_dataset
-    from kernel_distill.preprocess import fit_preprocessor
-
-    info = dataset_info(dataset)
-    if distilled.num_classes != info.num_classes:
-        raise KernelDistillError(f"{path} has {distilled.num_classes} label columns, {dataset} has "
-                                 f"{info.num_classes} classes")
-    if distilled.images.shape[1:] != info.image_shape:
-        raise KernelDistillError(f"{path} holds images of shape {distilled.images.shape[1:]}, "
-                                 f"{dataset} images are {info.image_shape}")
-    preprocessor = distilled.preprocessor
-    if preprocessor is None:
-        # A released KIP file: its images live in KIP's space, which we rebuild from the training set.
-        x_train, _ = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
-        preprocessor = fit_preprocessor(x_train, zca=args.zca, zca_reg=args.zca_reg)
-        print(f"{path} carries no preprocessing; fitted "
-              f"{'standardisation + ZCA' if args.zca else 'standardisation'} on the {dataset} training set")
-    return preprocessor
+    if out is not None:
+        write_results(out, record)
+    if args.json:
+        print(json.dumps(record))
 
 
 def _cmd_evaluate(args) -> int:
-    from kernel_distill.data import load_dataset
+    from kernel_distill import experiments
     from kernel_distill.io import load_distilled
-    from kernel_distill.krr import DEFAULT_REG, evaluate
+    from kernel_distill.krr import DEFAULT_REG
+    from kernel_distill.results import dataset_record, make_record, split_checksum
 
     _check_positive("--test-limit", args.test_limit)
+    start = time.perf_counter()
     distilled = load_distilled(args.file)
-    preprocessor = _preprocessing_for(distilled, args.file, args.dataset, args)
-    x_test, y_test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
+    preprocessor = experiments.preprocessing_for(distilled, args.file, args.dataset, args.data_dir, args.zca,
+                                                 args.zca_reg, progress=not args.no_progress)
+    x_test, y_test = experiments.load_test_split(args.dataset, args.data_dir, None, not args.no_progress)
+    checksum = split_checksum(x_test, y_test)
     if args.test_limit:
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     meta = distilled.metadata
     spec = _spec_from_args(args, meta.get("kernel"))
     get = args.get or meta.get("get", "ntk")
     reg = args.reg if args.reg is not None else meta.get("reg", DEFAULT_REG)
-    kernel_fn = _kernel_fn(args, spec)
-    start = time.perf_counter()
-    result = evaluate(kernel_fn, distilled.images.astype(_dtype(args)), distilled.labels.astype(_dtype(args)),
-                      preprocessor.apply(x_test).astype(_dtype(args)), y_test, reg=reg, get=get,
-                      progress=not args.no_progress)
-    seconds = time.perf_counter() - start
+    result = experiments.evaluate_distilled(distilled, preprocessor, x_test, y_test, _kernel_fn(args, spec), reg,
+                                            get, _dtype(args), progress=not args.no_progress)
+    metrics = result["metrics"]
     print(f"{args.file}: {len(distilled.images)} support images, {spec.architecture} {get.upper()} "
-          f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * result.accuracy:.2f}% on "
-          f"{result.num_test} {args.dataset} test images ({seconds:.1f} s)")
-    if args.json:
-        print(json.dumps(dict(file=str(args.file), dataset=args.dataset, kernel=spec.to_dict(), get=get, reg=reg,
-                              seconds=seconds, **result.to_dict())))
+          f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * metrics['test_accuracy']:.2f}% on "
+          f"{metrics['num_test']} {args.dataset} test images ({result['seconds']:.1f} s)")
+    config = dict(file=str(args.file), kernel=spec.to_dict(), get=get, reg=reg, test_limit=args.test_limit,
+                  file_metadata=meta)
+    record = make_record("evaluate", "file", dataset_record(args.dataset, dict(test=checksum),
+                                                            num_test=metrics["num_test"]),
+                         metrics, config, dtype=_dtype(args).__name__, wall_seconds=time.perf_counter() - start, argv=args.command_line)
+    _finish(args, record, args.out)
     return 0
 
 
-def natural_subset(x_train, y_train, per_class: int, num_classes: int, seed: int):
-    """A seeded class-balanced subset of raw training images. Returns ``(x uint8, y int)``."""
-    import jax
-
-    from kernel_distill.data import class_balanced_indices
-
-    idx = class_balanced_indices(y_train, per_class, num_classes, jax.random.PRNGKey(seed))
-    return x_train[idx], y_train[idx]
-
-
 def _cmd_baseline(args) -> int:
-    from kernel_distill.data import dataset_info, load_dataset
-    from kernel_distill.io import DistilledSet, save_distilled
-    from kernel_distill.krr import DEFAULT_REG, evaluate
-    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+    from kernel_distill import experiments
+    from kernel_distill.data import dataset_info
+    from kernel_distill.io import save_distilled
+    from kernel_distill.krr import DEFAULT_REG
+    from kernel_distill.results import dataset_record, make_record
 
     _check_positive("--per-class", args.per_class, allow_none=False)
     _check_positive("--seeds", args.seeds, allow_none=False)
     _check_positive("--test-limit", args.test_limit)
-    info = dataset_info(args.dataset)
+    dataset_info(args.dataset)
     spec = _spec_from_args(args)
     get, reg = args.get or "ntk", args.reg if args.reg is not None else DEFAULT_REG
-    x_train, y_train = load_dataset(args.dataset, "train", args.data_dir, progress=not args.no_progress)
-    x_test, y_test = load_dataset(args.dataset, "test", args.data_dir, progress=not args.no_progress)
-    if args.test_limit:
-        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
-    preprocessor = fit_preprocessor(x_train, zca=args.zca, zca_reg=args.zca_reg)
-    z_test = preprocessor.apply(x_test).astype(_dtype(args))
-    kernel_fn = _kernel_fn(args, spec)
-    accuracies = []
-    for seed in range(args.seeds):
-        xs, ys = natural_subset(x_train, y_train, args.per_class, info.num_classes, seed)
-        zs, labels = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
-        result = evaluate(kernel_fn, zs.astype(_dtype(args)), labels.astype(_dtype(args)), z_test, y_test, reg=reg,
-                          get=get, progress=not args.no_progress, description=f"seed {seed}")
-        accuracies.append(result.accuracy)
-        print(f"seed {seed}: {100 * result.accuracy:.2f}%")
-        if seed == 0 and args.out:
-            meta = dict(dataset=args.dataset, method="natural", per_class=args.per_class, seed=seed,
-                        kernel=spec.to_dict(), get=get, reg=reg, metrics=result.to_dict())
-            save_distilled(args.out, DistilledSet(zs, labels, preprocessor, meta))
-            print(f"saved the seed-0 subset to {args.out}")
-    acc = 100 * np.asarray(accuracies)
-    std = float(acc.std(ddof=1)) if len(acc) > 1 else 0.0
+    start = time.perf_counter()
+    result = experiments.natural_baseline(args.dataset, args.per_class, args.seeds, _kernel_fn(args, spec), reg,
+                                          get, args.data_dir, args.zca, args.zca_reg, args.test_limit, _dtype(args),
+                                          progress=not args.no_progress)
+    metrics = result["metrics"]
+    acc = 100 * np.asarray(metrics["test_accuracies"])
     print(f"{args.dataset}, {args.per_class} per class, {spec.architecture} {get.upper()} depth {spec.depth}: "
-          f"{acc.mean():.2f} +- {std:.2f}% over {len(acc)} seeds ({len(x_test)} test images)")
-    if args.json:
-        print(json.dumps(dict(dataset=args.dataset, per_class=args.per_class, kernel=spec.to_dict(), get=get,
-                              reg=reg, accuracies=acc.tolist(), mean=float(acc.mean()), std=std)))
+          f"{acc.mean():.2f} +- {100 * metrics['test_accuracy_std']:.2f}% over {len(acc)} seeds "
+          f"({metrics['num_test']} test images)")
+    config = dict(per_class=args.per_class, seeds=args.seeds, kernel=spec.to_dict(), get=get, reg=reg, zca=args.zca,
+                  zca_reg=args.zca_reg, test_limit=args.test_limit)
+    artifacts = {}
+    if args.out:
+        out = pathlib.Path(args.out)
+        meta = dict(dataset=args.dataset, method="natural", per_class=args.per_class, seed=0, kernel=spec.to_dict(),
+                    get=get, reg=reg, metrics=dict(test_accuracy=metrics["test_accuracies"][0]))
+        first = result["first_subset"]
+        save_distilled(out / "natural.npz", type(first)(first.images, first.labels, first.preprocessor, meta))
+        artifacts["distilled"] = "natural.npz"
+        print(f"outputs in {out}: natural.npz (the seed-0 subset), results.json")
+    record = make_record("baseline", "natural", dataset_record(args.dataset, result["checksums"],
+                                                               num_test=metrics["num_test"]),
+                         metrics, config, artifacts=artifacts, dtype=_dtype(args).__name__,
+                         wall_seconds=time.perf_counter() - start, argv=args.command_line)
+    _finish(args, record, args.out)
     return 0
 
 
 def _cmd_demo(args) -> int:
     """KIP on scikit-learn's digits (bundled, no files): 10 learned images and labels per class."""
     from kernel_distill.kernels import KernelSpec
-    from kernel_distill.kip import KipConfig, run_kip
-    from kernel_distill.preprocess import prepare_dataset
+    from kernel_distill.kip import KipConfig, prepare_for, run_kip
 
     out = pathlib.Path(args.out)
     config = KipConfig(dataset="digits", per_class=10, kernel=KernelSpec("fc"), learn_labels=True, steps=1000,
                        eval_every=100, checkpoint_every=100)
-    data = prepare_dataset("digits", progress=False)
+    data = prepare_for(config, progress=False)
     start = time.perf_counter()
-    summary = run_kip(config, data, out, progress=not args.no_progress, overwrite=args.overwrite)
-    print(f"KIP on digits (1,438 training images -> 10 per class), FC NTK, {summary['step']} steps in "
-          f"{time.perf_counter() - start:.0f} s: KRR test accuracy {100 * summary['last_accuracy']:.2f}% on "
-          f"{len(data.y_test)} test images")
-    print(f"outputs in {out}/: distilled.npz, grid.png (the learned images), curve.png, metrics.jsonl")
+    summary = run_kip(config, data, out, progress=not args.no_progress, overwrite=args.overwrite,
+                      command_line=args.command_line)
+    print(f"KIP on digits ({len(data.y_train):,} training images -> 10 per class, {data.num_val} held out for "
+          f"validation), FC NTK, {summary['step']} steps in {time.perf_counter() - start:.0f} s: KRR test accuracy "
+          f"{100 * summary['last_accuracy']:.2f}% (final), {100 * summary['best_test_accuracy']:.2f}% "
+          f"(validation-best, step {summary['best_step']}) on {len(data.y_test)} test images")
+    print(f"outputs in {out}/: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, results.json")
     print("MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
           "--learn-labels --steps 2000 --out runs/mnist-fc-10")
     return 0
 
 
 def _cmd_label_solve(args) -> int:
-    import resource
-
-    from kernel_distill import plots
-    from kernel_distill.io import DistilledSet, atomic_write_text, load_distilled, save_distilled
-    from kernel_distill.krr import DEFAULT_REG, evaluate
-    from kernel_distill.label_solve import label_covariance, solve_labels
-    from kernel_distill.preprocess import centered_one_hot, prepare_dataset
+    from kernel_distill import experiments, plots
+    from kernel_distill.data import prepare_dataset
+    from kernel_distill.io import DistilledSet, load_distilled, save_distilled
+    from kernel_distill.krr import DEFAULT_REG
+    from kernel_distill.preprocess import centered_one_hot
+    from kernel_distill.results import dataset_record, make_record
 
     for name in ("--train-limit", "--test-limit"):
         _check_positive(name, getattr(args, name[2:].replace("-", "_")))
     _check_positive("--block-size", args.block_size, allow_none=False)
+    start = time.perf_counter()
     data = prepare_dataset(args.dataset, args.data_dir, zca=args.zca, zca_reg=args.zca_reg,
                            test_limit=args.test_limit, progress=not args.no_progress)
     spec, get = _spec_from_args(args), args.get or "ntk"
@@ -411,114 +400,81 @@ def _cmd_label_solve(args) -> int:
         if given.images.shape[1:] != data.x_train.shape[1:] or given.num_classes != data.num_classes:
             raise KernelDistillError(f"{args.support} does not match {args.dataset}: images "
                                      f"{given.images.shape[1:]}, {given.num_classes} label columns")
-        x_support, original = given.images.astype(_dtype(args)), given.labels
-        original = centered_one_hot(original.argmax(axis=1), data.num_classes)
+        x_support = given.images.astype(_dtype(args))
+        original = centered_one_hot(given.labels.argmax(axis=1), data.num_classes)
     else:
-        _check_positive("--support-size", args.support_size, allow_none=False)
-        if args.support_size % data.num_classes:
-            raise KernelDistillError(f"--support-size must be a multiple of {data.num_classes} (class-balanced)")
-        raw, y = natural_subset(data.raw_train, data.y_train, args.support_size // data.num_classes,
-                                data.num_classes, args.seed)
-        x_support, original = data.preprocessor.apply(raw).astype(_dtype(args)), centered_one_hot(y, data.num_classes)
-    x_train, y_train = data.x_train, data.y_train
-    if args.train_limit:
-        x_train, y_train = x_train[:args.train_limit], y_train[:args.train_limit]
-    start = time.perf_counter()
-    result = solve_labels(kernel_fn, x_support, x_train.astype(_dtype(args)),
-                          centered_one_hot(y_train, data.num_classes), reg=reg, ls_reg=args.ls_reg, get=get,
-                          block_size=args.block_size, progress=not args.no_progress)
-    solve_seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    z_test = data.x_test.astype(_dtype(args))
-    natural = evaluate(kernel_fn, x_support, original, z_test, data.y_test, reg, get, progress=False)
-    solved = evaluate(kernel_fn, x_support, result.labels, z_test, data.y_test, reg, get, progress=False)
+        x_support, original = experiments.natural_support(data, args.support_size, args.seed, _dtype(args))
+    result = experiments.label_solve_on(data, kernel_fn, x_support, original, reg, args.ls_reg, get,
+                                        args.train_limit, args.block_size, _dtype(args), not args.no_progress)
+    metrics = result["metrics"]
     out = pathlib.Path(args.out or f"runs/ls-{args.dataset}-{len(x_support)}")
-    metrics = dict(dataset=args.dataset, support_size=len(x_support), num_train=result.num_train,
-                   kernel=spec.to_dict(), get=get, reg=reg, ls_reg=args.ls_reg,
-                   test_accuracy_original_labels=natural.accuracy, test_accuracy_solved_labels=solved.accuracy,
-                   num_test=solved.num_test, solve_seconds=solve_seconds, peak_rss_mb=peak_mb)
+    config = dict(support=args.support, support_size=len(x_support), seed=args.seed, kernel=spec.to_dict(), get=get,
+                  reg=reg, ls_reg=args.ls_reg, zca=args.zca, zca_reg=args.zca_reg, train_limit=args.train_limit,
+                  test_limit=args.test_limit, block_size=args.block_size)
     meta = dict(dataset=args.dataset, method="label_solve", seed=args.seed, kernel=spec.to_dict(), get=get, reg=reg,
                 ls_reg=args.ls_reg, metrics=metrics)
-    save_distilled(out / "distilled.npz", DistilledSet(x_support, result.labels, data.preprocessor, meta))
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    plots.save_heatmap(out / "label_covariance.png", label_covariance(original, result.labels),
-                       "original class (one-hot)", "solved label column", data.class_names,
-                       title=f"Label Solve, {args.dataset}, support {len(x_support)}")
-    print(f"Label Solve on {args.dataset}: support {len(x_support)}, {result.num_train} training images, "
-          f"{spec.architecture} {get.upper()}, {solve_seconds:.1f} s, peak memory {peak_mb:.0f} MB")
-    print(f"KRR test accuracy: original labels {100 * natural.accuracy:.2f}%, solved labels "
-          f"{100 * solved.accuracy:.2f}% ({solved.num_test} test images)")
-    print(f"outputs in {out}: distilled.npz, label_covariance.png, metrics.json")
-    if args.json:
-        print(json.dumps(metrics))
+    save_distilled(out / "distilled.npz", DistilledSet(x_support, result["labels"], data.preprocessor, meta))
+    plots.save_figure(out / "label_covariance.png", plots.heatmap_figure(
+        result["covariance"], "original class (one-hot)", "solved label column", data.class_names,
+        title=f"Label Solve, {args.dataset}, support {len(x_support)}"))
+    print(f"Label Solve on {args.dataset}: support {len(x_support)}, {metrics['num_train']} training images, "
+          f"{spec.architecture} {get.upper()}, {metrics['solve_seconds']:.1f} s, peak memory "
+          f"{metrics['peak_rss_mb']:.0f} MB")
+    print(f"KRR test accuracy: original labels {100 * metrics['test_accuracy_original_labels']:.2f}%, solved labels "
+          f"{100 * metrics['test_accuracy']:.2f}% ({metrics['num_test']} test images)")
+    record = make_record("label-solve", "label_solve",
+                         dataset_record(args.dataset, data.checksums, num_train=metrics["num_train"],
+                                        num_test=metrics["num_test"]),
+                         metrics, config, curves=dict(label_covariance=result["covariance"]),
+                         artifacts=dict(distilled="distilled.npz", label_covariance="label_covariance.png"),
+                         dtype=_dtype(args).__name__, wall_seconds=time.perf_counter() - start, argv=args.command_line)
+    _finish(args, record, out)
+    print(f"outputs in {out}: distilled.npz, label_covariance.png, results.json")
     return 0
 
 
 def _cmd_transfer(args) -> int:
-    from kernel_distill import plots
-    from kernel_distill.data import dataset_info, load_dataset
-    from kernel_distill.finite import TrainConfig, build_model, default_learning_rate, train_seeds
-    from kernel_distill.io import atomic_write_text, load_distilled
-    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+    from kernel_distill import experiments, plots
+    from kernel_distill.finite import TrainConfig, default_learning_rate
+    from kernel_distill.io import load_distilled
+    from kernel_distill.results import dataset_record, make_record
 
     _check_positive("--seeds", args.seeds, allow_none=False)
-    for name in ("--test-limit", "--width", "--depth"):
+    for name in ("--test-limit", "--width", "--depth", "--natural-per-class"):
         _check_positive(name, getattr(args, name[2:].replace("-", "_")))
     # Before any data is loaded, so that a bad training setting fails at once.
     config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
                          learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
                          weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
                          eval_every=args.eval_every)
-    if (args.file is None) == (args.natural_per_class is None):
-        raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
-    if args.file:
-        distilled = load_distilled(args.file)
-        dataset = args.dataset or distilled.metadata.get("dataset")
-        if not dataset:
-            raise KernelDistillError(f"{args.file} does not say its dataset: add --dataset")
-        info = dataset_info(dataset)
-        preprocessor = _preprocessing_for(distilled, args.file, dataset, args)
-        x_support, y_support, source = distilled.images, distilled.labels, str(args.file)
-    else:
-        if not args.dataset:
-            raise KernelDistillError("--natural-per-class needs --dataset")
-        _check_positive("--natural-per-class", args.natural_per_class)
-        dataset, info = args.dataset, dataset_info(args.dataset)
-        x_raw, y_raw = load_dataset(dataset, "train", args.data_dir, progress=not args.no_progress)
-        preprocessor = fit_preprocessor(x_raw, zca=args.zca, zca_reg=args.zca_reg)
-        xs, ys = natural_subset(x_raw, y_raw, args.natural_per_class, info.num_classes, args.seed)
-        x_support, y_support = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
-        source = f"{args.natural_per_class} natural images per class (seed {args.seed})"
-    x_test, y_test = load_dataset(dataset, "test", args.data_dir, progress=not args.no_progress)
-    if args.test_limit:
-        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
-    z_test = preprocessor.apply(x_test)
-
-    def model_fn():
-        return build_model(args.model, info.num_classes, args.width, args.depth, args.parameterization)
-
-    result = train_seeds(model_fn, x_support, y_support, z_test, y_test, config, range(args.seeds),
-                         progress=not args.no_progress)
-    seconds = sum(r["seconds"] for r in result["runs"])
-    eval_seconds = sum(r["eval_seconds"] for r in result["runs"])
-    print(f"{args.model} ({result['runs'][0]['num_parameters']:,} parameters) trained {args.steps} steps on "
-          f"{source}: test accuracy {100 * result['mean']:.2f} +- {100 * result['std']:.2f}% over {args.seeds} "
-          f"seeds on {len(y_test)} {dataset} test images ({seconds - eval_seconds:.0f} s training, "
-          f"{eval_seconds:.0f} s testing)")
-    metrics = dict(source=source, dataset=dataset, model=args.model, width=args.width, depth=args.depth,
-                   parameterization=args.parameterization, train=dataclasses.asdict(config), mean=result["mean"],
-                   std=result["std"], seconds=seconds, eval_seconds=eval_seconds,
-                   runs=[dict(test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
-                              eval_seconds=r["eval_seconds"]) for r in result["runs"]])
+    start = time.perf_counter()
+    support = experiments.transfer_support(load_distilled(args.file) if args.file else None, args.file,
+                                           args.dataset, args.natural_per_class, args.seed, args.data_dir, args.zca,
+                                           args.zca_reg, progress=not args.no_progress)
+    result = experiments.transfer(support, args.model, config, args.seeds, args.width, args.depth,
+                                  args.parameterization, args.data_dir, args.test_limit, not args.no_progress)
+    metrics, dataset, source = result["metrics"], support["dataset"], support["source"]
+    print(f"{args.model} ({metrics['num_parameters']:,} parameters) trained {args.steps} steps on {source}: test "
+          f"accuracy {100 * metrics['test_accuracy']:.2f} +- {100 * metrics['test_accuracy_std']:.2f}% over "
+          f"{args.seeds} seeds on {metrics['num_test']} {dataset} test images ({metrics['train_seconds']:.0f} s "
+          f"training, {metrics['eval_seconds']:.0f} s testing)")
+    run_config = dict(source=source, file=args.file, natural_per_class=args.natural_per_class, seed=args.seed,
+                      model=args.model, width=args.width, depth=args.depth, parameterization=args.parameterization,
+                      seeds=args.seeds, train=result["train"], zca=args.zca, zca_reg=args.zca_reg,
+                      test_limit=args.test_limit)
+    curves = {f"transfer_test_accuracy_seed{r['seed']}": r["curve"] for r in result["runs"]}
+    artifacts = {}
     if args.out:
         out = pathlib.Path(args.out)
-        atomic_write_text(out / "transfer_metrics.json", json.dumps(metrics, indent=2) + "\n")
-        records = [dict(step=step, test_accuracy=acc) for step, acc in result["runs"][0]["curve"]]
-        plots.save_learning_curve(out / "transfer_curve.png", records,
-                                  title=f"{args.model} on {source} (seed 0)")
-        print(f"outputs in {out}: transfer_metrics.json, transfer_curve.png")
-    if args.json:
-        print(json.dumps(metrics))
+        plots.save_figure(out / "transfer_curve.png", plots.transfer_figure(
+            curves, title=f"{args.model} on {source}"))
+        artifacts["transfer_curve"] = "transfer_curve.png"
+        print(f"outputs in {out}: results.json, transfer_curve.png")
+    record = make_record("transfer", "transfer", dataset_record(dataset, result["checksums"],
+                                                                num_test=metrics["num_test"]),
+                         metrics, run_config, curves=curves, artifacts=artifacts, dtype="float32",
+                         wall_seconds=time.perf_counter() - start, argv=args.command_line)
+    _finish(args, record, args.out)
     return 0
 
 
@@ -530,7 +486,7 @@ def _kip_config_from_args(args, base=None):
                      target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,
                      zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
-                     memory_budget_mb=args.memory_budget_mb)
+                     memory_budget_mb=args.memory_budget_mb, select_on=args.select_on, val_size=args.val_size)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.kernel or args.depth is not None or args.W_std is not None or args.b_std is not None:
         base["kernel"] = _spec_from_args(args, base["kernel"]).to_dict()
@@ -538,8 +494,7 @@ def _kip_config_from_args(args, base=None):
 
 
 def _cmd_kip(args) -> int:
-    from kernel_distill.kip import RUN_FILES, check_resume, load_checkpoint, run_kip
-    from kernel_distill.preprocess import prepare_dataset
+    from kernel_distill.kip import RUN_FILES, check_resume, load_checkpoint, prepare_for, run_kip
     from kernel_distill.runs import claim_run_folder
 
     _check_positive("--test-limit", args.test_limit)
@@ -560,17 +515,17 @@ def _cmd_kip(args) -> int:
             saved, _ = load_checkpoint(out)
             config = _kip_config_from_args(args, saved)
             check_resume(out, config)
-        data = prepare_dataset(config.dataset, args.data_dir, zca=config.zca, zca_reg=config.zca_reg,
-                               test_limit=config.test_limit, progress=not args.no_progress)
+        data = prepare_for(config, args.data_dir, progress=not args.no_progress)
         start = time.perf_counter()
         summary = run_kip(config, data, out, resume=bool(args.resume), overwrite=args.overwrite,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, command_line=args.command_line)
     summary["seconds"] = time.perf_counter() - start
+    chosen = "validation" if config.select_on == "validation" else "TEST (as the KIP papers did)"
     print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.architecture} {config.get.upper()}, "
           f"{summary['step']} steps in {summary['seconds']:.0f} s: test accuracy {100 * summary['last_accuracy']:.2f}% "
-          f"(best {100 * summary['best_accuracy']:.2f}% at step {summary['best_step']})")
+          f"(final), {100 * summary['best_test_accuracy']:.2f}% (best on {chosen}, step {summary['best_step']})")
     print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, "
-          f"config_history.jsonl")
+          f"results.json")
     if args.json:
         print(json.dumps(summary))
     return 0

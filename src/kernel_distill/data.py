@@ -34,7 +34,9 @@ from typing import Callable
 
 import numpy as np
 
+from kernel_distill.atomic import atomic_write_bytes
 from kernel_distill.errors import DataError
+from kernel_distill.preprocess import Preprocessor, fit_preprocessor
 
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "KERNEL_DISTILL_DATA"
@@ -420,8 +422,6 @@ def _check_arrays(x, y, info: DatasetInfo, source: str) -> tuple[np.ndarray, np.
 
 def _try_cache(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> None:
     """Save parsed arrays as ``<split>.npz`` for fast loading next time; skip quietly if read-only."""
-    from kernel_distill.io import atomic_write_bytes
-
     buffer = io.BytesIO()
     np.savez(buffer, x=x, y=y)
     try:
@@ -449,3 +449,103 @@ def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int,
         perm = np.asarray(jax.random.permutation(keys[c], len(idx)))
         chosen.append(idx[perm[:per_class]])
     return np.concatenate(chosen)
+
+
+def natural_subset(x: np.ndarray, y: np.ndarray, per_class: int, num_classes: int, seed: int):
+    """A seeded class-balanced subset of ``(x, y)``: ``class_balanced_indices`` with ``PRNGKey(seed)``.
+
+    Returns ``(x[idx], y[idx])``, ordered class by class.
+    """
+    import jax
+
+    idx = class_balanced_indices(y, per_class, num_classes, jax.random.PRNGKey(seed))
+    return x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A dataset mapped into the kernel's input space.
+
+
+VALIDATION_SEED = 1234  # the validation split does not depend on a run's seed: runs with other seeds share it
+
+
+def default_val_size(name: str) -> int:
+    """Validation images held out of the training split by default: 20 per class on ``digits`` (of ~144),
+    otherwise 5,000 (about 10% of MNIST / CIFAR-10's training sets, 50 per class on CIFAR-100)."""
+    return 20 * dataset_info(name).num_classes if name == "digits" else 5000
+
+
+def validation_split(y: np.ndarray, val_size: int, num_classes: int, seed: int = VALIDATION_SEED):
+    """Indices ``(train_idx, val_idx)`` splitting ``y`` into the rest and a class-balanced validation set.
+
+    ``val_size`` must be a multiple of ``num_classes``; both index arrays are sorted, and disjoint.
+    """
+    import jax
+
+    if val_size < 0 or val_size % num_classes:
+        raise DataError(f"the validation size must be a non-negative multiple of {num_classes} (class-balanced), "
+                        f"got {val_size}")
+    if val_size == 0:
+        return np.arange(len(y)), np.zeros(0, np.int64)
+    counts = np.bincount(y, minlength=num_classes)
+    if val_size // num_classes >= counts.min():
+        raise DataError(f"a validation set of {val_size} takes {val_size // num_classes} images per class; the "
+                        f"smallest class has {counts.min()} training images: use a smaller --val-size")
+    val_idx = np.sort(class_balanced_indices(y, val_size // num_classes, num_classes, jax.random.PRNGKey(seed)))
+    keep = np.ones(len(y), bool)
+    keep[val_idx] = False
+    return np.flatnonzero(keep), val_idx
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PreparedData:
+    """A dataset loaded and mapped into the kernel's input space.
+
+    ``x_train``/``x_val``/``x_test``: float32 NHWC (preprocessed); ``y_*``: int labels. The validation
+    split is held out of the training split (``x_train`` does not contain it; it may be empty).
+    ``raw_train``: the uint8 training images (to draw natural supports from). ``checksums``: per split
+    of the files as loaded (before any split or limit), see :func:`kernel_distill.results.split_checksum`.
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple
+    preprocessor: Preprocessor
+    raw_train: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    checksums: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.x_val is None:
+            object.__setattr__(self, "x_val", np.zeros((0, *self.x_train.shape[1:]), np.float32))
+            object.__setattr__(self, "y_val", np.zeros(0, np.int64))
+
+    @property
+    def num_val(self) -> int:
+        return len(self.y_val)
+
+
+def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float = 0.1,
+                    test_limit: int | None = None, progress: bool = True, val_size: int = 0) -> PreparedData:
+    """Load both splits of ``name``, hold out ``val_size`` class-balanced validation images from the training
+    split (:func:`validation_split`), fit the preprocessing on the rest of train, and apply it to all three."""
+    from kernel_distill.results import split_checksum
+
+    info = dataset_info(name)
+    raw_train, y_train = load_dataset(name, "train", data_dir, progress=progress)
+    raw_test, y_test = load_dataset(name, "test", data_dir, progress=progress)
+    checksums = dict(train=split_checksum(raw_train, y_train), test=split_checksum(raw_test, y_test))
+    if test_limit:
+        raw_test, y_test = raw_test[:test_limit], y_test[:test_limit]
+    train_idx, val_idx = validation_split(y_train, val_size, info.num_classes)
+    raw_val, y_val = raw_train[val_idx], y_train[val_idx]
+    raw_train, y_train = raw_train[train_idx], y_train[train_idx]
+    pre = fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
+    return PreparedData(name, info.num_classes, info.class_names, pre, raw_train, pre.apply(raw_train), y_train,
+                        pre.apply(raw_test), y_test, pre.apply(raw_val) if len(raw_val) else None,
+                        y_val if len(raw_val) else None, checksums)

@@ -10,7 +10,8 @@ Models:
   (3x3 conv with bias, instance normalisation, ReLU, 2x2 average pool) of width 128, then a dense layer.
 
 Training: full-batch (distilled sets are small) SGD with momentum 0.9 and a cosine schedule, or Adam;
-decoupled weight decay; MSE on the (possibly learned, dense) labels or cross-entropy on their argmax.
+L2 weight decay coupled to the gradient (``weight_decay * params`` is added to the gradient before momentum
+or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly learned, dense) labels or cross-entropy on their argmax.
 """
 
 from __future__ import annotations
@@ -203,6 +204,7 @@ def _optimizer(config: TrainConfig):
     else:
         schedule = optax.cosine_decay_schedule(config.learning_rate, config.steps)
         base = optax.adam(schedule)
+    # Coupled L2: the decay term joins the gradient before the optimiser (not decoupled, as in AdamW).
     return optax.chain(optax.add_decayed_weights(config.weight_decay), base)
 
 
@@ -214,7 +216,7 @@ def _loss_fn(logits, labels, kind: str):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(labels, axis=-1)))
 
 
-def test_accuracy(model: nn.Module, params, x_test, y_test, batch_size: int = 1000) -> float:
+def accuracy_on(model: nn.Module, params, x_test, y_test, batch_size: int = 1000) -> float:
     """Accuracy of ``argmax(model(x))`` on ``(x_test, y_test)``, in batches."""
     apply = jax.jit(model.apply)
     correct = 0
@@ -264,7 +266,7 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
                 if not math.isfinite(value):
                     raise KernelDistillError(f"training loss became {value} at step {i}; lower --lr")
                 eval_start = time.perf_counter()
-                curve.append((i, test_accuracy(model, params, x_test, y_test)))
+                curve.append((i, accuracy_on(model, params, x_test, y_test)))
                 eval_seconds += time.perf_counter() - eval_start
                 bar.set_postfix(loss=f"{value:.3g}", acc=f"{100 * curve[-1][1]:.2f}%", refresh=False)
             bar.update(1)

@@ -1,4 +1,6 @@
-"""The distilled-set file (``.npz``) and atomic writes. The format is documented in ``docs/FORMAT.md``.
+"""The distilled-set file (``.npz``), documented in ``docs/FORMAT.md``.
+
+Atomic writes live in :mod:`kernel_distill.atomic` (re-exported here for existing callers).
 
 Arrays in a kernel-distill file:
 
@@ -15,50 +17,18 @@ Files released with the KIP papers hold only ``images`` and ``labels``; they loa
 from __future__ import annotations
 
 import dataclasses
-import io as _io
 import json
 import os
 import pathlib
-import tempfile
 import zipfile
 
 import numpy as np
 
+from kernel_distill.atomic import atomic_savez, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.preprocess import Preprocessor
 
 FORMAT_VERSION = 1
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
-
-    A reader never sees a half-written file, and an interrupted write leaves the old file untouched.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_savez(path: str | os.PathLike, **arrays) -> pathlib.Path:
-    """``np.savez`` to ``path`` atomically (uncompressed: distilled sets are small)."""
-    buffer = _io.BytesIO()
-    np.savez(buffer, **arrays)
-    return atomic_write_bytes(path, buffer.getvalue())
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

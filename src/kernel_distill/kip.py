@@ -5,8 +5,11 @@ one Adam step on the support images (and, with ``learn_labels``, the support lab
 
     loss = 0.5 * mean((K_ts (K_ss + reg * tr(K_ss)/n I)^-1 y_s - y_t)^2)
 
-(Nguyen, Chen & Lee, ICLR 2021; Nguyen, Novak, Xiao & Lee, NeurIPS 2021). Every ``eval_every`` steps the
-support is scored by KRR on the whole test set; the best support is kept beside the last one. Every
+(Nguyen, Chen & Lee, ICLR 2021; Nguyen, Novak, Xiao & Lee, NeurIPS 2021). The target batches come from
+the training split *minus* a class-balanced validation set. Every ``eval_every`` steps the support is
+scored by KRR on the validation set and on the test set; the support with the best *validation* accuracy
+is kept beside the last one (``select_on="test"`` selects on the test set instead, as the KIP papers did:
+only for reproducing them, and it is written in the outputs). Every
 ``checkpoint_every`` steps, and on Ctrl-C, the complete state (support, labels, optimiser state, random
 key, step, best support) is written atomically, so ``resume`` continues exactly where the run stopped:
 the random key chain and the optimiser state make a resumed run step-for-step identical to an
@@ -32,7 +35,8 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, atomic_savez, atomic_write_text, save_distilled
 from kernel_distill.kernels import KernelSpec, make_kernel_fn
 from kernel_distill.krr import DEFAULT_REG, evaluate, krr_loss
-from kernel_distill.preprocess import PreparedData, centered_one_hot
+from kernel_distill.data import PreparedData
+from kernel_distill.preprocess import centered_one_hot
 
 CHECKPOINT = "checkpoint.npz"
 CONFIG = "config.json"
@@ -56,7 +60,10 @@ class KipConfig:
       steps: total optimisation steps. eval_every, checkpoint_every, log_every: intervals in steps.
       memory_budget_mb: bound on one tile of the kernel computation.
       test_limit: evaluate on the first ``test_limit`` test images only (``None``: all); it changes the
-        reported accuracies and the best-support choice, so it is part of the run.
+        reported accuracies, so it is part of the run.
+      select_on: ``"validation"`` (default) or ``"test"``: the split whose accuracy picks the best support.
+      val_size: validation images held out of the training split (class-balanced); ``None``: the dataset's
+        default (:func:`kernel_distill.data.default_val_size`) when selecting on validation, else 0.
 
     A resumed run may change only the fields in :data:`RESUMABLE_FIELDS`; every other field, including
     any added later, is compared with the saved config (:func:`kernel_distill.runs.resume_changes`).
@@ -80,6 +87,8 @@ class KipConfig:
     log_every: int = 10
     memory_budget_mb: float = 512.0
     test_limit: int | None = None
+    select_on: str = "validation"
+    val_size: int | None = None
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
@@ -120,6 +129,21 @@ class KipConfig:
             raise KernelDistillError(f"reg must be non-negative, got {self.reg}")
         if self.memory_budget_mb <= 0:
             raise KernelDistillError("memory budget must be positive")
+        if self.select_on not in ("validation", "test"):
+            raise KernelDistillError(f"select_on must be 'validation' or 'test', got {self.select_on!r}")
+        if self.val_size is not None and (not isinstance(self.val_size, (int, np.integer)) or self.val_size < 0):
+            raise KernelDistillError(f"val_size must be a non-negative integer, got {self.val_size!r}")
+        if self.select_on == "validation" and self.val_size == 0:
+            raise KernelDistillError("selecting on the validation set needs val_size > 0 (or select_on='test')")
+
+    @property
+    def effective_val_size(self) -> int:
+        """The number of validation images this run holds out."""
+        from kernel_distill.data import default_val_size
+
+        if self.val_size is not None:
+            return int(self.val_size)
+        return default_val_size(self.dataset) if self.select_on == "validation" else 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -132,6 +156,8 @@ class KipConfig:
         if not isinstance(d, dict):
             raise KernelDistillError(f"a KIP config must be a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
+        if "select_on" not in d:  # written before validation splits existed: those runs selected on test
+            d = dict(d, select_on="test", val_size=0)
         unknown = sorted(set(d) - known)
         if unknown:
             raise KernelDistillError(f"unknown KIP config field(s): {', '.join(unknown)}")
@@ -169,9 +195,11 @@ class KipState:
     key: np.ndarray  # uint32 (2,)
     best_images: np.ndarray
     best_labels: np.ndarray
-    best_accuracy: float = -1.0
+    best_accuracy: float = -1.0  # on the selection split (validation, or test with select_on="test")
     best_step: int = -1
-    last_accuracy: float | None = None
+    last_accuracy: float | None = None  # test accuracy of the current support
+    best_test_accuracy: float | None = None  # test accuracy of the best support
+    last_val_accuracy: float | None = None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,6 +267,9 @@ def save_checkpoint(out_dir: pathlib.Path, state: KipState) -> None:
                   best_images=state.best_images, best_labels=state.best_labels,
                   best_accuracy=np.float64(state.best_accuracy), best_step=np.int64(state.best_step),
                   last_accuracy=np.float64(np.nan if state.last_accuracy is None else state.last_accuracy),
+                  best_test_accuracy=np.float64(np.nan if state.best_test_accuracy is None
+                                                else state.best_test_accuracy),
+                  last_val_accuracy=np.float64(np.nan if state.last_val_accuracy is None else state.last_val_accuracy),
                   num_opt_leaves=np.int64(len(state.opt_leaves)))
     for i, leaf in enumerate(state.opt_leaves):
         arrays[f"opt_{i}"] = np.asarray(leaf)
@@ -265,11 +296,18 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
     try:
         with np.load(checkpoint_path, allow_pickle=False) as f:
             leaves = [f[f"opt_{i}"] for i in range(int(f["num_opt_leaves"]))]
-            last = float(f["last_accuracy"])
+            def optional(name):
+                value = float(f[name]) if name in f.files else math.nan
+                return None if math.isnan(value) else value
+
             state = KipState(step=int(f["step"]), images=f["images"], labels=f["labels"], opt_leaves=leaves,
                              key=f["key"], best_images=f["best_images"], best_labels=f["best_labels"],
                              best_accuracy=float(f["best_accuracy"]), best_step=int(f["best_step"]),
-                             last_accuracy=None if math.isnan(last) else last)
+                             last_accuracy=optional("last_accuracy"),
+                             best_test_accuracy=optional("best_test_accuracy"),
+                             last_val_accuracy=optional("last_val_accuracy"))
+            if state.best_test_accuracy is None and config.select_on == "test":  # an older checkpoint
+                state.best_test_accuracy = state.best_accuracy if state.best_step >= 0 else None
     except Exception as e:  # a truncated zip, bad zlib data, a missing key: all mean the checkpoint is unusable
         raise KernelDistillError(f"cannot resume from {out_dir}: unreadable {CHECKPOINT} "
                                  f"({type(e).__name__}: {e})") from None
@@ -314,6 +352,14 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
 DEFAULT_TARGET_BATCH = 5000
 
 
+def prepare_for(config: KipConfig, data_dir=None, progress: bool = True):
+    """Load and preprocess ``config.dataset`` with the validation split and test limit ``config`` asks for."""
+    from kernel_distill.data import prepare_dataset
+
+    return prepare_dataset(config.dataset, data_dir, zca=config.zca, zca_reg=config.zca_reg,
+                           test_limit=config.test_limit, progress=progress, val_size=config.effective_val_size)
+
+
 def available_memory_bytes() -> int:
     """Physical memory of this machine (the bound a step's arrays must fit in)."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -321,6 +367,9 @@ def available_memory_bytes() -> int:
 
 def check_feasible(config: KipConfig, data: PreparedData) -> int:
     """Validate the run against the data; returns the target images drawn per class each step."""
+    if data.num_val != config.effective_val_size:
+        raise KernelDistillError(f"the run holds out {config.effective_val_size} validation images, the prepared "
+                                 f"data has {data.num_val}: prepare it with kip.prepare_for(config)")
     counts = np.bincount(data.y_train, minlength=data.num_classes)
     if config.per_class > counts.min():
         raise KernelDistillError(f"--per-class {config.per_class} is larger than the smallest class of "
@@ -352,11 +401,12 @@ def check_feasible(config: KipConfig, data: PreparedData) -> int:
     return per_class_target
 
 
-RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz", "grid.png", "curve.png")
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz", "grid.png", "curve.png", "results.json")
 
 
 def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,
-            progress: bool = True, log=print, overwrite: bool = False) -> dict:
+            progress: bool = True, log=print, overwrite: bool = False,
+            command_line: list[str] | None = None) -> dict:
     """Run (or resume) KIP, writing everything into ``out_dir``. Returns a summary dict.
 
     The folder belongs to this run (:func:`kernel_distill.runs.claim_run_folder`): a new run refuses a
@@ -365,10 +415,10 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
     A step-0 checkpoint is written before the first step, so a run killed at any point can be resumed.
     On Ctrl-C the state is checkpointed and outputs are written before ``KeyboardInterrupt`` propagates.
     A NaN or inf loss or support stops the run with :class:`KernelDistillError`; the last good checkpoint
-    stays.
+    stays. ``command_line`` goes into ``results.json`` (default ``sys.argv``).
     """
     with runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_files=RUN_FILES) as folder:
-        return _run_kip_in(config, data, folder, resume, progress, log)
+        return _run_kip_in(config, data, folder, resume, progress, log, command_line)
 
 
 def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) -> tuple[KipState, dict]:
@@ -386,9 +436,10 @@ def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) 
 
 
 def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool,
-                log) -> dict:
+                log, command_line: list[str] | None = None) -> dict:
     from tqdm.auto import tqdm
 
+    started = time.perf_counter()
     if resume:
         state, changes = check_resume(out_dir, config)
     per_class_target = check_feasible(config, data)
@@ -429,15 +480,23 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
             f.write(json.dumps(record) + "\n")
 
     def evaluate_now():
+        record = dict(step=state.step)
+        if data.num_val:
+            val = evaluate(kernel_fn, state.images, state.labels, data.x_val, data.y_val, reg=config.reg,
+                           get=config.get, progress=False)
+            state.last_val_accuracy = val.accuracy
+            record.update(val_accuracy=val.accuracy, val_loss=val.mse_loss)
         result = evaluate(kernel_fn, state.images, state.labels, data.x_test[:config.test_limit],
                           data.y_test[:config.test_limit], reg=config.reg,
                           get=config.get, progress=False)
         state.last_accuracy = result.accuracy
-        if result.accuracy > state.best_accuracy:
-            state.best_accuracy, state.best_step = result.accuracy, state.step
+        selected = result.accuracy if config.select_on == "test" else state.last_val_accuracy
+        if selected > state.best_accuracy:
+            state.best_accuracy, state.best_step = selected, state.step
+            state.best_test_accuracy = result.accuracy
             state.best_images, state.best_labels = state.images.copy(), state.labels.copy()
-        append_metrics(dict(step=state.step, test_accuracy=result.accuracy, test_loss=result.mse_loss,
-                            time=time.time()))
+        record.update(test_accuracy=result.accuracy, test_loss=result.mse_loss, time=time.time())
+        append_metrics(record)
         return result.accuracy
 
     if state.step == 0 and not records:
@@ -469,7 +528,7 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
             if state.step % config.eval_every == 0 or state.step == config.steps:
                 sync_state()
                 evaluate_now()
-            bar.set_postfix(loss=f"{loss:.3g}", acc=_pct(state.last_accuracy), best=_pct(state.best_accuracy),
+            bar.set_postfix(loss=f"{loss:.3g}", val=_pct(state.last_val_accuracy), test=_pct(state.last_accuracy),
                             refresh=False)
             if state.step % config.checkpoint_every == 0:
                 sync_state()
@@ -480,7 +539,8 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
         bar.close()
     sync_state()
     save_checkpoint(out_dir, state)
-    summary = write_outputs(config, data, state, records, out_dir)
+    summary = write_outputs(config, data, state, records, out_dir, wall_seconds=time.perf_counter() - started,
+                            command_line=command_line)
     if interrupted:
         log(f"interrupted at step {state.step}: checkpoint and outputs written to {out_dir}; "
             f"continue with --resume {out_dir}")
@@ -501,23 +561,50 @@ def _pct(value):
 
 
 def write_outputs(config: KipConfig, data: PreparedData, state: KipState, records: list[dict],
-                  out_dir: pathlib.Path) -> dict:
-    """distilled.npz (last), distilled_best.npz, grid.png, curve.png; returns the summary."""
+                  out_dir: pathlib.Path, wall_seconds: float | None = None,
+                  command_line: list[str] | None = None) -> dict:
+    """distilled.npz (last), distilled_best.npz, grid.png, curve.png, results.json; returns the summary."""
     from kernel_distill import plots
+    from kernel_distill.results import dataset_record, make_record, write_results
 
+    selection = dict(split=config.select_on, val_size=data.num_val, step=state.best_step,
+                     accuracy=state.best_accuracy)
     base_meta = dict(dataset=data.name, method="kip", per_class=config.per_class, seed=config.seed,
                      kernel=config.kernel.to_dict(), get=config.get, reg=config.reg, learn_labels=config.learn_labels,
-                     config=config.to_dict(),
+                     config=config.to_dict(), selection=selection,
                      config_history=[{k: v for k, v in r.items() if k != "config"} for r in runs.read_history(out_dir)])
-    last_meta = dict(base_meta, step=state.step, metrics=dict(test_accuracy=state.last_accuracy))
-    best_meta = dict(base_meta, step=state.best_step, metrics=dict(test_accuracy=state.best_accuracy))
+    last_meta = dict(base_meta, step=state.step,
+                     metrics=dict(test_accuracy=state.last_accuracy, val_accuracy=state.last_val_accuracy))
+    best_meta = dict(base_meta, step=state.best_step,
+                     metrics=dict(test_accuracy=state.best_test_accuracy,
+                                  val_accuracy=state.best_accuracy if config.select_on == "validation" else None))
     save_distilled(out_dir / "distilled.npz", DistilledSet(state.images, state.labels, data.preprocessor, last_meta))
     save_distilled(out_dir / "distilled_best.npz",
                    DistilledSet(state.best_images, state.best_labels, data.preprocessor, best_meta))
     viewable = data.preprocessor.to_viewable(state.images)
-    plots.save_image_grid(out_dir / "grid.png", viewable, state.labels, data.num_classes, data.class_names,
-                          title=f"KIP {data.name}, {config.per_class}/class, step {state.step}")
-    plots.save_learning_curve(out_dir / "curve.png", records,
-                              title=f"KIP {data.name}, {config.kernel.architecture} {config.get.upper()}")
-    return dict(step=state.step, last_accuracy=state.last_accuracy, best_accuracy=state.best_accuracy,
-                best_step=state.best_step, out_dir=str(out_dir))
+    original = np.repeat(np.arange(data.num_classes), config.per_class)  # initial_state draws class by class
+    plots.save_figure(out_dir / "grid.png", plots.image_grid_figure(
+        viewable, state.labels, data.num_classes, data.class_names,
+        title=f"KIP {data.name}, {config.per_class}/class, step {state.step}", original_classes=original))
+    plots.save_figure(out_dir / "curve.png", plots.learning_curve_figure(
+        records, title=f"KIP {data.name}, {config.kernel.architecture} {config.get.upper()}"))
+    summary = dict(step=state.step, last_accuracy=state.last_accuracy, best_accuracy=state.best_accuracy,
+                   best_step=state.best_step, best_test_accuracy=state.best_test_accuracy,
+                   last_val_accuracy=state.last_val_accuracy, select_on=config.select_on, out_dir=str(out_dir))
+    # The headline number is the selected support's (distilled_best.npz): selected on validation unless
+    # the run asked for the papers' test-set selection, which ``selection`` then says.
+    metrics = dict(test_accuracy=state.best_test_accuracy, test_accuracy_final=state.last_accuracy,
+                   val_accuracy_best=state.best_accuracy if config.select_on == "validation" else None,
+                   val_accuracy_final=state.last_val_accuracy, best_step=state.best_step, steps=state.step,
+                   support_size=len(state.images), num_test=len(data.y_test[:config.test_limit]))
+    curves = {key: [[r["step"], r[key]] for r in records if r.get(key) is not None]
+              for key in ("loss", "val_accuracy", "test_accuracy")}
+    record = make_record("kip", "kip", dataset_record(data.name, data.checksums, num_train=len(data.y_train),
+                                                      num_val=data.num_val,
+                                                      num_test=len(data.y_test[:config.test_limit])),
+                         {k: v for k, v in metrics.items() if v is not None}, config.to_dict(), selection=selection,
+                         curves=curves, artifacts=dict(distilled="distilled.npz", distilled_best="distilled_best.npz",
+                                                       grid="grid.png", curve="curve.png", metrics="metrics.jsonl"),
+                         dtype="float32", wall_seconds=wall_seconds, argv=command_line)
+    write_results(out_dir, record)
+    return summary

@@ -133,37 +133,3 @@ def centered_one_hot(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise KernelDistillError(f"labels must lie in [0, {num_classes})")
     return (np.eye(num_classes, dtype=np.float32)[labels] - 1.0 / num_classes).astype(np.float32)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class PreparedData:
-    """A dataset loaded and mapped into the kernel's input space.
-
-    ``x_train``/``x_test``: float32 NHWC (preprocessed); ``y_train``/``y_test``: int labels;
-    ``raw_train``: the uint8 training images (to draw natural supports from).
-    """
-
-    name: str
-    num_classes: int
-    class_names: tuple
-    preprocessor: Preprocessor
-    raw_train: np.ndarray
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-
-
-def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float = 0.1,
-                    test_limit: int | None = None, progress: bool = True) -> PreparedData:
-    """Load both splits of ``name``, fit the preprocessing on train, and apply it to both."""
-    from kernel_distill.data import dataset_info, load_dataset
-
-    info = dataset_info(name)
-    raw_train, y_train = load_dataset(name, "train", data_dir, progress=progress)
-    raw_test, y_test = load_dataset(name, "test", data_dir, progress=progress)
-    if test_limit:
-        raw_test, y_test = raw_test[:test_limit], y_test[:test_limit]
-    pre = fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
-    return PreparedData(name, info.num_classes, info.class_names, pre, raw_train, pre.apply(raw_train), y_train,
-                        pre.apply(raw_test), y_test)

@@ -1,0 +1,45 @@
+"""Atomic file writes: a reader never sees a half-written file, an interrupted write leaves the old one.
+
+A low-level module (standard library and numpy only) so that every other module can write files without
+importing the distilled-set format.
+"""
+
+from __future__ import annotations
+
+import io as _io
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename.
+
+    A reader never sees a half-written file, and an interrupted write leaves the old file untouched.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_savez(path: str | os.PathLike, **arrays) -> pathlib.Path:
+    """``np.savez`` to ``path`` atomically (uncompressed: distilled sets are small)."""
+    buffer = _io.BytesIO()
+    np.savez(buffer, **arrays)
+    return atomic_write_bytes(path, buffer.getvalue())

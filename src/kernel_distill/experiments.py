@@ -1,0 +1,205 @@
+"""The work behind the commands that produce results: evaluate a file, natural baselines, Label Solve on a
+dataset, transfer to finite networks.
+
+Each function takes plain values (no ``argparse`` namespace) and returns a result dict whose ``metrics``
+go into ``results.json`` (see :mod:`kernel_distill.results`); the CLI only parses, calls these and
+reports, so notebooks and the report can call the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import numpy as np
+
+from kernel_distill.data import PreparedData, dataset_info, load_dataset, natural_subset
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.io import DistilledSet
+from kernel_distill.krr import evaluate
+from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor
+from kernel_distill.results import split_checksum
+
+
+def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, progress: bool = True):
+    """The test split of ``dataset``, optionally its first ``test_limit`` images: ``(x uint8, y int)``."""
+    x_test, y_test = load_dataset(dataset, "test", data_dir, progress=progress)
+    if test_limit:
+        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    return x_test, y_test
+
+
+def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: dict):
+    x, y = load_dataset(dataset, split, data_dir, progress=progress)
+    checksums[split] = split_checksum(x, y)
+    return x, y
+
+
+def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_dir=None, zca: bool = False,
+                      zca_reg: float = 0.1, progress: bool = True, log: Callable = print) -> Preprocessor:
+    """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
+
+    A file without preprocessing (a released KIP file) gets it fitted on the training set (``zca`` and
+    ``zca_reg`` say how). ``source`` names the file in messages.
+    """
+    info = dataset_info(dataset)
+    if distilled.num_classes != info.num_classes:
+        raise KernelDistillError(f"{source} has {distilled.num_classes} label columns, {dataset} has "
+                                 f"{info.num_classes} classes")
+    if distilled.images.shape[1:] != info.image_shape:
+        raise KernelDistillError(f"{source} holds images of shape {distilled.images.shape[1:]}, "
+                                 f"{dataset} images are {info.image_shape}")
+    preprocessor = distilled.preprocessor
+    if preprocessor is None:
+        # A released KIP file: its images live in KIP's space, which we rebuild from the training set.
+        x_train, _ = load_dataset(dataset, "train", data_dir, progress=progress)
+        preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
+        log(f"{source} carries no preprocessing; fitted "
+            f"{'standardisation + ZCA' if zca else 'standardisation'} on the {dataset} training set")
+    return preprocessor
+
+
+def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_test, y_test, kernel_fn, reg: float,
+                       get: str, dtype=np.float32, progress: bool = True) -> dict:
+    """KRR test accuracy of a distilled set. Returns ``dict(metrics, seconds)``."""
+    start = time.perf_counter()
+    result = evaluate(kernel_fn, distilled.images.astype(dtype), distilled.labels.astype(dtype),
+                      preprocessor.apply(x_test).astype(dtype), y_test, reg=reg, get=get, progress=progress)
+    seconds = time.perf_counter() - start
+    metrics = dict(test_accuracy=result.accuracy, test_loss=result.mse_loss, num_test=result.num_test,
+                   support_size=len(distilled.images))
+    return dict(metrics=metrics, seconds=seconds)
+
+
+def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: float, get: str, data_dir=None,
+                     zca: bool = False, zca_reg: float = 0.1, test_limit: int | None = None, dtype=np.float32,
+                     progress: bool = True, log: Callable = print) -> dict:
+    """KRR test accuracy of random class-balanced natural subsets (seeds ``0..seeds-1``).
+
+    Returns ``dict(metrics, first_subset, checksums)``: accuracies as fractions in ``metrics``, and the seed-0 subset as
+    a :class:`DistilledSet` (metadata left to the caller).
+    """
+    info = dataset_info(dataset)
+    checksums = {}
+    x_train, y_train = _load_split(dataset, "train", data_dir, progress, checksums)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
+    if test_limit:
+        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
+    z_test = preprocessor.apply(x_test).astype(dtype)
+    accuracies, first = [], None
+    for seed in range(seeds):
+        xs, ys = natural_subset(x_train, y_train, per_class, info.num_classes, seed)
+        zs, labels = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
+        result = evaluate(kernel_fn, zs.astype(dtype), labels.astype(dtype), z_test, y_test, reg=reg, get=get,
+                          progress=progress, description=f"seed {seed}")
+        accuracies.append(result.accuracy)
+        log(f"seed {seed}: {100 * result.accuracy:.2f}%")
+        if seed == 0:
+            first = DistilledSet(zs, labels, preprocessor)
+    acc = np.asarray(accuracies)
+    metrics = dict(test_accuracy=float(acc.mean()), test_accuracy_std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
+                   test_accuracies=acc.tolist(), num_test=len(y_test), support_size=per_class * info.num_classes)
+    return dict(metrics=metrics, first_subset=first, checksums=checksums)
+
+
+def label_solve_on(data: PreparedData, kernel_fn, x_support: np.ndarray, original_labels: np.ndarray, reg: float,
+                   ls_reg: float, get: str, train_limit: int | None = None, block_size: int = 5000,
+                   dtype=np.float32, progress: bool = True) -> dict:
+    """Solve the labels of ``x_support`` over the training set of ``data`` and score both label sets.
+
+    Returns ``dict(metrics, labels, covariance)``: solved labels float32 ``(n, C)`` and the
+    original-vs-solved label covariance ``(C, C)``. Nothing is selected, so no validation split is used.
+    """
+    import resource
+
+    from kernel_distill.label_solve import label_covariance, solve_labels
+
+    x_train, y_train = data.x_train, data.y_train
+    if train_limit:
+        x_train, y_train = x_train[:train_limit], y_train[:train_limit]
+    start = time.perf_counter()
+    result = solve_labels(kernel_fn, x_support, x_train.astype(dtype), centered_one_hot(y_train, data.num_classes),
+                          reg=reg, ls_reg=ls_reg, get=get, block_size=block_size, progress=progress)
+    solve_seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    z_test = data.x_test.astype(dtype)
+    natural = evaluate(kernel_fn, x_support, original_labels, z_test, data.y_test, reg, get, progress=False)
+    solved = evaluate(kernel_fn, x_support, result.labels, z_test, data.y_test, reg, get, progress=False)
+    metrics = dict(test_accuracy=solved.accuracy, test_accuracy_original_labels=natural.accuracy,
+                   support_size=len(x_support), num_train=result.num_train, num_test=solved.num_test,
+                   solve_seconds=solve_seconds, peak_rss_mb=peak_mb)
+    return dict(metrics=metrics, labels=result.labels,
+                covariance=label_covariance(original_labels, result.labels))
+
+
+def natural_support(data: PreparedData, support_size: int, seed: int, dtype=np.float32):
+    """A seeded class-balanced natural support of ``data``: ``(x preprocessed, centred one-hot labels)``."""
+    if support_size < 1 or support_size % data.num_classes:
+        raise KernelDistillError(f"the support size must be a positive multiple of {data.num_classes} "
+                                 f"(class-balanced), got {support_size}")
+    raw, y = natural_subset(data.raw_train, data.y_train, support_size // data.num_classes, data.num_classes, seed)
+    return data.preprocessor.apply(raw).astype(dtype), centered_one_hot(y, data.num_classes)
+
+
+def transfer_support(file_set: DistilledSet | None, source: str | None, dataset: str | None,
+                     natural_per_class: int | None, seed: int = 0, data_dir=None, zca: bool = False,
+                     zca_reg: float = 0.1, progress: bool = True, log: Callable = print) -> dict:
+    """The training set of a transfer run: a distilled set, or a natural class-balanced subset.
+
+    Returns ``dict(x, y, preprocessor, dataset, source, checksums)``.
+    """
+    checksums = {}
+    if (file_set is None) == (natural_per_class is None):
+        raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    if file_set is not None:
+        dataset = dataset or file_set.metadata.get("dataset")
+        if not dataset:
+            raise KernelDistillError(f"{source} does not say its dataset: add --dataset")
+        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log)
+        return dict(x=file_set.images, y=file_set.labels, preprocessor=preprocessor, dataset=dataset, source=source,
+                    checksums=checksums)
+    if not dataset:
+        raise KernelDistillError("--natural-per-class needs --dataset")
+    info = dataset_info(dataset)
+    x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
+    preprocessor = fit_preprocessor(x_raw, zca=zca, zca_reg=zca_reg)
+    xs, ys = natural_subset(x_raw, y_raw, natural_per_class, info.num_classes, seed)
+    return dict(x=preprocessor.apply(xs), y=centered_one_hot(ys, info.num_classes), preprocessor=preprocessor,
+                dataset=dataset, source=f"{natural_per_class} natural images per class (seed {seed})",
+                checksums=checksums)
+
+
+def transfer(support: dict, model: str, train_config, seeds: int, width: int | None = None,
+             depth: int | None = None, parameterization: str = "standard", data_dir=None,
+             test_limit: int | None = None, progress: bool = True) -> dict:
+    """Train ``seeds`` finite networks on ``support`` (from :func:`transfer_support`); score them on the test set.
+
+    Returns ``dict(metrics, runs, train, checksums)`` with accuracies as fractions; ``runs`` holds each seed's
+    test curve; ``checksums`` those of the splits read (the support's and the test split).
+    """
+    from kernel_distill.finite import build_model, train_seeds
+
+    dataset = support["dataset"]
+    info = dataset_info(dataset)
+    checksums = dict(support.get("checksums", {}))
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
+    if test_limit:
+        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+    z_test = support["preprocessor"].apply(x_test)
+
+    def model_fn():
+        return build_model(model, info.num_classes, width, depth, parameterization)
+
+    result = train_seeds(model_fn, support["x"], support["y"], z_test, y_test, train_config, range(seeds),
+                         progress=progress)
+    seconds = sum(r["seconds"] for r in result["runs"])
+    eval_seconds = sum(r["eval_seconds"] for r in result["runs"])
+    runs = [dict(seed=seed, test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
+                 eval_seconds=r["eval_seconds"]) for seed, r in enumerate(result["runs"])]
+    metrics = dict(test_accuracy=result["mean"], test_accuracy_std=result["std"],
+                   test_accuracies=[r["test_accuracy"] for r in runs], num_test=len(y_test),
+                   support_size=len(support["x"]), num_parameters=result["runs"][0]["num_parameters"],
+                   train_seconds=seconds - eval_seconds, eval_seconds=eval_seconds)
+    return dict(metrics=metrics, runs=runs, train=dataclasses.asdict(train_config), checksums=checksums)
