@@ -29,7 +29,6 @@ import tempfile
 import urllib.error
 import urllib.request
 import warnings
-import zipfile
 from typing import Callable
 
 import numpy as np
@@ -293,10 +292,11 @@ def _read_npz(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
             if "x" not in f or "y" not in f:
                 raise DataError(f"{path} must hold arrays 'x' and 'y'; it holds {sorted(f.files)}")
             return f["x"], f["y"]
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError) as e:
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"{path} is not a readable .npz file ({e}); delete or replace it") from None
+    except DataError:
+        raise
+    except Exception as e:  # bad zip, bad zlib stream (zlib.error), truncated member, object array, ...
+        raise DataError(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); delete or replace it") \
+            from None
 
 
 def _read_idx(path: pathlib.Path, expected_ndim: int) -> np.ndarray:

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
-import zipfile
 
 import numpy as np
 
@@ -91,19 +91,80 @@ def save_distilled(path: str | os.PathLike, distilled: DistilledSet) -> pathlib.
     return atomic_savez(path, **arrays)
 
 
+# Metadata fields with a fixed type: name -> (check, what it must be). Unknown fields are kept as they are.
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_METADATA_FIELDS = {
+    "format_version": (_is_int, "an integer"),
+    "package_version": (lambda v: isinstance(v, str), "a string"),
+    "dataset": (lambda v: isinstance(v, str) and v != "", "a dataset name"),
+    "method": (lambda v: isinstance(v, str), "a string"),
+    "per_class": (lambda v: _is_int(v) and v >= 1, "a positive integer"),
+    "seed": (_is_int, "an integer"),
+    "step": (_is_int, "an integer"),
+    "kernel": (lambda v: isinstance(v, dict), "a JSON object (a kernel spec)"),
+    "get": (lambda v: v in ("ntk", "nngp"), "'ntk' or 'nngp'"),
+    "reg": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "ls_reg": (lambda v: _is_number(v) and v >= 0, "a non-negative number"),
+    "learn_labels": (lambda v: isinstance(v, bool), "true or false"),
+    "zca_layer_norm": (lambda v: isinstance(v, bool), "true or false"),
+    "metrics": (lambda v: isinstance(v, dict), "a JSON object"),
+    "config": (lambda v: isinstance(v, dict), "a JSON object"),
+}
+
+
+def validate_metadata(metadata, source: str) -> dict:
+    """Check the metadata of a distilled set: a JSON object whose known fields have the right types.
+
+    Raises :class:`KernelDistillError` naming the field; the kernel spec is checked by building it.
+    """
+    if not isinstance(metadata, dict):
+        raise KernelDistillError(f"{source}: 'metadata' must be a JSON object, got {type(metadata).__name__}")
+    for name, (check, what) in _METADATA_FIELDS.items():
+        if name in metadata and not check(metadata[name]):
+            raise KernelDistillError(f"{source}: metadata field '{name}' must be {what}, got {metadata[name]!r}")
+    if "kernel" in metadata:
+        from kernel_distill.kernels import KernelSpec
+
+        try:
+            KernelSpec.from_dict(metadata["kernel"])
+        except KernelDistillError as e:
+            raise KernelDistillError(f"{source}: metadata field 'kernel': {e}") from None
+        except (TypeError, ValueError) as e:
+            raise KernelDistillError(f"{source}: metadata field 'kernel' is not a valid kernel spec ({e})") from None
+    return metadata
+
+
+def _read_arrays(path: pathlib.Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if not hasattr(f, "files"):  # a bare .npy array, not an archive
+                raise ValueError("a single array, not an .npz archive")
+            return {k: f[k] for k in f.files}
+    except KernelDistillError:
+        raise
+    except Exception as e:  # bad zip, bad zlib stream, truncated member, object array, bad header...
+        reason = str(e) or type(e).__name__
+        raise KernelDistillError(f"{path}: not a readable .npz file ({type(e).__name__}: {reason})") from None
+
+
 def load_distilled(path: str | os.PathLike) -> DistilledSet:
     """Read a kernel-distill file, or a released KIP file (arrays ``images`` and ``labels`` only).
 
-    Raises :class:`KernelDistillError` naming the file for anything unreadable or malformed.
+    Raises :class:`KernelDistillError` naming the file for anything unreadable or malformed: a corrupted
+    archive or compressed member, missing or mis-shaped arrays, NaN/inf, metadata that is not a JSON
+    object or has a field of the wrong type, preprocessing arrays that do not fit the images.
     """
     path = pathlib.Path(path)
     if not path.is_file():
-        raise KernelDistillError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            contents = {k: f[k] for k in f.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        raise KernelDistillError(f"{path}: not a readable .npz file ({e})") from None
+        raise KernelDistillError(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+    contents = _read_arrays(path)
     missing = [k for k in ("images", "labels") if k not in contents]
     if missing:
         raise KernelDistillError(f"{path}: missing array(s) {', '.join(missing)}; found {sorted(contents)}")
@@ -111,20 +172,44 @@ def load_distilled(path: str | os.PathLike) -> DistilledSet:
     if labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
         raise KernelDistillError(f"{path}: 'labels' are integer class ids; expected (n, num_classes) floats")
     _validate(images, labels, str(path))
+    if len(images) == 0:
+        raise KernelDistillError(f"{path}: holds no images")
     metadata = {}
     if "metadata" in contents:
+        raw = contents["metadata"]
+        if raw.ndim != 0 or raw.dtype.kind != "U":
+            raise KernelDistillError(f"{path}: 'metadata' must be a JSON string, got a {raw.dtype} array of shape "
+                                     f"{raw.shape}")
         try:
-            metadata = json.loads(str(contents["metadata"]))
+            metadata = json.loads(str(raw))
         except json.JSONDecodeError as e:
             raise KernelDistillError(f"{path}: 'metadata' is not valid JSON ({e})") from None
+        validate_metadata(metadata, str(path))
     preprocessor = None
-    if "preprocess_mean" in contents and "preprocess_std" in contents:
-        preprocessor = Preprocessor(
-            mean=contents["preprocess_mean"].astype(np.float32),
-            std=contents["preprocess_std"].astype(np.float32),
-            zca_matrix=contents["zca_matrix"].astype(np.float32) if "zca_matrix" in contents else None,
-            zca_layer_norm=bool(metadata.get("zca_layer_norm", True)),
-        )
-        if preprocessor.mean.shape != (images.shape[-1],) or preprocessor.std.shape != (images.shape[-1],):
-            raise KernelDistillError(f"{path}: preprocess_mean/std must have one value per image channel")
+    if ("preprocess_mean" in contents) != ("preprocess_std" in contents):
+        raise KernelDistillError(f"{path}: has only one of preprocess_mean and preprocess_std")
+    if "preprocess_mean" in contents:
+        preprocessor = _read_preprocessor(contents, images, metadata, path)
+    elif "zca_matrix" in contents:
+        raise KernelDistillError(f"{path}: has a zca_matrix but no preprocess_mean/std")
     return DistilledSet(images.astype(np.float32), labels.astype(np.float32), preprocessor, metadata)
+
+
+def _read_preprocessor(contents: dict, images: np.ndarray, metadata: dict, path: pathlib.Path) -> Preprocessor:
+    channels, dim = images.shape[-1], int(np.prod(images.shape[1:]))
+    arrays = {k: contents[k] for k in ("preprocess_mean", "preprocess_std", "zca_matrix") if k in contents}
+    shapes = dict(preprocess_mean=(channels,), preprocess_std=(channels,), zca_matrix=(dim, dim))
+    for name, arr in arrays.items():
+        if arr.shape != shapes[name]:
+            raise KernelDistillError(f"{path}: '{name}' must have shape {shapes[name]} for images of shape "
+                                     f"{images.shape[1:]}, got {arr.shape}")
+        if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)):
+            raise KernelDistillError(f"{path}: '{name}' must hold finite floats")
+    if np.any(arrays["preprocess_std"] <= 0):
+        raise KernelDistillError(f"{path}: 'preprocess_std' must be positive")
+    return Preprocessor(
+        mean=arrays["preprocess_mean"].astype(np.float32),
+        std=arrays["preprocess_std"].astype(np.float32),
+        zca_matrix=arrays["zca_matrix"].astype(np.float32) if "zca_matrix" in arrays else None,
+        zca_layer_norm=bool(metadata.get("zca_layer_norm", True)),
+    )

@@ -476,8 +476,7 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
 
     def append_metrics(record):
         records.append(record)
-        with open(out_dir / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        runs.append_line(out_dir / METRICS, json.dumps(record))
 
     def evaluate_now():
         record = dict(step=state.step)

@@ -219,9 +219,19 @@ def append_history(folder: pathlib.Path, event: str, step: int, changes: dict | 
         record["changes"] = changes
     if config is not None:
         record["config"] = config
-    with open(folder / HISTORY_NAME, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_line(folder / HISTORY_NAME, json.dumps(record))
     return record
+
+
+def append_line(path: pathlib.Path, line: str) -> None:
+    """Append one line to a log file; a failed write (no space) names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
 
 
 def read_history(folder: pathlib.Path) -> list[dict]:
