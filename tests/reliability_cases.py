@@ -251,6 +251,7 @@ CASES: list[Case] = [
          "made on mnist", _with_metadata("mnist.npz", _meta(dataset="mnist"))),
     Case("evaluate", "--zca with a file preprocessed without ZCA", ("evaluate", SET, "--dataset", "digits", "--zca"),
          "--zca"),
+    Case("evaluate", "--out under a file", ("evaluate", SET, "--out", f"{D}/F/out"), "is a file"),
     Case("evaluate", "--reg nan", ("evaluate", SET, "--dataset", "digits", "--reg", "nan"), "finite number"),
     Case("evaluate", "--reg -1", ("evaluate", SET, "--dataset", "digits", "--reg", "-1"), "must be >= 0"),
     Case("evaluate", "--memory-budget-mb nan", ("evaluate", SET, "--dataset", "digits", "--memory-budget-mb", "nan"),
@@ -258,7 +259,10 @@ CASES: list[Case] = [
     Case("evaluate", "--W-std inf", ("evaluate", SET, "--dataset", "digits", "--W-std", "inf"), "finite number"),
     Case("evaluate", "--test-limit 0", ("evaluate", SET, "--dataset", "digits", "--test-limit", "0"),
          "positive integer"),
-    Case("evaluate", "unknown dataset", ("evaluate", SET, "--dataset", "imagenet"), "unknown dataset"),
+    Case("evaluate", "unknown dataset (released file)", ("evaluate", f"{D}/released.npz", "--dataset", "imagenet"),
+         "unknown dataset", _with("released.npz", metadata=None, preprocess_mean=None, preprocess_std=None)),
+    Case("evaluate", "released file without --dataset", ("evaluate", f"{D}/released.npz"), "add --dataset",
+         _with("released.npz", metadata=None, preprocess_mean=None, preprocess_std=None)),
 
     # -- transfer
     Case("transfer", "compressed .npz with corrupted bytes (zlib)", ("transfer", f"{D}/corrupt.npz", "--steps", "2"),
@@ -276,10 +280,9 @@ CASES: list[Case] = [
     Case("transfer", "--zca-reg 0", ("transfer", SET, "--zca-reg", "0"), "must be > 0"),
     Case("transfer", "--out under a file", ("transfer", SET, "--steps", "2", "--out", f"{D}/F/out"), "is a file"),
     # -- baseline
-    Case("baseline", "--out under a file", ("baseline", "--dataset", "digits", "--out", f"{D}/F/set.npz"),
-         "is a file"),
-    Case("baseline", "--out is a folder", ("baseline", "--dataset", "digits", "--out", f"{D}/run"), "is a folder"),
-    Case("baseline", "--out under /proc", ("baseline", "--dataset", "digits", "--out", "/proc/kd-test/set.npz"),
+    Case("baseline", "--out under a file", ("baseline", "--dataset", "digits", "--out", f"{D}/F/out"), "is a file"),
+    Case("baseline", "--out is a file", ("baseline", "--dataset", "digits", "--out", f"{D}/F"), "is a file"),
+    Case("baseline", "--out under /proc", ("baseline", "--dataset", "digits", "--out", "/proc/kd-test"),
          "/proc/kd-test"),
     Case("baseline", "--reg inf", ("baseline", "--dataset", "digits", "--reg", "inf"), "finite number"),
     Case("baseline", "--zca-reg nan", ("baseline", "--dataset", "digits", "--zca-reg", "nan"), "finite number"),

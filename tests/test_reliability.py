@@ -27,3 +27,22 @@ def test_bad_input_is_one_line_exit_2_and_loses_nothing(case, template, tmp_path
     assert case.match in outcome.stderr, outcome.stderr
     assert outcome.files_unchanged and outcome.check_passed, "a file that was there changed"
     assert case.may_add or not outcome.new_files, outcome.new_files
+
+
+def test_a_files_dataset_and_preprocessing_are_honoured_everywhere(tmp_path, capsys):
+    """A ZCA set: evaluate (no --dataset: the file's) and label-solve --support score it in its own space."""
+    import json
+
+    from kernel_distill.cli import main
+
+    path = tmp_path / "zca.npz"
+    assert main(["baseline", "--dataset", "digits", "--per-class", "5", "--seeds", "1", "--zca", "--out", str(path),
+                 "--no-progress", "--json"]) == 0
+    natural = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracies"][0] / 100
+    assert main(["evaluate", str(path), "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(natural)
+    assert main(["label-solve", "--dataset", "digits", "--support", str(path), "--out", str(tmp_path / "ls"),
+                 "--no-progress", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Scored on test images mapped with the file's ZCA, the original labels give the file's own accuracy.
+    assert metrics["test_accuracy_original_labels"] == pytest.approx(natural, abs=1e-6)

@@ -7,6 +7,7 @@ Every user-facing failure (bad argument, missing or malformed file, impossible r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -92,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="KRR test accuracy of a distilled set (.npz)")
     p.add_argument("file", help="distilled set: a kernel-distill .npz or a released KIP .npz")
-    p.add_argument("--dataset", required=True, help="dataset whose test split is used")
+    p.add_argument("--dataset", default=None,
+                   help="dataset whose test split is used (default: the file's; a different one is refused)")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
     p.add_argument("--out", default=None, help="folder for results.json")
     _add_kernel(p, default_kernel=None)
@@ -282,14 +284,28 @@ def _finish(args, record: dict, out=None) -> None:
 
 
 def _cmd_evaluate(args) -> int:
+    from kernel_distill.io import dataset_of, load_distilled
+
+    _check_positive("--test-limit", args.test_limit)
+    distilled = load_distilled(args.file)
+    args.dataset = dataset_of(distilled, args.file, args.dataset)
+    with _output_folder(args.out):
+        return _evaluate(args, distilled)
+
+
+def _output_folder(out):
+    """Create, test and lock an output folder before any computation (nothing to do without one)."""
+    from kernel_distill.runs import claim_output_folder
+
+    return claim_output_folder(out) if out is not None else contextlib.nullcontext()
+
+
+def _evaluate(args, distilled) -> int:
     from kernel_distill import experiments
-    from kernel_distill.io import load_distilled
     from kernel_distill.krr import DEFAULT_REG
     from kernel_distill.results import dataset_record, make_record, split_checksum
 
-    _check_positive("--test-limit", args.test_limit)
     start = time.perf_counter()
-    distilled = load_distilled(args.file)
     preprocessor = experiments.preprocessing_for(distilled, args.file, args.dataset, args.data_dir, args.zca,
                                                  args.zca_reg, progress=not args.no_progress)
     x_test, y_test = experiments.load_test_split(args.dataset, args.data_dir, None, not args.no_progress)
@@ -316,16 +332,22 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_baseline(args) -> int:
-    from kernel_distill import experiments
     from kernel_distill.data import dataset_info
-    from kernel_distill.io import save_distilled
-    from kernel_distill.krr import DEFAULT_REG
-    from kernel_distill.results import dataset_record, make_record
 
     _check_positive("--per-class", args.per_class, allow_none=False)
     _check_positive("--seeds", args.seeds, allow_none=False)
     _check_positive("--test-limit", args.test_limit)
     dataset_info(args.dataset)
+    with _output_folder(args.out):
+        return _baseline(args)
+
+
+def _baseline(args) -> int:
+    from kernel_distill import experiments
+    from kernel_distill.io import save_distilled
+    from kernel_distill.krr import DEFAULT_REG
+    from kernel_distill.results import dataset_record, make_record
+
     spec = _spec_from_args(args)
     get, reg = args.get or "ntk", args.reg if args.reg is not None else DEFAULT_REG
     start = time.perf_counter()
@@ -379,24 +401,42 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_label_solve(args) -> int:
-    from kernel_distill import experiments, plots
-    from kernel_distill.data import prepare_dataset
-    from kernel_distill.io import DistilledSet, load_distilled, save_distilled
-    from kernel_distill.krr import DEFAULT_REG
-    from kernel_distill.preprocess import centered_one_hot
-    from kernel_distill.results import dataset_record, make_record
+    from kernel_distill.io import check_preprocessing_request, dataset_of, load_distilled
 
     for name in ("--train-limit", "--test-limit"):
         _check_positive(name, getattr(args, name[2:].replace("-", "_")))
     _check_positive("--block-size", args.block_size, allow_none=False)
+    given = None
+    if args.support:
+        given = load_distilled(args.support)
+        dataset_of(given, args.support, args.dataset)
+        check_preprocessing_request(given, args.support, args.zca)
+        size = len(given.images)
+    else:
+        _check_positive("--support-size", args.support_size, allow_none=False)
+        size = args.support_size
+    out = pathlib.Path(args.out or f"runs/ls-{args.dataset}-{size}")
+    with _output_folder(out):  # checked and locked before the solve
+        return _label_solve(args, given, out)
+
+
+def _label_solve(args, given, out: pathlib.Path) -> int:
+    from kernel_distill import experiments, plots
+    from kernel_distill.data import prepare_dataset
+    from kernel_distill.io import DistilledSet, save_distilled
+    from kernel_distill.krr import DEFAULT_REG
+    from kernel_distill.preprocess import centered_one_hot
+    from kernel_distill.results import dataset_record, make_record
+
     start = time.perf_counter()
+    # A support file's own preprocessing maps the training and test images into its space.
     data = prepare_dataset(args.dataset, args.data_dir, zca=args.zca, zca_reg=args.zca_reg,
-                           test_limit=args.test_limit, progress=not args.no_progress)
+                           test_limit=args.test_limit, progress=not args.no_progress,
+                           preprocessor=given.preprocessor if given is not None else None)
     spec, get = _spec_from_args(args), args.get or "ntk"
     reg = args.reg if args.reg is not None else DEFAULT_REG
     kernel_fn = _kernel_fn(args, spec)
-    if args.support:
-        given = load_distilled(args.support)
+    if given is not None:
         if given.images.shape[1:] != data.x_train.shape[1:] or given.num_classes != data.num_classes:
             raise KernelDistillError(f"{args.support} does not match {args.dataset}: images "
                                      f"{given.images.shape[1:]}, {given.num_classes} label columns")
@@ -407,7 +447,6 @@ def _cmd_label_solve(args) -> int:
     result = experiments.label_solve_on(data, kernel_fn, x_support, original, reg, args.ls_reg, get,
                                         args.train_limit, args.block_size, _dtype(args), not args.no_progress)
     metrics = result["metrics"]
-    out = pathlib.Path(args.out or f"runs/ls-{args.dataset}-{len(x_support)}")
     config = dict(support=args.support, support_size=len(x_support), seed=args.seed, kernel=spec.to_dict(), get=get,
                   reg=reg, ls_reg=args.ls_reg, zca=args.zca, zca_reg=args.zca_reg, train_limit=args.train_limit,
                   test_limit=args.test_limit, block_size=args.block_size)
@@ -434,10 +473,7 @@ def _cmd_label_solve(args) -> int:
 
 
 def _cmd_transfer(args) -> int:
-    from kernel_distill import experiments, plots
     from kernel_distill.finite import TrainConfig, default_learning_rate
-    from kernel_distill.io import load_distilled
-    from kernel_distill.results import dataset_record, make_record
 
     _check_positive("--seeds", args.seeds, allow_none=False)
     for name in ("--test-limit", "--width", "--depth", "--natural-per-class"):
@@ -447,6 +483,17 @@ def _cmd_transfer(args) -> int:
                          learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
                          weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
                          eval_every=args.eval_every)
+    if (args.file is None) == (args.natural_per_class is None):
+        raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    with _output_folder(args.out):
+        return _transfer(args, config)
+
+
+def _transfer(args, config) -> int:
+    from kernel_distill import experiments, plots
+    from kernel_distill.io import load_distilled
+    from kernel_distill.results import dataset_record, make_record
+
     start = time.perf_counter()
     support = experiments.transfer_support(load_distilled(args.file) if args.file else None, args.file,
                                            args.dataset, args.natural_per_class, args.seed, args.data_dir, args.zca,

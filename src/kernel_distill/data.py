@@ -531,9 +531,13 @@ class PreparedData:
 
 
 def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float = 0.1,
-                    test_limit: int | None = None, progress: bool = True, val_size: int = 0) -> PreparedData:
+                    test_limit: int | None = None, progress: bool = True, val_size: int = 0,
+                    preprocessor: Preprocessor | None = None) -> PreparedData:
     """Load both splits of ``name``, hold out ``val_size`` class-balanced validation images from the training
-    split (:func:`validation_split`), fit the preprocessing on the rest of train, and apply it to all three."""
+    split (:func:`validation_split`), fit the preprocessing on the rest of train, and apply it to all three.
+
+    ``preprocessor``: use this one (a distilled file's own) instead of fitting one; ``zca`` is then ignored.
+    """
     from kernel_distill.results import split_checksum
 
     info = dataset_info(name)
@@ -545,7 +549,7 @@ def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float 
     train_idx, val_idx = validation_split(y_train, val_size, info.num_classes)
     raw_val, y_val = raw_train[val_idx], y_train[val_idx]
     raw_train, y_train = raw_train[train_idx], y_train[train_idx]
-    pre = fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
+    pre = preprocessor if preprocessor is not None else fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
     return PreparedData(name, info.num_classes, info.class_names, pre, raw_train, pre.apply(raw_train), y_train,
                         pre.apply(raw_test), y_test, pre.apply(raw_val) if len(raw_val) else None,
                         y_val if len(raw_val) else None, checksums)

@@ -16,7 +16,7 @@ import numpy as np
 
 from kernel_distill.data import PreparedData, dataset_info, load_dataset, natural_subset
 from kernel_distill.errors import KernelDistillError
-from kernel_distill.io import DistilledSet
+from kernel_distill.io import DistilledSet, check_preprocessing_request, dataset_of
 from kernel_distill.krr import evaluate
 from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor
 from kernel_distill.results import split_checksum
@@ -40,9 +40,14 @@ def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_d
                       zca_reg: float = 0.1, progress: bool = True, log: Callable = print) -> Preprocessor:
     """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
 
+    The file's own preprocessing is used when it has one (a contradicting ``zca`` is refused), and a file
+    made on another dataset is refused (:func:`kernel_distill.io.dataset_of`).
+
     A file without preprocessing (a released KIP file) gets it fitted on the training set (``zca`` and
     ``zca_reg`` say how). ``source`` names the file in messages.
     """
+    dataset = dataset_of(distilled, source, dataset)  # a set made on another dataset is refused
+    check_preprocessing_request(distilled, source, zca)
     info = dataset_info(dataset)
     if distilled.num_classes != info.num_classes:
         raise KernelDistillError(f"{source} has {distilled.num_classes} label columns, {dataset} has "
@@ -154,9 +159,7 @@ def transfer_support(file_set: DistilledSet | None, source: str | None, dataset:
     if (file_set is None) == (natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
     if file_set is not None:
-        dataset = dataset or file_set.metadata.get("dataset")
-        if not dataset:
-            raise KernelDistillError(f"{source} does not say its dataset: add --dataset")
+        dataset = dataset_of(file_set, source, dataset)
         preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log)
         return dict(x=file_set.images, y=file_set.labels, preprocessor=preprocessor, dataset=dataset, source=source,
                     checksums=checksums)

@@ -213,3 +213,28 @@ def _read_preprocessor(contents: dict, images: np.ndarray, metadata: dict, path:
         zca_matrix=arrays["zca_matrix"].astype(np.float32) if "zca_matrix" in arrays else None,
         zca_layer_norm=bool(metadata.get("zca_layer_norm", True)),
     )
+
+
+def dataset_of(distilled: DistilledSet, source: str, requested: str | None) -> str:
+    """The dataset a distilled set is used with: ``requested`` if given, else the one its metadata records.
+
+    A set made on one dataset is refused with another (its images and preprocessing belong to the first);
+    a file that records none (a released KIP file) needs ``requested``.
+    """
+    recorded = distilled.metadata.get("dataset")
+    if requested is None:
+        if not recorded:
+            raise KernelDistillError(f"{source} does not say its dataset: add --dataset")
+        return recorded
+    if recorded and recorded != requested:
+        raise KernelDistillError(f"{source} was made on {recorded}, not {requested}: its images and preprocessing "
+                                 f"belong to {recorded} (omit --dataset to use the file's)")
+    return requested
+
+
+def check_preprocessing_request(distilled: DistilledSet, source: str, zca: bool) -> None:
+    """A file's own preprocessing is always used; refuse a ``--zca`` that contradicts it."""
+    pre = distilled.preprocessor
+    if pre is not None and zca and not pre.uses_zca:
+        raise KernelDistillError(f"--zca: {source} was preprocessed without ZCA and its own preprocessing is "
+                                 f"used; drop --zca")

@@ -63,15 +63,6 @@ def ensure_writable_folder(path: str | os.PathLike, what: str = "output folder")
     return path
 
 
-def ensure_writable_file(path: str | os.PathLike, what: str = "output file") -> pathlib.Path:
-    """Check that ``path`` can be written (its folder is created and tested) before any computation."""
-    path = pathlib.Path(path)
-    if path.is_dir():
-        raise KernelDistillError(f"{what} {path} is a folder; give a file name")
-    ensure_writable_folder(path.parent if str(path.parent) else pathlib.Path("."), f"folder of {what}")
-    return path
-
-
 def remove_stale_temp_files(folder: pathlib.Path) -> list[str]:
     """Delete ``.NAME.XXXX.tmp`` files left by an interrupted atomic write. Call only under the lock."""
     removed = []
@@ -164,6 +155,12 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
                 else:
                     _refuse_if_not_empty(folder, option)  # a run that finished between the check and the lock
         yield folder
+
+
+def claim_output_folder(folder: str | os.PathLike):
+    """For a command that writes a fixed set of files (label-solve, transfer): the folder is created, tested
+    for writing and locked before any computation; its previous outputs are replaced, each atomically."""
+    return claim_run_folder(folder, overwrite=True)
 
 
 def _refuse_if_not_empty(folder: pathlib.Path, option: str):
