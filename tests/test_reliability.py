@@ -35,14 +35,21 @@ def test_a_files_dataset_and_preprocessing_are_honoured_everywhere(tmp_path, cap
 
     from kernel_distill.cli import main
 
-    path = tmp_path / "zca.npz"
-    assert main(["baseline", "--dataset", "digits", "--per-class", "5", "--seeds", "1", "--zca", "--out", str(path),
-                 "--no-progress", "--json"]) == 0
-    natural = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracies"][0] / 100
+    assert main(["baseline", "--dataset", "digits", "--per-class", "5", "--seeds", "1", "--zca", "--out",
+                 str(tmp_path / "natural"), "--no-progress", "--json"]) == 0
+    natural = _json_line(capsys)["metrics"]["test_accuracies"][0]
+    path = tmp_path / "natural" / "natural.npz"
     assert main(["evaluate", str(path), "--no-progress", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["accuracy"] == pytest.approx(natural)
+    assert _json_line(capsys)["metrics"]["test_accuracy"] == \
+        pytest.approx(natural)
     assert main(["label-solve", "--dataset", "digits", "--support", str(path), "--out", str(tmp_path / "ls"),
                  "--no-progress", "--json"]) == 0
-    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    metrics = _json_line(capsys)["metrics"]
     # Scored on test images mapped with the file's ZCA, the original labels give the file's own accuracy.
     assert metrics["test_accuracy_original_labels"] == pytest.approx(natural, abs=1e-6)
+
+
+def _json_line(capsys) -> dict:
+    import json
+
+    return json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith("{")))
