@@ -186,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preprocess(p)
     _add_common(p, kernel_options=False)  # finite networks train in float32 and need no kernel memory budget
 
+    p = sub.add_parser("report", help="a static HTML report of run folders (works offline, no server)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folders holding results.json, or folders of them")
+    p.add_argument("--out", required=True, help="report folder (index.html, runs/, img/)")
+
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
@@ -395,6 +400,10 @@ def _cmd_demo(args) -> int:
           f"{100 * summary['last_accuracy']:.2f}% (final), {100 * summary['best_test_accuracy']:.2f}% "
           f"(validation-best, step {summary['best_step']}) on {len(data.y_test)} test images")
     print(f"outputs in {out}/: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, results.json")
+    from kernel_distill.report import build_report
+
+    index = build_report([out], out / "report")
+    print(f"report: {index.resolve()}")
     print("MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
           "--learn-labels --steps 2000 --out runs/mnist-fc-10")
     return 0
@@ -525,6 +534,14 @@ def _transfer(args, config) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from kernel_distill.report import build_report, find_runs
+
+    index = build_report(args.runs, args.out)
+    print(f"report of {len(find_runs(args.runs))} run(s): {index.resolve()}")
+    return 0
+
+
 def _kip_config_from_args(args, base=None):
     from kernel_distill.kip import KipConfig
 
@@ -585,6 +602,7 @@ _COMMANDS = {
     "demo": _cmd_demo,
     "kip": _cmd_kip,
     "label-solve": _cmd_label_solve,
+    "report": _cmd_report,
     "transfer": _cmd_transfer,
 }
 
