@@ -150,3 +150,20 @@ def test_report_in_chromium(runs, tmp_path):
         assert any("undefinedFunction" in e["message"] for e in errors)
     finally:
         browser.quit()
+
+
+def test_docs_format_lists_every_field_the_commands_write(runs):
+    """docs/FORMAT.md matches the code: every top-level, provenance and metrics key written is documented."""
+    from kernel_distill.results import PROVENANCE_KEYS, REQUIRED
+
+    doc = (REPO / "docs" / "FORMAT.md").read_text()
+    section = doc[doc.index("## The result record"):]
+    for key in (*REQUIRED, *PROVENANCE_KEYS, "curves", "artifacts"):
+        assert f"`{key}`" in section, key
+    rows = {line.split("|")[1].strip(" `"): line for line in section.splitlines()
+            if line.startswith("| `") and line.count("|") == 3}
+    for path in runs.iterdir():
+        record = read_results(path)
+        row = rows[record["command"]]
+        for key in record["metrics"]:
+            assert f"`{key}`" in row or key in ("support_size", "num_test"), (record["command"], key)
