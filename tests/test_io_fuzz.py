@@ -20,8 +20,10 @@ from kernel_distill.preprocess import Preprocessor  # noqa: E402
 
 def _valid_files() -> dict[str, bytes]:
     rng = np.random.default_rng(0)
-    distilled = DistilledSet(rng.normal(size=(4, 4, 4, 1)).astype(np.float32), (np.eye(4) - 0.25).astype(np.float32),
-                             Preprocessor(np.zeros(1, np.float32), np.ones(1, np.float32), np.eye(16, dtype=np.float32)),
+    distilled = DistilledSet(rng.normal(size=(4, 4, 4, 1)).astype(np.float32),
+                             (np.eye(4) - 0.25).astype(np.float32),
+                             Preprocessor(np.zeros(1, np.float32), np.ones(1, np.float32),
+                                          np.eye(16, dtype=np.float32)),
                              dict(dataset="digits", method="kip", kernel=dict(architecture="fc"), reg=1e-6))
     with tempfile.TemporaryDirectory() as tmp:
         path = save_distilled(pathlib.Path(tmp) / "set.npz", distilled)

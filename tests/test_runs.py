@@ -66,8 +66,8 @@ def _visible(folder):
 
 def test_overwrite_replaces_a_run_and_history_records_each_resume(tmp_path, capsys):
     folder = tmp_path / "run"
-    short = ["--per-class", "1", "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2", "--target-batch", "100",
-             "--no-progress"]
+    short = ["--per-class", "1", "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2", "--target-batch",
+             "100", "--no-progress"]
     assert _kip("--out", folder, *short) == 0
     assert _kip("--out", folder, *short) == 2 and "--overwrite" in capsys.readouterr().err
     assert _kip("--out", folder, *short, "--seed", "3", "--overwrite") == 0

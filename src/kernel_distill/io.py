@@ -143,9 +143,17 @@ def validate_metadata(metadata, source: str) -> dict:
 
 def _read_arrays(path: pathlib.Path) -> dict:
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise KernelDistillError(f"{path}: cannot read ({e.strerror})") from None
+    if magic == b"\x93NUMPY":
+        raise KernelDistillError(f"{path}: a single .npy array, not an .npz archive of images and labels")
+    if not magic.startswith(b"PK"):
+        what = "empty" if not magic else "not a zip archive"
+        raise KernelDistillError(f"{path}: not a readable .npz file (it is {what})")
+    try:
         with np.load(path, allow_pickle=False) as f:
-            if not hasattr(f, "files"):  # a bare .npy array, not an archive
-                raise ValueError("a single array, not an .npz archive")
             return {k: f[k] for k in f.files}
     except KernelDistillError:
         raise

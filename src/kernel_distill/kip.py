@@ -401,7 +401,8 @@ def check_feasible(config: KipConfig, data: PreparedData) -> int:
     return per_class_target
 
 
-RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz", "grid.png", "curve.png", "results.json")
+RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz", "grid.png", "curve.png",
+             "results.json")
 
 
 def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,

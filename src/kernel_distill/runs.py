@@ -55,7 +55,7 @@ def ensure_writable_folder(path: str | os.PathLike, what: str = "output folder")
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=TEMP_SUFFIX, dir=path)
         os.close(fd)
-        os.unlink(probe)
+        pathlib.Path(probe).unlink(missing_ok=True)  # a run claiming the folder may have cleaned it up
     except OSError as e:
         if e.errno in (errno.ENOTDIR, errno.EEXIST):
             raise KernelDistillError(f"cannot create {what} {path}: a parent of it is a file") from None
