@@ -5,7 +5,9 @@ labels and a Label Solve set (FC NTK, whole training set), then trains each fini
 seeds on: the KIP set, the LS set, and a random natural class-balanced subset; prints test accuracy
 (mean +- std over the seeds, whole test set) and the training time per seed.
 
-Every finished cell is appended to ``OUT/results.jsonl``; a rerun skips the cells already there, so a long
+Every finished cell's result record (docs/FORMAT.md) is appended to ``benchmarks/results/transfer.jsonl``, from
+which ``benchmarks/tables.py`` makes the tables of docs/BENCHMARKS.md, and the cell itself to the cache
+``OUT/results.jsonl``; a rerun skips the cells already there, so a long
 table can be built over several sessions or stopped with Ctrl-C. ``--jobs 2`` trains two cells at once
 (one JAX process keeps only ~1.1 cores busy on a 2-core machine). ``--table-only`` prints what is cached.
 
@@ -24,6 +26,9 @@ import sys
 import time
 
 from kernel_distill.finite import MODELS, build_model, default_learning_rate
+from kernel_distill.results import append_record, read_results
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "transfer.jsonl"
 
 SOURCES = ("kip", "ls", "natural")
 
@@ -52,18 +57,30 @@ def cell_key(cell: dict) -> tuple:
 
 
 def run_cell(root: pathlib.Path, cell: dict) -> dict:
+    set_dir = root / f"{cell['dataset']}-{cell['source']}-{cell['per_class']}"
     if cell["source"] == "natural":
         source = ("--natural-per-class", str(cell["per_class"]), "--dataset", cell["dataset"])
     else:
-        source = (str(root / f"{cell['dataset']}-{cell['source']}-{cell['per_class']}" / "distilled.npz"),)
+        source = (str(set_dir / "distilled.npz"),)
     try:
         r = cli("transfer", *source, "--model", cell["model"], "--width", str(cell["width"]), "--steps",
                 str(cell["steps"]), "--lr", str(cell["lr"]), "--batch-size", str(cell["batch_size"]), "--loss",
                 cell["loss"], "--seeds", str(cell["seeds"]), "--eval-every", str(cell["steps"]))
     except RuntimeError as e:  # e.g. a diverged training: record it, keep going
         return dict(cell, error="diverged" if "became nan" in str(e) else str(e)[-200:])
-    train_seconds = (r["seconds"] - r["eval_seconds"]) / cell["seeds"]
-    return dict(cell, mean=r["mean"], std=r["std"], accuracies=[run["test_accuracy"] for run in r["runs"]],
+    m = r["metrics"]
+    train_seconds = m["train_seconds"] / cell["seeds"]
+    # The set's own KRR accuracy, beside its transfer (KIP: its final support, distilled.npz, is the one used).
+    krr = None
+    if cell["source"] != "natural":
+        set_metrics = read_results(set_dir)["metrics"]
+        krr = set_metrics.get("test_accuracy_final", set_metrics["test_accuracy"])
+    append_record(RESULTS, dict(r, config=dict(r["config"], set={"kip": "kip-fc"}.get(cell["source"], cell["source"]),
+                                               per_class=cell["per_class"], loss=cell["loss"], steps=cell["steps"],
+                                               batch_size=cell["batch_size"], learning_rate=cell["lr"]),
+                                metrics=dict(m, train_seconds_per_seed=train_seconds,
+                                             **({"set_krr_test_accuracy": krr} if krr is not None else {}))))
+    return dict(cell, mean=m["test_accuracy"], std=m["test_accuracy_std"], accuracies=m["test_accuracies"],
                 train_seconds_per_seed=train_seconds)
 
 

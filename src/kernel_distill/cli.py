@@ -400,12 +400,12 @@ def _cmd_demo(args) -> int:
           f"{100 * summary['last_accuracy']:.2f}% (final), {100 * summary['best_test_accuracy']:.2f}% "
           f"(validation-best, step {summary['best_step']}) on {len(data.y_test)} test images")
     print(f"outputs in {out}/: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, results.json")
+    print("MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
+          "--learn-labels --steps 2000 --out runs/mnist-fc-10")
     from kernel_distill.report import build_report
 
     index = build_report([out], out / "report")
-    print(f"report: {index.resolve()}")
-    print("MNIST: KERNEL_DISTILL_DATA=DIR .venv/bin/kernel-distill kip --dataset mnist --per-class 10 "
-          "--learn-labels --steps 2000 --out runs/mnist-fc-10")
+    print(f"report (open in a browser): {index.resolve()}")
     return 0
 
 
