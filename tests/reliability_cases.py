@@ -308,6 +308,19 @@ CASES: list[Case] = [
          "/proc/kd-test"),
     Case("label-solve", "--support-size not a multiple of the classes",
          ("label-solve", "--dataset", "digits", "--support-size", "15", "--out", f"{D}/ls"), "multiple of 10"),
+    # -- report
+    Case("report", "run folder does not exist", ("report", f"{D}/nothing", "--out", f"{D}/rep"), "no such folder"),
+    Case("report", "a file instead of a run folder", ("report", f"{D}/F", "--out", f"{D}/rep"), "no such folder"),
+    Case("report", "a folder without results.json", ("report", f"{D}/data", "--out", f"{D}/rep"),
+         "holds no results.json", _bad_dataset_dir),
+    Case("report", "results.json not JSON", ("report", f"{D}/run", "--out", f"{D}/rep"), "not valid JSON",
+         lambda d: (d / "run" / "results.json").write_text("{oops")),
+    Case("report", "results.json a list", ("report", f"{D}/run", "--out", f"{D}/rep"), "not a JSON object",
+         lambda d: (d / "run" / "results.json").write_text("[1, 2]")),
+    Case("report", "--out under a file", ("report", f"{D}/run", "--out", f"{D}/F/rep"), "Not a directory"),
+    # -- demo
+    Case("demo", "--out holds a finished run", ("demo", "--out", f"{D}/run"), "is not empty"),
+    Case("demo", "--out is a file", ("demo", "--out", f"{D}/F"), "is a file"),
     # -- kip: run folders
     Case("kip", "--out holds a finished run", ("kip", "--out", f"{D}/run", *RUN_ARGS), "is not empty"),
     Case("kip", "--out holds a killed run (no checkpoint)", ("kip", "--out", f"{D}/run", *RUN_ARGS), "is not empty",
@@ -411,7 +424,7 @@ def run_case(case: Case, template: pathlib.Path, folder: pathlib.Path) -> Outcom
         case.setup(folder)
     before = _snapshot(folder)
     argv = [a.replace("{d}", str(folder)) for a in case.argv]
-    if "--no-progress" not in argv:
+    if "--no-progress" not in argv and case.command != "report":  # report shows no progress
         argv.append("--no-progress")
     err, code, trace = io.StringIO(), None, None
     patch = case.patch(folder) if case.patch else contextlib.nullcontext()
