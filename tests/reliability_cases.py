@@ -343,6 +343,8 @@ CASES: list[Case] = [
          _config("[1, 2]")),
     Case("kip", "--resume: config.json per_class a string", ("kip", "--resume", f"{D}/run", "--steps", "9"),
          "per_class", _config_edit(per_class="ten")),
+    Case("kip", "--resume: config.json from another run (per_class 3) beside the checkpoint",
+         ("kip", "--resume", f"{D}/run", "--steps", "9"), "mixes two runs", _config_edit(per_class=3)),
     Case("kip", "--resume: config.json unknown field", ("kip", "--resume", f"{D}/run", "--steps", "9"),
          "unknown KIP config field", _config_edit(colour="red")),
     Case("kip", "--resume a folder in use by a live run", ("kip", "--resume", f"{D}/run", "--steps", "9"),

@@ -311,7 +311,26 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
     except Exception as e:  # a truncated zip, bad zlib data, a missing key: all mean the checkpoint is unusable
         raise KernelDistillError(f"cannot resume from {out_dir}: unreadable {CHECKPOINT} "
                                  f"({type(e).__name__}: {e})") from None
+    _check_checkpoint_matches(out_dir, config, state)
     return config, state
+
+
+def _check_checkpoint_matches(out_dir: pathlib.Path, config: KipConfig, state: KipState) -> None:
+    """A checkpoint and a config.json from two different runs (a mixed folder) are refused, not continued."""
+    images, labels = np.asarray(state.images), np.asarray(state.labels)
+    problems = []
+    if images.ndim != 4 or labels.ndim != 2 or len(images) != len(labels):
+        problems.append(f"support arrays of shapes {images.shape} and {labels.shape}")
+    elif len(images) != config.per_class * labels.shape[1]:
+        problems.append(f"{len(images)} support images where {CONFIG} says {config.per_class} per class for "
+                        f"{labels.shape[1]} classes")
+    elif np.shape(state.best_images) != images.shape or np.shape(state.best_labels) != labels.shape:
+        problems.append("a best support of another shape than the support")
+    elif state.step < 0 or np.shape(state.key) != (2,):
+        problems.append(f"step {state.step} and a random key of shape {np.shape(state.key)}")
+    if problems:
+        raise KernelDistillError(f"cannot resume from {out_dir}: {CHECKPOINT} holds {problems[0]} (the folder mixes "
+                                 f"two runs, or was edited); start a new run")
 
 
 def _read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
@@ -453,8 +472,13 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
         state = initial_state(config, data, optimizer)
     params = _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels)
     treedef = jax.tree_util.tree_structure(optimizer.init(params))
-    if treedef.num_leaves != len(state.opt_leaves):
+    fresh_leaves = jax.tree_util.tree_leaves(optimizer.init(params))
+    if treedef.num_leaves != len(state.opt_leaves) or any(
+            np.shape(a) != np.shape(b) for a, b in zip(fresh_leaves, state.opt_leaves)):
         raise KernelDistillError(f"cannot resume from {out_dir}: its optimiser state does not match this config")
+    if resume and (state.images.shape[1:] != data.x_train.shape[1:] or state.labels.shape[1] != data.num_classes):
+        raise KernelDistillError(f"cannot resume from {out_dir}: its support ({state.images.shape[1:]} images, "
+                                 f"{state.labels.shape[1]} classes) does not fit {data.name}")
     if resume:
         records = _read_metrics(out_dir / METRICS, state.step)
         runs.append_history(out_dir, "resume", state.step, changes=changes)
