@@ -116,3 +116,10 @@ def test_every_result_changing_field_is_compared_on_resume():
                 runs.resume_changes(saved, requested, RESUMABLE_FIELDS, config_flag)
     with pytest.raises(KernelDistillError, match="--val-size would change val_size"):  # a field a newer version adds
         runs.resume_changes(saved, dict(saved, val_size=100), RESUMABLE_FIELDS, config_flag)
+
+
+def test_a_run_refused_before_writing_leaves_no_folder_behind(tmp_path, capsys):
+    out = tmp_path / "new"
+    assert _kip("--out", out, "--per-class", "1000", "--no-progress") == 2  # refused after the folder was claimed
+    assert "larger than the smallest class" in capsys.readouterr().err
+    assert not out.exists()

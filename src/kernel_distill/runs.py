@@ -144,17 +144,26 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
             raise KernelDistillError(f"cannot resume: {folder} is not a folder")
     elif not overwrite and folder.resolve() not in _HELD:
         _refuse_if_not_empty(folder, option)
+    created = not folder.exists()
     ensure_writable_folder(folder)
     with _folder_lock(folder) as outermost:
-        if outermost:
-            remove_stale_temp_files(folder)
-            if not resume:
-                if overwrite:
-                    for name in (*run_files, HISTORY_NAME):
-                        (folder / name).unlink(missing_ok=True)
-                else:
-                    _refuse_if_not_empty(folder, option)  # a run that finished between the check and the lock
-        yield folder
+        try:
+            if outermost:
+                remove_stale_temp_files(folder)
+                if not resume:
+                    if overwrite:
+                        for name in (*run_files, HISTORY_NAME):
+                            (folder / name).unlink(missing_ok=True)
+                    else:
+                        _refuse_if_not_empty(folder, option)  # a run that finished between the check and the lock
+            yield folder
+        except BaseException:
+            if outermost and created and not _visible_contents(folder):
+                # A run refused before it wrote anything leaves no trace (the lock is still held here).
+                (folder / LOCK_NAME).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
 
 
 def claim_output_folder(folder: str | os.PathLike):
