@@ -45,11 +45,12 @@ def main():
 
     print(f"# KIP {args.kernel.upper()} NTK; {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})")
-    print("| dataset | per class | labels | steps | final acc % | validation-selected acc % (step) | published KIP-FC % "
-          "| wall s |")
+    print("| dataset | per class | labels | steps | final acc % | validation-selected acc % (step) "
+          "| published KIP-FC % | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets:
-        data = prepare_for(KipConfig(dataset=name), progress=False)  # the same validation split for every run
+        # One validation split per dataset, the same for every run (it depends on the dataset only).
+        data = prepare_for(KipConfig(dataset=name), progress=False)
         for per_class, steps in zip(args.per_class, args.steps):
             for labels in args.labels:
                 config = KipConfig(dataset=name, per_class=per_class, kernel=KernelSpec(args.kernel),

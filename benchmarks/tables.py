@@ -151,26 +151,29 @@ def render_kernel_throughput() -> str:
 
 
 def render_kip_fc() -> str:
-    records = list(newest(load("kip_fc"), lambda r: (r["dataset"]["name"], r["config"]["per_class"],
-                                                     r["config"]["learn_labels"], r["config"]["kernel"]["architecture"]))
-                   .values())
+    def cell(r):
+        c = r["config"]
+        return r["dataset"]["name"], c["per_class"], c["learn_labels"], c["kernel"]["architecture"]
+
+    records = list(newest(load("kip_fc"), cell).values())
     records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["per_class"],
                                 not r["config"]["learn_labels"]))
     natural = krr_natural_means()
     rows = []
     for r in records:
         c, m, sel = r["config"], r["metrics"], r["selection"]
+        split = sel["split"].upper() if sel["split"] == "test" else sel["split"]
         base = natural.get((r["dataset"]["name"], c["kernel"].get("depth", 1), c["per_class"]))
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), c["per_class"],
                      "learned" if c["learn_labels"] else "fixed", c["steps"], pct(m.get("test_accuracy_final")),
-                     f"{pct(m['test_accuracy'])} ({sel['step']}, on {sel['split'].upper() if sel['split'] == 'test' else sel['split']})",
+                     f"{pct(m['test_accuracy'])} ({sel['step']}, on {split})",
                      pct(base["metrics"]["test_accuracy"]) if base else "-",
                      PUBLISHED_KIP_FC.get((r["dataset"]["name"], c["per_class"]), "-") if c["learn_labels"] else "-",
                      f"{r['provenance']['wall_seconds']:.0f}" if r["provenance"].get("wall_seconds") else "-",
                      machine(r), source(r)])
-    return table(["dataset", "per class", "labels", "steps", "final acc %", "selected acc % (step, split)",
-                  "natural subset % (krr_accuracy)", "published KIP-FC %", "wall s", "machine", "record"], rows) \
-        + footer("kip_fc", records)
+    header = ["dataset", "per class", "labels", "steps", "final acc %", "selected acc % (step, split)",
+              "natural subset % (krr_accuracy)", "published KIP-FC %", "wall s", "machine", "record"]
+    return table(header, rows) + footer("kip_fc", records)
 
 
 def render_label_solve() -> str:

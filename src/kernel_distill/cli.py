@@ -331,7 +331,8 @@ def _evaluate(args, distilled) -> int:
                   file_metadata=meta)
     record = make_record("evaluate", "file", dataset_record(args.dataset, dict(test=checksum),
                                                             num_test=metrics["num_test"]),
-                         metrics, config, dtype=_dtype(args).__name__, wall_seconds=time.perf_counter() - start, argv=args.command_line)
+                         metrics, config, dtype=_dtype(args).__name__, wall_seconds=time.perf_counter() - start,
+                         argv=args.command_line)
     _finish(args, record, args.out)
     return 0
 
@@ -591,7 +592,9 @@ def _cmd_kip(args) -> int:
     print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, "
           f"results.json")
     if args.json:
-        print(json.dumps(summary))
+        from kernel_distill.results import read_results
+
+        print(json.dumps(read_results(out)))
     return 0
 
 

@@ -10,8 +10,9 @@ Models:
   (3x3 conv with bias, instance normalisation, ReLU, 2x2 average pool) of width 128, then a dense layer.
 
 Training: full-batch (distilled sets are small) SGD with momentum 0.9 and a cosine schedule, or Adam;
-L2 weight decay coupled to the gradient (``weight_decay * params`` is added to the gradient before momentum
-or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly learned, dense) labels or cross-entropy on their argmax.
+L2 weight decay coupled to the gradient (``weight_decay * params`` is added to the gradient before
+momentum or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly
+learned, dense) labels or cross-entropy on their argmax.
 """
 
 from __future__ import annotations
