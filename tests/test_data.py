@@ -8,7 +8,9 @@ import gzip
 import hashlib
 import http.server
 import io
+import os
 import pickle
+import stat
 import tarfile
 import threading
 
@@ -118,6 +120,10 @@ def test_download_verify_parse_and_cache(tmp_path, monkeypatch, fake_mnist):
     cached = tmp_path / "mnist" / "train.npz"
     assert cached.is_file()
     assert not list((tmp_path / "mnist").glob(".*"))  # no temporary files left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (tmp_path / "mnist").iterdir():  # downloads and the cache get the usual permissions, not 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path.name
     # Served no more: the cache alone answers.
     monkeypatch.setenv("KERNEL_DISTILL_MIRROR", "http://127.0.0.1:9/")
     x2, _ = load_dataset("mnist", "train", data_dir=tmp_path)

@@ -26,7 +26,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     except OSError as e:
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a written file gets the usual permissions
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; a written file gets the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -40,7 +40,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (read by setting it and restoring it at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

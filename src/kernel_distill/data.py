@@ -33,7 +33,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernel_distill.atomic import atomic_write_bytes
+from kernel_distill.atomic import atomic_write_bytes, current_umask
 from kernel_distill.errors import DataError
 from kernel_distill.preprocess import Preprocessor, fit_preprocessor
 
@@ -248,6 +248,7 @@ def download_file(remote: RemoteFile, folder: pathlib.Path, progress: bool = Tru
     fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
     tmp = pathlib.Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # a download is a normal file, not mkstemp's 0600
         with os.fdopen(fd, "wb") as out:
             _stream(url, out, remote.filename, progress, timeout_s)
         actual = _md5(tmp)
