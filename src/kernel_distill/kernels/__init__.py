@@ -1,0 +1,21 @@
+"""Infinite-width NNGP and NTK kernels of ReLU networks, computed in closed form with JAX.
+
+* :mod:`~kernel_distill.kernels.spec`: architectures as layer lists, the registry, :class:`KernelSpec`.
+* :mod:`~kernel_distill.kernels.exact`: the layer walk for one block (banded conv covariances).
+* :mod:`~kernel_distill.kernels.api`: whole matrices under a memory budget, and the block + VJP API.
+
+See docs/KERNELS.md for the recursions, the banded representation and the numerical care at the diagonal.
+"""
+
+from kernel_distill.kernels.api import (
+    CPU_TILE_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, KernelFn, bytes_per_pair, kernel_block_vjp, kernel_matrix,
+    make_kernel_fn, self_stats_vjp)
+from kernel_distill.kernels.exact import kernel_block, layer_plan, self_stats
+from kernel_distill.kernels.spec import (
+    ARCHITECTURE_REGISTRY, ARCHITECTURES, AvgPool, Conv, Dense, Flatten, KernelSpec, Relu, register_architecture)
+
+__all__ = [
+    "ARCHITECTURES", "ARCHITECTURE_REGISTRY", "AvgPool", "CPU_TILE_BYTES", "Conv", "DEFAULT_MEMORY_BUDGET_BYTES",
+    "Dense", "Flatten", "KernelFn", "KernelSpec", "Relu", "bytes_per_pair", "kernel_block", "kernel_block_vjp",
+    "kernel_matrix", "layer_plan", "make_kernel_fn", "register_architecture", "self_stats", "self_stats_vjp",
+]

@@ -1,0 +1,183 @@
+"""The public kernel API: whole matrices (:class:`KernelFn`), and blocks with their VJPs for schedulers.
+
+Block API (what a distributed backend hands out, one block at a time)::
+
+    s1, s2 = self_stats(spec, x1), self_stats(spec, x2)           # per image, once
+    k = kernel_block(spec, x1, s1, x2, s2, get="ntk")              # (b1, b2)
+    dx1, ds1, dx2, ds2 = kernel_block_vjp(spec, x1, s1, x2, s2, ct) # ct: (b1, b2) cotangent of k
+    dx1 = dx1 + self_stats_vjp(spec, x1, ds1)                       # after summing ds1 over all blocks
+
+Gradients of a loss of a kernel matrix are the sum of these over blocks; :func:`matrix_vjp` does it for
+a whole matrix in the local process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels import tiling
+from kernel_distill.kernels.exact import kernel_block, layer_plan, self_stats
+from kernel_distill.kernels.spec import Flatten, KernelSpec
+
+Get = Literal["ntk", "nngp"]
+DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
+# On a CPU, small tiles win: the band arrays of a tile that fits the caches are read and written many
+# times per layer. Accelerators want tiles as large as the budget.
+CPU_TILE_BYTES = 16 * 2**20
+# Live arrays per image pair inside one block, forward or rematerialised backward (nngp, ntk, padded and
+# shifted copies, ReLU temporaries). A generous round number keeps the budget an upper bound.
+ARRAYS_PER_PAIR = 12
+
+
+def pair_elements(spec: KernelSpec, image_shape: tuple) -> int:
+    """Entries of the largest kernel array one image pair needs (1 for flat networks)."""
+    if isinstance(spec.layers[0], Flatten):
+        return 1
+    h, w, rh, rw = layer_plan(spec.layers, image_shape[0], image_shape[1])[0]
+    return h * w * (2 * rh + 1) * (2 * rw + 1)
+
+
+def bytes_per_pair(spec: KernelSpec, image_shape: tuple, itemsize: int) -> int:
+    return ARRAYS_PER_PAIR * pair_elements(spec, image_shape) * itemsize
+
+
+def kernel_block_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: Get = "ntk",
+                     wrt: tuple[bool, bool] = (True, True)):
+    """Vector-Jacobian product of :func:`kernel_block`.
+
+    Args:
+      cotangent: ``(b1, b2)``, e.g. ``dL/dK`` for this block.
+      wrt: which sides to differentiate; a side not wanted returns ``None`` and costs nothing.
+    Returns:
+      ``(dx1, dstats1, dx2, dstats2)``: cotangents of the images (through the block only) and of their
+      statistics. The full image gradient adds :func:`self_stats_vjp` of the statistics' cotangents,
+      summed over every block the image appears in.
+    """
+    want1, want2 = wrt
+    args = [x1, stats1, x2, stats2]
+    free = [i for i, want in zip((0, 1, 2, 3), (want1, want1, want2, want2)) if want]
+
+    def fn(*free_args):
+        full = list(args)
+        for i, a in zip(free, free_args):
+            full[i] = a
+        return kernel_block(spec, *full, get=get)
+
+    _, vjp = jax.vjp(fn, *[args[i] for i in free])
+    grads = vjp(cotangent.astype(jnp.result_type(x1)))
+    out = [None] * 4
+    for i, g in zip(free, grads):
+        out[i] = g
+    return tuple(out)
+
+
+def self_stats_vjp(spec: KernelSpec, x, stats_cotangent):
+    """Cotangent of ``x`` from the cotangent of ``self_stats(spec, x)``. ``-> (b, ...)`` like ``x``."""
+    _, vjp = jax.vjp(lambda z: self_stats(spec, z), x)
+    return vjp(tuple(stats_cotangent))[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFn:
+    """A callable ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for one :class:`KernelSpec`.
+
+    Inputs are NHWC images ``(n, H, W, C)`` (any ``(n, ...)`` for ``fc``, which flattens them) in the
+    preprocessed space, float32 or float64; the output has the inputs' floating dtype. Works under
+    ``jax.jit`` / ``jax.grad`` / ``jax.vjp``; peak memory stays near ``memory_budget_bytes``. ``x2=None``
+    (or ``x2 is x1``) computes each image's self statistics once.
+    """
+
+    spec: KernelSpec = KernelSpec()
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    tile_bytes: int | None = None  # None: CPU_TILE_BYTES on a CPU, the memory budget elsewhere
+
+    def __call__(self, x1, x2=None, get: Get = "ntk"):
+        if get not in ("ntk", "nngp"):
+            raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {get!r}")
+        same = x2 is None or x2 is x1
+        x1 = jnp.asarray(x1)
+        x2 = x1 if same else jnp.asarray(x2)
+        self.check_inputs(x1, x2)
+        dtype = jnp.result_type(x1.dtype, x2.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.float32
+        x1 = x1.astype(dtype)
+        x2 = x1 if same else x2.astype(dtype)
+        return kernel_matrix(self.spec, x1, None if same else x2, get, self.tile_budget())
+
+    def tile_budget(self) -> int:
+        tile = self.tile_bytes
+        if tile is None:  # only the conv kernels' band arrays gain from cache-sized tiles
+            on_cpu = jax.default_backend() == "cpu"
+            tile = CPU_TILE_BYTES if (on_cpu and self.spec.is_conv) else self.memory_budget_bytes
+        return min(self.memory_budget_bytes, tile)
+
+    def check_inputs(self, x1, x2):
+        for name, x in (("x1", x1), ("x2", x2)):
+            if x.ndim < 2:
+                raise KernelDistillError(f"{name} must have a leading batch axis, got shape {x.shape}")
+            if self.spec.is_conv and x.ndim != 4:
+                raise KernelDistillError(
+                    f"the {self.spec.architecture} kernel needs NHWC images (n, H, W, C); {name} has shape {x.shape}")
+        if x1.shape[1:] != x2.shape[1:]:
+            raise KernelDistillError(f"x1 and x2 differ in shape past the batch axis: {x1.shape} vs {x2.shape}")
+        if self.spec.is_conv:
+            smallest = self.spec.min_spatial_size()
+            if min(x1.shape[1:3]) < smallest:
+                raise KernelDistillError(
+                    f"{self.spec.architecture} with depth {self.spec.depth} needs images of at least "
+                    f"{smallest}x{smallest} pixels (one 2x2 pool per block); got {x1.shape[1]}x{x1.shape[2]}")
+        if x1.shape[0] == 0 or x2.shape[0] == 0:
+            raise KernelDistillError("empty input: x1 and x2 need at least one row each")
+
+
+def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+                   tile_bytes: int | None = None, **spec_kwargs) -> KernelFn:
+    """Build ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for an architecture.
+
+    ``memory_budget_bytes`` bounds the memory of one tile of the computation (forward or backward);
+    ``tile_bytes`` caps it further for speed (default: 16 MiB on a CPU, where cache-sized tiles are
+    fastest, and no cap on accelerators).
+
+    Example::
+
+        kernel_fn = make_kernel_fn(architecture="convnet", depth=3)
+        k = kernel_fn(x_train[:10], x_test[:20], get="ntk")   # (10, 20)
+    """
+    if spec is None:
+        spec = KernelSpec(**spec_kwargs)
+    elif spec_kwargs:
+        spec = dataclasses.replace(spec, **spec_kwargs)
+    if not (memory_budget_bytes > 0 and math.isfinite(memory_budget_bytes)):
+        raise KernelDistillError("memory_budget_bytes must be positive")
+    if tile_bytes is not None and tile_bytes <= 0:
+        raise KernelDistillError("tile_bytes must be positive")
+    return KernelFn(spec=spec, memory_budget_bytes=int(memory_budget_bytes), tile_bytes=tile_bytes)
+
+
+def tiled_self_stats(spec: KernelSpec, x, budget: int):
+    """:func:`self_stats` over chunks of ``x`` that fit ``budget`` (rematerialised in the backward pass)."""
+    per_image = bytes_per_pair(spec, x.shape[1:], jnp.dtype(x.dtype).itemsize) // 2
+    chunk = max(1, budget // max(1, per_image))
+    return tiling.tiled(jax.checkpoint(lambda z: self_stats(spec, z)), (x,), chunk)
+
+
+def kernel_matrix(spec: KernelSpec, x1, x2, get: Get, budget: int):
+    """``(n1, n2)`` kernel matrix in tiles of at most ``budget`` bytes. ``x2=None`` means ``x1``."""
+    stats1 = tiled_self_stats(spec, x1, budget)
+    if x2 is None:
+        x2, stats2 = x1, stats1
+    else:
+        stats2 = tiled_self_stats(spec, x2, budget)
+    n1, n2 = x1.shape[0], x2.shape[0]
+    b1, b2 = tiling.block_sizes(n1, n2, bytes_per_pair(spec, x1.shape[1:], jnp.dtype(x1.dtype).itemsize), budget)
+    if b1 >= n1 and b2 >= n2:
+        return kernel_block(spec, x1, stats1, x2, stats2, get)
+    block = jax.checkpoint(lambda a, sa, b, sb: kernel_block(spec, a, sa, b, sb, get))
+    return tiling.tile_pairs(block, (x1, stats1), (x2, stats2), b1, b2)
