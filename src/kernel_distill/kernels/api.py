@@ -22,7 +22,8 @@ import jax.numpy as jnp
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
-from kernel_distill.kernels.exact import kernel_block, layer_plan, self_stats
+from kernel_distill.kernels.exact import (
+    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats)
 from kernel_distill.kernels.spec import Flatten, KernelSpec
 
 Get = Literal["ntk", "nngp"]
@@ -179,5 +180,13 @@ def kernel_matrix(spec: KernelSpec, x1, x2, get: Get, budget: int):
     b1, b2 = tiling.block_sizes(n1, n2, bytes_per_pair(spec, x1.shape[1:], jnp.dtype(x1.dtype).itemsize), budget)
     if b1 >= n1 and b2 >= n2:
         return kernel_block(spec, x1, stats1, x2, stats2, get)
-    block = jax.checkpoint(lambda a, sa, b, sb: kernel_block(spec, a, sa, b, sb, get))
-    return tiling.tile_pairs(block, (x1, stats1), (x2, stats2), b1, b2)
+
+    # Columns outside, rows inside: each x2 chunk is gathered into band layout once (partner_arrays) and
+    # paired with every x1 row block.
+    row_block = jax.checkpoint(lambda a, sa, partner: kernel_block_from_partner(spec, a, sa, partner, get))
+
+    def column_block(b, sb):
+        partner = partner_arrays(spec, b, sb)
+        return tiling.tiled(lambda a, sa: row_block(a, sa, partner), (x1, stats1), b1).T  # (b2, n1)
+
+    return tiling.tiled(column_block, (x2, stats2), b2).T

@@ -8,7 +8,7 @@ pointwise. A 2x2 average pool maps an output offset ``D`` to input offsets ``2 D
 ConvNet reads out with Flatten + Dense, which sees only equal positions (offset 0). Walking the layers
 backwards from the readout therefore gives the offsets each layer needs: 0 after the last pool, 1 before
 it, 3 before the one before, 7 at full resolution for three pools (``r -> 2 r + 1`` per pool, capped by
-the image size). We store ``K[p, p + d]`` for ``|d| <= r`` only: an array ``(..., H, W, 2r+1, 2r+1)``,
+the image size). We store ``K[p, p + d]`` for ``|d| <= r`` only: an array ``(..., 2r+1, 2r+1, H, W)``,
 225 offsets per pixel at 32x32 for depth 3 instead of 1,024 (and 784 at 28x28). In that layout
 
 * a 3x3 conv is a 3x3 box filter over the positions (offsets fixed), then ``W^2 * . + b^2``;
@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernel_distill.kernels import numerics
-from kernel_distill.kernels.numerics import EXACT, ZERO_NTK, affine, relu_kernels
+from kernel_distill.kernels.numerics import EXACT, ZERO_NTK, affine, relu_kernels, std_and_inverse
 from kernel_distill.kernels.spec import AvgPool, Conv, Dense, Flatten, KernelSpec, Relu
 
 
@@ -72,9 +71,9 @@ def layer_plan(layers: tuple, height: int, width: int) -> tuple:
 
 @functools.lru_cache(maxsize=256)
 def _band_mask(h: int, w: int, rh: int, rw: int) -> np.ndarray:
-    """``(H, W, 2rh+1, 2rw+1)``: 1 where the partner position ``p + d`` lies inside the image."""
-    ph = np.arange(h)[:, None] + np.arange(-rh, rh + 1)[None, :]
-    pw = np.arange(w)[:, None] + np.arange(-rw, rw + 1)[None, :]
+    """``(2rh+1, 2rw+1, H, W)``: 1 where the partner position ``p + d`` lies inside the image."""
+    ph = np.arange(-rh, rh + 1)[:, None] + np.arange(h)[None, :]
+    pw = np.arange(-rw, rw + 1)[:, None] + np.arange(w)[None, :]
     inside_h = (ph >= 0) & (ph < h)
     inside_w = (pw >= 0) & (pw < w)
     return (inside_h[:, None, :, None] & inside_w[None, :, None, :]).astype(np.float64)
@@ -85,28 +84,28 @@ def _mask(h, w, rh, rw, dtype):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Banded spatial operators. A band array ends in (H, W, 2rh+1, 2rw+1).
+# Banded spatial operators. A band array ends in (2rh+1, 2rw+1, H, W): offsets, then positions (rows of
+# contiguous positions make the gathers and the 3x3 sums plain shifted copies).
 
 
 def band_gather(v, rh: int, rw: int):
-    """``out[..., p, q, i, j] = v[..., p + i - rh, q + j - rw]`` (0 outside). ``(..., H, W) -> (..., H, W, 2rh+1, 2rw+1)``."""
+    """``out[..., i, j, p, q] = v[..., p + i - rh, q + j - rw]`` (0 outside). ``(..., H, W) -> (..., 2rh+1, 2rw+1, H, W)``."""
     h, w = v.shape[-2:]
     pad = [(0, 0)] * (v.ndim - 2) + [(rh, rh), (rw, rw)]
     padded = jnp.pad(v, pad)
-    rows = jnp.stack([padded[..., i:i + h, :] for i in range(2 * rh + 1)], axis=-1)  # (..., H, W+2rw, Rh)
-    return jnp.stack([rows[..., :, j:j + w, :] for j in range(2 * rw + 1)], axis=-1)  # (..., H, W, Rh, Rw)
+    rows = jnp.stack([padded[..., i:i + h, :] for i in range(2 * rh + 1)], axis=-3)  # (..., Rh, H, W+2rw)
+    return jnp.stack([rows[..., j:j + w] for j in range(2 * rw + 1)], axis=-3)  # (..., Rh, Rw, H, W)
 
 
 def _box3(k):
-    """3x3 SAME average over the position axes of a band array (zero padding); offsets unchanged."""
-    nd = k.ndim
-    for axis in (nd - 4, nd - 3):
-        n = k.shape[axis]
-        pad = [(0, 0)] * nd
-        pad[axis] = (1, 1)
-        padded = jnp.pad(k, pad)
-        k = sum(jax.lax.slice_in_dim(padded, s, s + n, axis=axis) for s in range(3))
-    return k / 9.0
+    """3x3 SAME average over the position axes of a band array (zero padding); offsets unchanged.
+
+    One padded copy and nine shifted slices summed in one fused pass: 1.7x faster on a CPU than two
+    separable passes, each with its own padded copy.
+    """
+    h, w = k.shape[-2:]
+    padded = jnp.pad(k, [(0, 0)] * (k.ndim - 2) + [(1, 1), (1, 1)])
+    return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) * (1.0 / 9.0)
 
 
 def _resize_offsets(k, axis: int, radius: int):
@@ -138,61 +137,81 @@ def _pool_axis(k, pos_axis: int, off_axis: int, out_radius: int):
 def _pool(k, out_plan):
     h, w, rh, rw = out_plan
     nd = k.ndim
-    k = _pool_axis(k, nd - 4, nd - 2, rh)
-    k = _pool_axis(k, nd - 3, nd - 1, rw)
+    k = _pool_axis(k, nd - 2, nd - 4, rh)
+    k = _pool_axis(k, nd - 1, nd - 3, rw)
     return k * _mask(h, w, rh, rw, k.dtype)
 
 
 def _center(k):
-    """The offset-0 entries of a band array: ``(..., H, W, Rh, Rw) -> (..., H, W)``."""
-    rh, rw = (k.shape[-2] - 1) // 2, (k.shape[-1] - 1) // 2
-    return k[..., rh, rw]
+    """The offset-0 entries of a band array: ``(..., Rh, Rw, H, W) -> (..., H, W)``."""
+    rh, rw = (k.shape[-4] - 1) // 2, (k.shape[-3] - 1) // 2
+    return k[..., rh, rw, :, :]
 
 
 # ----------------------------------------------------------------------------------------------------
 # The walk over the layers.
 
 
-def _input_covariance(x1, x2, plan0, flat: bool, self_mode: bool):
-    """Covariance of the raw inputs, divided by the fan-in of the first affine layer.
+def _plan(spec: KernelSpec, x) -> tuple:
+    return layer_plan(spec.layers, *(x.shape[1:3] if x.ndim == 4 else (1, 1)))
 
-    Flat: ``(b1, b2)`` (``(b,)`` in self mode). Spatial: a band ``(b1, b2, H, W, Rh, Rw)`` of
-    ``x1[p] . x2[p + d] / C`` (``(b, H, W, Rh, Rw)`` in self mode).
+
+def _starts_flat(spec: KernelSpec) -> bool:
+    return isinstance(spec.layers[0], Flatten)
+
+
+def partner_arrays(spec: KernelSpec, x2, stats2):
+    """What the blocks need of their second images, gathered into band layout once per image.
+
+    Every pair ``(x1[a], x2[b])`` reads ``x2[b]`` and its per-pixel statistics at the partner positions
+    ``p + d``; gathering those once per ``x2`` image (instead of once per pair) is a third of the conv
+    kernel's time. Returns ``(input, relu_sides)``: the flattened ``(b2, D)`` inputs or their band
+    ``(b2, C, Rh, Rw, H, W)``, and per ReLU ``(std, 1/std)``, ``(b2,)`` or ``(b2, Rh, Rw, H, W)``.
     """
-    if flat:
-        x1f = x1.reshape(len(x1), -1)
-        d = x1f.shape[-1]
-        if self_mode:
-            return jnp.sum(x1f * x1f, axis=-1) / d
-        x2f = x2.reshape(len(x2), -1)
-        return jnp.matmul(x1f, x2f.T, precision=EXACT) / d
-    _, _, rh, rw = plan0
-    c = x1.shape[-1]
-    other = x1 if self_mode else x2
-    band = band_gather(jnp.moveaxis(other, -1, 1), rh, rw)  # (b2, C, H, W, Rh, Rw)
-    x1c = jnp.moveaxis(x1, -1, 1)[..., None, None]  # (b1, C, H, W, 1, 1)
-    if self_mode:
-        return jnp.sum(x1c * band, axis=1) / c
-    return jnp.sum(x1c[:, None] * band[None], axis=2) / c
+    plan = _plan(spec, x2)
+    if _starts_flat(spec):
+        inputs = x2.reshape(len(x2), -1)
+    else:
+        _, _, rh, rw = plan[0]
+        inputs = band_gather(jnp.moveaxis(x2, -1, 1), rh, rw)
+    sides = []
+    relu_plans = [plan[i] for i, layer in enumerate(spec.layers) if isinstance(layer, Relu)]
+    for variance, here in zip(stats2, relu_plans):
+        std, inv = std_and_inverse(variance)
+        if here is not None:
+            std, inv = band_gather(std, *here[2:]), band_gather(inv, *here[2:])
+        sides.append((std, inv))
+    return inputs, tuple(sides)
 
 
-def _walk(spec: KernelSpec, x1, x2, stats1, stats2, want_ntk: bool, self_mode: bool):
+def _walk(spec: KernelSpec, x1, stats1, partner, want_ntk: bool, self_mode: bool):
     """Propagate the kernel through ``spec.layers``.
 
-    Pair mode: returns ``(nngp, ntk)`` of shape ``(b1, b2)`` (``ntk`` None unless wanted).
-    Self mode (``x2``, ``stats*`` unused): returns the per-ReLU variances, a tuple of ``(b,)`` (flat) or
-    ``(b, H_l, W_l)`` (spatial) arrays, the statistics every pair block needs.
+    Pair mode: ``partner = partner_arrays(spec, x2, stats2)``; returns ``(nngp, ntk)`` of shape
+    ``(b1, b2)`` (``ntk`` None unless wanted).
+    Self mode (``stats1``, ``partner`` unused): returns the per-ReLU variances, a tuple of ``(b,)``
+    (flat) or ``(b, H_l, W_l)`` (spatial) arrays, the statistics every pair block needs.
     """
     layers = spec.layers
-    plan = layer_plan(layers, *(x1.shape[1:3] if x1.ndim == 4 else (1, 1)))
+    plan = _plan(spec, x1)
     w2, b2 = spec.W_std ** 2, spec.b_std ** 2
-    flat = isinstance(layers[0], Flatten)
-    k = _input_covariance(x1, x2, plan[0], flat, self_mode)
+    flat = _starts_flat(spec)
+    if flat:
+        x1f = x1.reshape(len(x1), -1)
+        if self_mode:
+            k = jnp.sum(x1f * x1f, axis=-1) / x1f.shape[-1]
+        else:
+            k = jnp.matmul(x1f, partner[0].T, precision=EXACT) / x1f.shape[-1]
+    else:  # a band of x1[p] . x2[p + d] / C
+        x1c = jnp.moveaxis(x1, -1, 1)[:, :, None, None]  # (b1, C, 1, 1, H, W)
+        if self_mode:
+            k = jnp.sum(x1c * band_gather(jnp.moveaxis(x1, -1, 1), *plan[0][2:]), axis=1) * (1.0 / x1.shape[-1])
+        else:
+            k = jnp.sum(x1c[:, None] * partner[0][None], axis=2) * (1.0 / x1.shape[-1])
     ntk = ZERO_NTK if (want_ntk and not self_mode) else None
     variances = []
     relu_index = 0
-    start = 1 if flat else 0
-    for i in range(start, len(layers)):
+    for i in range(1 if flat else 0, len(layers)):
         layer, here = layers[i], plan[i]
         if isinstance(layer, Dense):
             k, ntk = affine(k, ntk, w2, b2)
@@ -207,14 +226,18 @@ def _walk(spec: KernelSpec, x1, x2, stats1, stats2, want_ntk: bool, self_mode: b
                 if not spatial:  # E[relu(z)^2] = var / 2, exactly
                     k = k / 2.0
                     continue
-                var1 = v[..., None, None]
-                var2 = band_gather(v, *here[2:])
-            elif spatial:
-                var1 = stats1[relu_index][:, None, :, :, None, None]
-                var2 = band_gather(stats2[relu_index], *here[2:])[None]
+                std, inv = std_and_inverse(v)
+                side1 = (std[..., None, None, :, :], inv[..., None, None, :, :])
+                side2 = (band_gather(std, *here[2:]), band_gather(inv, *here[2:]))
             else:
-                var1, var2 = stats1[relu_index][:, None], stats2[relu_index][None, :]
-            k, ntk = relu_kernels(k, var1, var2, ntk)
+                std1, inv1 = std_and_inverse(stats1[relu_index])
+                std2, inv2 = partner[1][relu_index]
+                if spatial:
+                    side1 = (std1[:, None, None, None], inv1[:, None, None, None])
+                else:
+                    side1 = (std1[:, None], inv1[:, None])
+                side2 = (std2[None], inv2[None])
+            k, ntk = relu_kernels(k, *side1, *side2, ntk)
             relu_index += 1
         elif isinstance(layer, AvgPool):
             k = _pool(k, plan[i + 1])
@@ -236,7 +259,13 @@ def self_stats(spec: KernelSpec, x):
       A tuple with one array per ReLU layer: ``(b,)`` for dense layers, ``(b, H_l, W_l)`` for conv layers,
       in ``x``'s dtype. Differentiable with respect to ``x``.
     """
-    return _walk(spec, x, None, None, None, False, True)
+    return _walk(spec, x, None, None, False, True)
+
+
+def kernel_block_from_partner(spec: KernelSpec, x1, stats1, partner, get: str = "ntk"):
+    """:func:`kernel_block` with the second side already gathered by :func:`partner_arrays`."""
+    nngp, ntk = _walk(spec, x1, stats1, partner, get == "ntk", False)
+    return ntk if get == "ntk" else nngp
 
 
 def kernel_block(spec: KernelSpec, x1, stats1, x2, stats2, get: str = "ntk"):
@@ -248,5 +277,4 @@ def kernel_block(spec: KernelSpec, x1, stats1, x2, stats2, get: str = "ntk"):
     Returns:
       ``(b1, b2)`` in the inputs' dtype.
     """
-    nngp, ntk = _walk(spec, x1, x2, stats1, stats2, get == "ntk", False)
-    return ntk if get == "ntk" else nngp
+    return kernel_block_from_partner(spec, x1, stats1, partner_arrays(spec, x2, stats2), get)
