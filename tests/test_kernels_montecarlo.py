@@ -1,8 +1,9 @@
 """Monte-Carlo check: wide random finite networks converge to our analytic NNGP and NTK.
 
-The finite networks are written here in plain JAX (``lax.conv_general_dilated``, matmuls), independently of
-``kernel_distill.kernels``, in the NTK parameterization: every weight ~ N(0, 1), pre-activations
-``W_std / sqrt(fan_in) * (x @ w) + b_std * b``.
+The finite networks are :class:`kernel_distill.finite.LayerNet`, built from each registered architecture's
+layer list (the same list the exact kernel walks), in the NTK parameterization: every weight ~ N(0, 1),
+pre-activations ``W_std / sqrt(fan_in) * (x @ w) + b_std * b``. They share no code with the kernel
+recursions (flax convolutions and matmuls against covariance algebra), so agreement tests both.
 
 * Empirical NNGP: a readout with ``K`` outputs; ``f f^T / K`` per network (the readout is the only layer
   whose outputs are exchangeable, the hidden layers add the O(1/sqrt(width)) network-to-network spread).
@@ -25,73 +26,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_distill.kernels import make_kernel_fn
-
-W_STD, B_STD = math.sqrt(2.0), 0.1
-
-
-def _dense(h, w, b, w_std=W_STD):
-    return w_std * h @ w / math.sqrt(w.shape[0]) + B_STD * b
+from kernel_distill.finite import LayerNet
+from kernel_distill.kernels import ARCHITECTURES, KernelSpec, make_kernel_fn
 
 
-def _fc_init(key, d_in, width, depth, n_out):
-    dims = [d_in] + [width] * depth + [n_out]
-    params = []
-    for i in range(depth + 1):
-        key, kw, kb = jax.random.split(key, 3)
-        params.append((jax.random.normal(kw, (dims[i], dims[i + 1])), jax.random.normal(kb, (dims[i + 1],))))
-    return params
-
-
-def _fc_apply(params, x):
-    h = x.reshape(len(x), -1)
-    for w, b in params[:-1]:
-        h = jax.nn.relu(_dense(h, w, b))
-    return _dense(h, *params[-1])
-
-
-def _convnet_init(key, c_in, width, n_convs, n_out):
-    convs = []
-    for _ in range(n_convs):
-        key, kw, kb = jax.random.split(key, 3)
-        convs.append((jax.random.normal(kw, (3, 3, c_in, width)), jax.random.normal(kb, (width,))))
-        c_in = width
-    key, kw, kb = jax.random.split(key, 3)
-    return convs, (kw, kb, n_out)
-
-
-def _convnet_apply(params, x, prepend: bool):
-    convs, readout = params
-    h = x
-    for i, (w, b) in enumerate(convs):
-        fan_in = w.shape[0] * w.shape[1] * w.shape[2]
-        z = jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        h = jax.nn.relu(W_STD * z / math.sqrt(fan_in) + B_STD * b)
-        if not (prepend and i == 0):
-            n, height, width, c = h.shape
-            h = h[:, : height // 2 * 2, : width // 2 * 2]
-            h = h.reshape(n, height // 2, 2, width // 2, 2, c).mean(axis=(2, 4))
-    h = h.reshape(len(h), -1)
-    w, b = readout
-    return _dense(h, w, b)
-
-
-def _materialise_readout(params, d):
-    """The conv readout's shape depends on the flattened size, known only after a forward pass."""
-    convs, (kw, kb, n_out) = params
-    return convs, (jax.random.normal(kw, (d, n_out)), jax.random.normal(kb, (n_out,)))
-
-
-def _empirical_kernels(apply, init, x, num_networks, nngp_outputs=256):
+def _empirical_kernels(spec: KernelSpec, width: int, x, num_networks, nngp_outputs=256):
     """Returns ``(nngp_samples, ntk_samples)``, each ``(num_networks, n, n)`` float64 numpy."""
+
+    def net(n_out):
+        return LayerNet(spec.layers, n_out, width, "ntk", spec.W_std, spec.b_std)
+
+    wide, single = net(nngp_outputs), net(1)
 
     @jax.jit
     def one(key):
         k_nngp, k_ntk = jax.random.split(key)
-        f = apply(init(k_nngp, nngp_outputs), x)
+        f = wide.apply(wide.init(k_nngp, x), x)
         nngp = f @ f.T / f.shape[1]
-        params = init(k_ntk, 1)
-        jac = jax.jacrev(lambda p: apply(p, x)[:, 0])(params)
+        params = single.init(k_ntk, x)
+        jac = jax.jacrev(lambda p: single.apply(p, x)[:, 0])(params)
         flat = jnp.concatenate([j.reshape(len(x), -1) for j in jax.tree_util.tree_leaves(jac)], axis=1)
         return nngp, flat @ flat.T
 
@@ -114,10 +67,10 @@ def inputs():
     return x
 
 
-def _check(apply, init, x, architecture, depth, num_networks):
-    nngp_samples, ntk_samples = _empirical_kernels(apply, init, x, num_networks)
-    kernel_fn = make_kernel_fn(architecture=architecture, depth=depth)
-    wrong_fn = make_kernel_fn(architecture=architecture, depth=depth, W_std=1.05 * W_STD)
+def _check(spec: KernelSpec, width: int, x, num_networks):
+    nngp_samples, ntk_samples = _empirical_kernels(spec, width, jnp.asarray(x), num_networks)
+    kernel_fn = make_kernel_fn(spec)
+    wrong_fn = make_kernel_fn(spec, W_std=1.05 * spec.W_std)
     for get, samples in (("nngp", nngp_samples), ("ntk", ntk_samples)):
         analytic = np.asarray(kernel_fn(x, x, get=get))
         assert _within_tolerance(samples, analytic), f"{get}: Monte-Carlo mean disagrees with the analytic kernel"
@@ -125,20 +78,17 @@ def _check(apply, init, x, architecture, depth, num_networks):
             f"{get}: the test cannot tell a 5% error in W_std"
 
 
+def test_every_registered_architecture_has_a_monte_carlo_case():
+    covered = {"fc", "convnet", "convnet3"}
+    assert set(ARCHITECTURES) <= covered, f"add a Monte-Carlo case for {set(ARCHITECTURES) - covered}"
+
+
 @pytest.mark.parametrize("depth", [1, 3])
 def test_fc_converges_to_analytic(x64, inputs, depth):
-    d = int(np.prod(inputs.shape[1:]))
-    init = lambda key, n_out: _fc_init(key, d, 1024, depth, n_out)  # noqa: E731
-    _check(_fc_apply, init, inputs, "fc", depth, num_networks=20)
+    _check(KernelSpec("fc", depth), 1024, inputs, num_networks=20)
 
 
 @pytest.mark.slow
-def test_convnet_converges_to_analytic(x64, inputs):
-    width, prepend = 512, True
-    flat_dim = width  # 8x8 inputs, three 2x2 pools -> 1x1 pixels
-
-    def init(key, n_out):
-        return _materialise_readout(_convnet_init(key, inputs.shape[-1], width, 4, n_out), flat_dim)
-
-    apply = lambda p, x: _convnet_apply(p, x, prepend)  # noqa: E731
-    _check(apply, init, inputs, "convnet", 3, num_networks=12)
+@pytest.mark.parametrize("architecture", ["convnet", "convnet3"])
+def test_convnet_converges_to_analytic(x64, inputs, architecture):
+    _check(KernelSpec(architecture, 3), 512, inputs, num_networks=12)

@@ -551,7 +551,8 @@ def _kip_config_from_args(args, base=None):
                      target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,
                      zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
-                     memory_budget_mb=args.memory_budget_mb, select_on=args.select_on, val_size=args.val_size)
+                     memory_budget_mb=args.memory_budget_mb, select_on=args.select_on, val_size=args.val_size,
+                     float64=True if args.float64 else None)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.kernel or args.depth is not None or args.W_std is not None or args.b_std is not None:
         base["kernel"] = _spec_from_args(args, base["kernel"]).to_dict()

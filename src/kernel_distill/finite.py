@@ -2,10 +2,9 @@
 
 Models:
 
-* :class:`KipConvNet`: the finite version of the KIP ConvNet kernel: optional 3x3 conv + ReLU, then
-  ``depth`` blocks of (3x3 SAME conv, ReLU, 2x2 average pool), flatten, dense; ``width`` channels;
-  standard or NTK parameterization with ``W_std``/``b_std`` as in :mod:`kernel_distill.kernels`.
-* :class:`FCNet`: ``depth`` hidden Dense+ReLU layers of ``width`` units, then a dense readout.
+* :class:`LayerNet`: the finite network of a kernel architecture (``convnet``, ``convnet3``, ``fc``), built
+  from the same layer list (:mod:`kernel_distill.kernels.spec`) as the exact kernel; ``width`` channels or
+  units; standard or NTK parameterization with the kernel's ``W_std``/``b_std``.
 * :class:`EvalConvNet`: the field's standard evaluation network (DC, DSA, MTT, ...): ``depth`` blocks of
   (3x3 conv with bias, instance normalisation, ReLU, 2x2 average pool) of width 128, then a dense layer.
 
@@ -29,8 +28,10 @@ import numpy as np
 import optax
 
 from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels import spec as spec_layers
 
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
+_DEFAULT_WIDTHS = {"convnet": 128, "convnet3": 128, "fc": 1024}
 
 
 class _ParameterizedLayer(nn.Module):
@@ -80,51 +81,45 @@ def _avg_pool(x):
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
 
-class KipConvNet(nn.Module):
-    """Finite KIP ConvNet. ``(n, H, W, C) -> (n, num_classes)``.
+class LayerNet(nn.Module):
+    """The finite network of a kernel architecture, built from the same layer list as the exact kernel.
 
-    Parameters: ``(9 C + 1) w`` for the first conv, ``(9 w + 1) w`` for each further conv, and
-    ``(w * H' * W' + 1) * num_classes`` for the readout, where ``H' = H // 2**depth`` (likewise ``W'``).
+    ``layers`` is a tuple from :mod:`kernel_distill.kernels.spec` (e.g. ``KernelSpec("convnet").layers``);
+    every hidden Dense or conv layer gets ``width`` units or channels, the final Dense ``num_classes``.
+    In the NTK parameterization with the kernel's ``W_std``/``b_std`` its output covariance over random
+    initialisations tends to the kernel's NNGP as the width grows (tested in
+    tests/test_kernels_montecarlo.py). ``(n, H, W, C) -> (n, num_classes)``.
+
+    Parameters of the KIP ConvNet: ``(9 C + 1) w`` for the first conv, ``(9 w + 1) w`` for each further
+    conv, ``(w H' W' + 1) num_classes`` for the readout, ``H' = H // 2**depth``; of the FC net:
+    ``(d + 1) w + (depth - 1)(w + 1) w + (w + 1) num_classes``.
     """
 
+    layers: tuple
     num_classes: int
-    width: int = 128
-    depth: int = 3
-    prepend_conv: bool = True
+    width: int
     parameterization: str = "standard"
     W_std: float = math.sqrt(2.0)
     b_std: float = 0.1
 
     @nn.compact
     def __call__(self, x):
-        conv = dict(features=self.width, W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization)
-        if self.prepend_conv:
-            x = nn.relu(_Conv(**conv)(x))
-        for _ in range(self.depth):
-            x = _avg_pool(nn.relu(_Conv(**conv)(x)))
-        x = x.reshape(len(x), -1)
-        return _Dense(self.num_classes, self.W_std, self.b_std, self.parameterization)(x)
-
-
-class FCNet(nn.Module):
-    """Fully connected ReLU net. ``(n, ...) -> (n, num_classes)``.
-
-    Parameters: ``(d + 1) w + (depth - 1)(w + 1) w + (w + 1) num_classes`` for ``depth >= 1``.
-    """
-
-    num_classes: int
-    width: int = 1024
-    depth: int = 1
-    parameterization: str = "standard"
-    W_std: float = math.sqrt(2.0)
-    b_std: float = 0.1
-
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(len(x), -1)
-        for _ in range(self.depth):
-            x = nn.relu(_Dense(self.width, self.W_std, self.b_std, self.parameterization)(x))
-        return _Dense(self.num_classes, self.W_std, self.b_std, self.parameterization)(x)
+        common = dict(W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization)
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, spec_layers.Dense):
+                features = self.num_classes if i == len(self.layers) - 1 else self.width
+                x = _Dense(features, **common)(x)
+            elif isinstance(layer, spec_layers.Conv):
+                x = _Conv(self.width, **common)(x)
+            elif isinstance(layer, spec_layers.Relu):
+                x = nn.relu(x)
+            elif isinstance(layer, spec_layers.AvgPool):
+                x = _avg_pool(x)
+            elif isinstance(layer, spec_layers.Flatten):
+                x = x.reshape(len(x), -1)
+            else:
+                raise KernelDistillError(f"LayerNet cannot build {layer!r}")
+        return x
 
 
 class EvalConvNet(nn.Module):
@@ -153,11 +148,10 @@ def build_model(name: str, num_classes: int, width: int | None = None, depth: in
         raise KernelDistillError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     if parameterization not in ("standard", "ntk"):
         raise KernelDistillError(f"parameterization must be 'standard' or 'ntk', got {parameterization!r}")
-    if name in ("convnet", "convnet3"):
-        return KipConvNet(num_classes, width or 128, depth or 3, prepend_conv=name == "convnet",
-                          parameterization=parameterization)
-    if name == "fc":
-        return FCNet(num_classes, width or 1024, depth if depth is not None else 1, parameterization)
+    if name in spec_layers.ARCHITECTURE_REGISTRY:
+        spec = spec_layers.KernelSpec(name, depth)
+        return LayerNet(spec.layers, num_classes, width or _DEFAULT_WIDTHS[name], parameterization, spec.W_std,
+                        spec.b_std)
     return EvalConvNet(num_classes, width or 128, depth or 3)
 
 

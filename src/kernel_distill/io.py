@@ -26,9 +26,12 @@ import numpy as np
 
 from kernel_distill.atomic import atomic_savez, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels.spec import KernelSpec
 from kernel_distill.preprocess import Preprocessor
 
-FORMAT_VERSION = 1
+# 2: metadata records the architecture's layer list (`kernel_layers`) beside the `kernel` spec, and a
+# `kernel` spec must hold exactly KernelSpec's fields. Version-1 files are read as before.
+FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -69,13 +72,29 @@ def _validate(images, labels, source: str):
             raise KernelDistillError(f"{source}: '{name}' contains NaN or inf")
 
 
+def layer_names(spec: KernelSpec) -> list[str]:
+    """The architecture's layers as names, e.g. ``["Conv", "Relu", ..., "Flatten", "Dense"]``."""
+    return [type(layer).__name__ for layer in spec.layers]
+
+
+def _check_format_version(metadata, path) -> None:
+    version = metadata.get("format_version", 1) if isinstance(metadata, dict) else 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise KernelDistillError(f"{path}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise KernelDistillError(f"{path}: written in file format {version}, newer than this kernel-distill "
+                                 f"reads ({FORMAT_VERSION}); upgrade kernel-distill")
+
+
 def save_distilled(path: str | os.PathLike, distilled: DistilledSet) -> pathlib.Path:
     """Write a :class:`DistilledSet` atomically. Returns the path."""
     from kernel_distill import __version__
 
     metadata = dict(distilled.metadata)
-    metadata.setdefault("format_version", FORMAT_VERSION)
+    metadata["format_version"] = FORMAT_VERSION
     metadata.setdefault("package_version", __version__)
+    if "kernel" in metadata:
+        metadata["kernel_layers"] = layer_names(KernelSpec.from_dict(metadata["kernel"]))
     arrays = dict(images=np.asarray(distilled.images, np.float32), labels=np.asarray(distilled.labels, np.float32))
     pre = distilled.preprocessor
     if pre is not None:
@@ -193,6 +212,7 @@ def load_distilled(path: str | os.PathLike) -> DistilledSet:
         except json.JSONDecodeError as e:
             raise KernelDistillError(f"{path}: 'metadata' is not valid JSON ({e})") from None
         validate_metadata(metadata, str(path))
+        _check_format_version(metadata, path)
     preprocessor = None
     if ("preprocess_mean" in contents) != ("preprocess_std" in contents):
         raise KernelDistillError(f"{path}: has only one of preprocess_mean and preprocess_std")

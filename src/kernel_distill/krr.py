@@ -19,14 +19,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels import KernelFn
 
 DEFAULT_REG = 1e-6
 
 
+def ridge(k, reg: float = DEFAULT_REG):
+    """The ridge ``reg * trace(K) / n`` added to a kernel's diagonal: KIP's regulariser, relative to the
+    mean eigenvalue. ``k``: a square numpy or JAX array. Returns a scalar of the same kind."""
+    return reg * k.trace() / k.shape[0]
+
+
 def regularized(k_ss, reg: float = DEFAULT_REG):
     """``K_ss + reg * trace(K_ss) / n * I``. ``(n, n) -> (n, n)``."""
-    n = k_ss.shape[0]
-    return k_ss + reg * jnp.trace(k_ss) / n * jnp.eye(n, dtype=k_ss.dtype)
+    return k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
 
 
 def krr_predict(k_ts, k_ss, y_s, reg: float = DEFAULT_REG):
@@ -74,8 +80,7 @@ def solve_support(k_ss: np.ndarray, y_s: np.ndarray, reg: float = DEFAULT_REG) -
     k = np.asarray(k_ss, dtype=np.float64)
     if not np.all(np.isfinite(k)):
         raise KernelDistillError("the support kernel has NaN or inf entries; check the support images")
-    n = k.shape[0]
-    k = k + reg * np.trace(k) / n * np.eye(n)
+    k = k + ridge(k, reg) * np.eye(k.shape[0])
     try:
         factor = scipy.linalg.cho_factor(k, lower=True)
     except np.linalg.LinAlgError:
@@ -83,6 +88,36 @@ def solve_support(k_ss: np.ndarray, y_s: np.ndarray, reg: float = DEFAULT_REG) -
             f"the regularised support kernel is not positive definite (reg={reg:g}); the support set may hold "
             f"duplicate images: raise --reg") from None
     return scipy.linalg.cho_solve(factor, np.asarray(y_s, dtype=np.float64))
+
+
+class padded_row_blocks:
+    """``(start, block)`` pairs over the rows of ``x``; the last block is padded (by repeating its last row)
+    to ``block_size`` rows, so a jitted function sees one shape and compiles once. Callers drop the
+    padded rows of the output (``[:len(x) - start]``)."""
+
+    def __init__(self, x, block_size: int):
+        if block_size < 1:
+            raise KernelDistillError("block size must be positive")
+        self.x, self.block_size = x, min(block_size, max(1, len(x)))
+
+    def __len__(self):
+        return -(-len(self.x) // self.block_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.x), self.block_size):
+            block = np.asarray(self.x[start:start + self.block_size])
+            missing = self.block_size - len(block)
+            if missing:
+                block = np.concatenate([block, np.repeat(block[-1:], missing, axis=0)])
+            yield start, block
+
+
+def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
+    """``kernel_fn(x1, x2, get)`` through a jitted function cached per kernel function and ``get``, so
+    repeated evaluations (KIP evaluates every few hundred steps) do not recompile."""
+    if isinstance(kernel_fn, KernelFn):
+        return kernel_fn.jitted(get)(x1, x2)
+    return kernel_fn(x1, x2, get=get)
 
 
 def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg: float = DEFAULT_REG,
@@ -113,12 +148,12 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     num_classes = y_support.shape[1]
     alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
     correct, squared_error = 0, 0.0
-    batched = jax.jit(lambda a, b: kernel_fn(a, b, get=get))
-    for start in tqdm(range(0, len(x_test), block_size), desc=description, disable=not progress, leave=False,
-                      unit="block"):
-        xb = x_test[start:start + block_size]
-        pred = np.asarray(batched(xb, x_support), dtype=np.float64) @ alpha
+    blocks = padded_row_blocks(x_test, block_size)
+    for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
+                          unit="block"):
+        pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha
         lb = labels_test[start:start + block_size]
+        pred = pred[:len(lb)]
         correct += int(np.sum(pred.argmax(axis=1) == lb))
         target = np.eye(num_classes)[lb] - 1.0 / num_classes
         squared_error += float(np.sum((pred - target) ** 2))

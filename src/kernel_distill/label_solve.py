@@ -19,12 +19,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
-import jax
 import numpy as np
 import scipy.linalg
 
 from kernel_distill.errors import KernelDistillError
-from kernel_distill.krr import DEFAULT_REG
+from kernel_distill.krr import DEFAULT_REG, cross_kernel, padded_row_blocks, ridge
 
 DEFAULT_LS_REG = 1e-6
 
@@ -40,7 +39,8 @@ class LabelSolveResult:
 def accumulate_normal_equations(kernel_fn: Callable, x_support: np.ndarray,
                                 train_blocks: Iterable[tuple[np.ndarray, np.ndarray]], get: str = "ntk",
                                 progress=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """Sum ``K_sb K_bs`` and ``K_sb y_b`` over training blocks ``(x_b, y_b)``.
+    """Sum ``K_sb K_bs`` and ``K_sb y_b`` over training blocks ``(x_b, y_b)`` (``x_b`` may carry padding
+    rows past ``len(y_b)``; they are ignored).
 
     Returns ``(gram (n, n) float64, projected (n, C) float64, number of training points)``.
     """
@@ -48,13 +48,13 @@ def accumulate_normal_equations(kernel_fn: Callable, x_support: np.ndarray,
     gram = np.zeros((n, n))
     projected = None
     count = 0
-    cross = jax.jit(lambda a, b: kernel_fn(a, b, get=get))
     for x_block, y_block in train_blocks:
-        k_sb = np.asarray(cross(x_support, x_block), dtype=np.float64)  # (n, b)
+        # (n, b); a padded block has more images than labels: its extra columns are dropped
+        k_sb = np.asarray(cross_kernel(kernel_fn, x_support, x_block, get), dtype=np.float64)[:, :len(y_block)]
         gram += k_sb @ k_sb.T
         contribution = k_sb @ np.asarray(y_block, dtype=np.float64)
         projected = contribution if projected is None else projected + contribution
-        count += len(x_block)
+        count += len(y_block)
         if progress is not None:
             progress.update(1)
     if projected is None:
@@ -67,8 +67,8 @@ def labels_from_normal_equations(k_ss: np.ndarray, gram: np.ndarray, projected: 
     """``(K_ss + lam I) (gram + eps I)^-1 projected`` in float64. Returns ``(n, C)``."""
     k_ss = np.asarray(k_ss, np.float64)
     n = len(k_ss)
-    lam = reg * np.trace(k_ss) / n
-    eps = ls_reg * np.trace(gram) / n
+    lam = ridge(k_ss, reg)
+    eps = ridge(gram, ls_reg)
     try:
         factor = scipy.linalg.cho_factor(gram + eps * np.eye(n), lower=True)
     except np.linalg.LinAlgError:
@@ -95,9 +95,9 @@ def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray
         raise KernelDistillError("block size must be positive")
     if len(x_train) != len(y_train):
         raise KernelDistillError(f"{len(x_train)} training images but {len(y_train)} labels")
-    starts = range(0, len(x_train), block_size)
-    blocks = ((x_train[i:i + block_size], y_train[i:i + block_size]) for i in starts)
-    with tqdm(total=len(starts), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
+    rows = padded_row_blocks(x_train, block_size)  # one compiled shape; padded rows have no labels
+    blocks = ((xb, y_train[start:start + block_size]) for start, xb in rows)
+    with tqdm(total=len(rows), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
         gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
     k_ss = np.asarray(kernel_fn(x_support, x_support, get=get), np.float64)
     labels = labels_from_normal_equations(k_ss, gram, projected, reg, ls_reg)
@@ -110,11 +110,11 @@ def training_objective(kernel_fn: Callable, x_support, y_support, x_train, y_tra
     from kernel_distill.krr import solve_support
 
     alpha = solve_support(np.asarray(kernel_fn(x_support, x_support, get=get)), y_support, reg)
-    cross = jax.jit(lambda a, b: kernel_fn(a, b, get=get))
     total = 0.0
-    for i in range(0, len(x_train), block_size):
-        pred = np.asarray(cross(x_train[i:i + block_size], x_support), np.float64) @ alpha
-        total += float(np.sum((pred - y_train[i:i + block_size]) ** 2))
+    for start, xb in padded_row_blocks(x_train, block_size):
+        target = y_train[start:start + block_size]
+        pred = (np.asarray(cross_kernel(kernel_fn, xb, x_support, get), np.float64) @ alpha)[:len(target)]
+        total += float(np.sum((pred - target) ** 2))
     return 0.5 * total / (len(x_train) * np.asarray(y_train).shape[1])
 
 

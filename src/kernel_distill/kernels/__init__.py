@@ -9,13 +9,17 @@ See docs/KERNELS.md for the recursions, the banded representation and the numeri
 
 from kernel_distill.kernels.api import (
     CPU_TILE_BYTES, DEFAULT_MEMORY_BUDGET_BYTES, KernelFn, bytes_per_pair, kernel_block_vjp, kernel_matrix,
-    make_kernel_fn, self_stats_vjp)
-from kernel_distill.kernels.exact import kernel_block, layer_plan, self_stats
+    kernel_matrix_from_stats, kernel_matrix_vjp, make_kernel_fn, self_stats_vjp, tiled_self_stats,
+    tiled_self_stats_vjp)
+from kernel_distill.kernels.exact import (
+    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats)
 from kernel_distill.kernels.spec import (
     ARCHITECTURE_REGISTRY, ARCHITECTURES, AvgPool, Conv, Dense, Flatten, KernelSpec, Relu, register_architecture)
 
 __all__ = [
     "ARCHITECTURES", "ARCHITECTURE_REGISTRY", "AvgPool", "CPU_TILE_BYTES", "Conv", "DEFAULT_MEMORY_BUDGET_BYTES",
     "Dense", "Flatten", "KernelFn", "KernelSpec", "Relu", "bytes_per_pair", "kernel_block", "kernel_block_vjp",
-    "kernel_matrix", "layer_plan", "make_kernel_fn", "register_architecture", "self_stats", "self_stats_vjp",
+    "kernel_block_from_partner", "kernel_matrix", "kernel_matrix_from_stats", "kernel_matrix_vjp", "layer_plan",
+    "make_kernel_fn", "partner_arrays", "register_architecture", "self_stats", "self_stats_vjp",
+    "tiled_self_stats", "tiled_self_stats_vjp",
 ]

@@ -14,6 +14,7 @@ a whole matrix in the local process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Literal
 
@@ -112,6 +113,11 @@ class KernelFn:
         x2 = x1 if same else x2.astype(dtype)
         return kernel_matrix(self.spec, x1, None if same else x2, get, self.tile_budget())
 
+    def jitted(self, get: Get = "ntk"):
+        """``jax.jit(lambda x1, x2: self(x1, x2, get))``, cached: one compilation per kernel, ``get`` and
+        input shape for the life of the process."""
+        return _jitted_kernel(self, get)
+
     def tile_budget(self) -> int:
         tile = self.tile_bytes
         if tile is None:  # only the conv kernels' band arrays gain from cache-sized tiles
@@ -136,6 +142,11 @@ class KernelFn:
                     f"{smallest}x{smallest} pixels (one 2x2 pool per block); got {x1.shape[1]}x{x1.shape[2]}")
         if x1.shape[0] == 0 or x2.shape[0] == 0:
             raise KernelDistillError("empty input: x1 and x2 need at least one row each")
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted_kernel(kernel_fn: KernelFn, get: str):
+    return jax.jit(lambda x1, x2: kernel_fn(x1, x2, get=get))
 
 
 def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
@@ -173,11 +184,19 @@ def kernel_matrix(spec: KernelSpec, x1, x2, get: Get, budget: int):
     """``(n1, n2)`` kernel matrix in tiles of at most ``budget`` bytes. ``x2=None`` means ``x1``."""
     stats1 = tiled_self_stats(spec, x1, budget)
     if x2 is None:
-        x2, stats2 = x1, stats1
-    else:
-        stats2 = tiled_self_stats(spec, x2, budget)
+        return kernel_matrix_from_stats(spec, x1, stats1, x1, stats1, get, budget)
+    return kernel_matrix_from_stats(spec, x1, stats1, x2, tiled_self_stats(spec, x2, budget), get, budget)
+
+
+def _tile_shape(spec: KernelSpec, x1, n2: int, budget: int) -> tuple[int, int]:
+    return tiling.block_sizes(len(x1), n2, bytes_per_pair(spec, x1.shape[1:], jnp.dtype(x1.dtype).itemsize),
+                              budget)
+
+
+def kernel_matrix_from_stats(spec: KernelSpec, x1, stats1, x2, stats2, get: Get, budget: int):
+    """``(n1, n2)`` kernel matrix from images and their :func:`self_stats`, in tiles of ``budget`` bytes."""
     n1, n2 = x1.shape[0], x2.shape[0]
-    b1, b2 = tiling.block_sizes(n1, n2, bytes_per_pair(spec, x1.shape[1:], jnp.dtype(x1.dtype).itemsize), budget)
+    b1, b2 = _tile_shape(spec, x1, n2, budget)
     if b1 >= n1 and b2 >= n2:
         return kernel_block(spec, x1, stats1, x2, stats2, get)
 
@@ -190,3 +209,77 @@ def kernel_matrix(spec: KernelSpec, x1, x2, get: Get, budget: int):
         return tiling.tiled(lambda a, sa: row_block(a, sa, partner), (x1, stats1), b1).T  # (b2, n1)
 
     return tiling.tiled(column_block, (x2, stats2), b2).T
+
+
+def _chunks(tree, block: int):
+    """Pad axis 0 of every leaf to a multiple of ``block`` and split it: ``(n, ...) -> (m, block, ...)``."""
+    def split(x):
+        x = tiling.pad_rows(x, block)
+        return x.reshape(-1, block, *x.shape[1:])
+    return jax.tree_util.tree_map(split, tree)
+
+
+def _unchunk(tree, n: int):
+    return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:])[:n], tree)
+
+
+def kernel_matrix_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: Get, budget: int,
+                      wrt: tuple[bool, bool] = (True, True)):
+    """VJP of :func:`kernel_matrix_from_stats`, as a sum of block VJPs (the local backend of the block API).
+
+    Args:
+      cotangent: ``(n1, n2)``, e.g. ``dL/dK``.
+      wrt: which sides to differentiate; a side not wanted returns ``(None, None)`` and costs nothing.
+    Returns:
+      ``(dx1, dstats1, dx2, dstats2)``, through the blocks only; add :func:`self_stats_vjp` of the summed
+      statistics cotangents for the full image gradients. Blocks run one after another (``lax.scan``),
+      each rematerialising its forward pass, so memory stays within one tile; each ``x2`` chunk is gathered
+      (and its gather differentiated) once, not once per block.
+    """
+    want1, want2 = wrt
+    n1, n2 = x1.shape[0], x2.shape[0]
+    b1, b2 = _tile_shape(spec, x1, n2, budget)
+    m1, m2 = -(-n1 // b1), -(-n2 // b2)
+    rows, cols = _chunks((x1, stats1), b1), _chunks((x2, stats2), b2)
+    ct = jnp.pad(cotangent.astype(x1.dtype), ((0, m1 * b1 - n1), (0, m2 * b2 - n2)))  # padded pairs count 0
+    ct = ct.reshape(m1, b1, m2, b2).transpose(2, 0, 1, 3)  # (m2, m1, b1, b2)
+
+    def block(a, sa, partner):
+        return kernel_block_from_partner(spec, a, sa, partner, get)
+
+    def column(row_grads, column_args):
+        b, sb, ct_column = column_args
+        if want2:
+            partner, partner_vjp = jax.vjp(lambda z, sz: partner_arrays(spec, z, sz), b, sb)
+        else:
+            partner = partner_arrays(spec, b, sb)
+
+        def row(partner_grad, row_args):
+            a, sa, ct_block = row_args
+            if want1 and want2:
+                _, vjp = jax.vjp(block, a, sa, partner)
+                da, dsa, dp = vjp(ct_block)
+                return jax.tree_util.tree_map(jnp.add, partner_grad, dp), (da, dsa)
+            if want1:
+                _, vjp = jax.vjp(lambda z, sz: block(z, sz, partner), a, sa)
+                return partner_grad, vjp(ct_block)
+            _, vjp = jax.vjp(lambda p: block(a, sa, p), partner)
+            return jax.tree_util.tree_map(jnp.add, partner_grad, vjp(ct_block)[0]), None
+
+        zero_partner = jax.tree_util.tree_map(jnp.zeros_like, partner) if want2 else None
+        partner_grad, column_row_grads = jax.lax.scan(row, zero_partner, (*rows, ct_column))
+        if want1:
+            row_grads = jax.tree_util.tree_map(jnp.add, row_grads, column_row_grads)
+        return row_grads, (partner_vjp(partner_grad) if want2 else None)
+
+    zero_rows = jax.tree_util.tree_map(jnp.zeros_like, rows) if want1 else None
+    row_grads, column_grads = jax.lax.scan(column, zero_rows, (*cols, ct))
+    dx1, ds1 = _unchunk(row_grads, n1) if want1 else (None, None)
+    dx2, ds2 = _unchunk(column_grads, n2) if want2 else (None, None)
+    return dx1, ds1, dx2, ds2
+
+
+def tiled_self_stats_vjp(spec: KernelSpec, x, stats_cotangent, budget: int):
+    """Cotangent of ``x`` from that of ``tiled_self_stats(spec, x, budget)``, in chunks of ``budget`` bytes."""
+    _, vjp = jax.vjp(lambda z: tiled_self_stats(spec, z, budget), x)
+    return vjp(tuple(stats_cotangent))[0]

@@ -93,18 +93,22 @@ ARCHITECTURE_REGISTRY: dict[str, Architecture] = {
     "convnet3": Architecture(convnet3_layers, 3, 1,
                              "depth x (conv, ReLU, 2x2 avg pool), flatten, Dense readout"),
 }
-ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)
+ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)  # the built-in ones; the registry may hold more
 
 
 def register_architecture(name: str, layers: Callable[[int], tuple], default_depth: int, min_depth: int = 0,
                           description: str = "") -> None:
-    """Add an architecture: ``layers(depth)`` must return a tuple of layer objects (see the module doc)."""
-    global ARCHITECTURES
+    """Add an architecture: ``layers(depth)`` must return a tuple of layer objects (see the module doc).
+
+    The exact kernel (:class:`KernelSpec` ``(name, depth)``) and the finite network
+    (:class:`kernel_distill.finite.LayerNet`) then both accept it.
+    """
     if name in ARCHITECTURE_REGISTRY:
         raise KernelDistillError(f"architecture {name!r} is already registered")
+    if not isinstance(layers(default_depth), tuple):
+        raise KernelDistillError("layers(depth) must return a tuple")
     validate_layers(layers(default_depth))
     ARCHITECTURE_REGISTRY[name] = Architecture(layers, default_depth, min_depth, description)
-    ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)
 
 
 def validate_layers(layers: tuple) -> None:
@@ -155,7 +159,7 @@ class KernelSpec:
     def __post_init__(self):
         if self.architecture not in ARCHITECTURE_REGISTRY:
             raise KernelDistillError(
-                f"unknown kernel architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURES)}")
+                f"unknown kernel architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURE_REGISTRY)}")
         arch = ARCHITECTURE_REGISTRY[self.architecture]
         if self.depth is None:
             object.__setattr__(self, "depth", arch.default_depth)
