@@ -12,6 +12,10 @@ compiled kernel (flops, bytes accessed) and from a measured float32 matmul rate 
 
     .venv/bin/python benchmarks/kernel_throughput.py --nt-python /tmp/ntvenv/bin/python
     .venv/bin/python benchmarks/kernel_throughput.py --impls ours   # no neural-tangents (e.g. on a GPU)
+    .venv/bin/python benchmarks/tables.py                            # regenerate docs/BENCHMARKS.md
+
+Each measurement appends a result record to benchmarks/results/kernel_throughput.jsonl (with the 1-minute
+load average: the timings are the fastest of ``--repeats`` runs, but a busy machine still slows them).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import platform
 import resource
 import subprocess
@@ -29,6 +34,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 SHAPES = {"28x28x1": (28, 28, 1), "32x32x3": (32, 32, 3)}
+RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "kernel_throughput.jsonl"
 # (n1, n2) per architecture: enough pairs for a stable timing, small enough for neural-tangents' memory.
 SIZES = {"fc": (2000, 2000), "convnet": (8, 16)}
 
@@ -101,9 +107,10 @@ def worker(impl, arch, shape_name, dtype_name, repeats):
         start = time.perf_counter()
         fn(x1, x2).block_until_ready()
         times.append(time.perf_counter() - start)
-    seconds = float(np.median(times))
+    seconds = float(np.min(times))  # the least disturbed run: the CPU may be shared
     result = dict(impl=impl, arch=arch, shape=shape_name, dtype=dtype_name, n1=n1, n2=n2, seconds=seconds,
                   pairs_per_second=n1 * n2 / seconds, peak_extra_mb=_peak_rss_mb() - rss_before,
+                  load_average=os.getloadavg()[0], budget_mb=float(os.environ.get("KD_BENCH_BUDGET_MB", "512")),
                   backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     if jax.default_backend() == "gpu":
         stats = jax.devices()[0].memory_stats() or {}
@@ -126,11 +133,10 @@ def _work_per_pair(arch, x1, x2):
         # bytes per pair depend on how rows are reused across the whole matrix, so none are claimed.
         d = int(np.prod(x1.shape[1:]))
         return 2.0 * d + 40.0, 0.0
-    else:
-        v1, v2 = kernels._conv_self_variances(x1, spec), kernels._conv_self_variances(x2, spec)
-        block = jax.jit(lambda a, va, c, vc: kernels._conv_block(a, c, va, vc, spec, True)[1])
-        args = (x1, v1, x2, v2)
-    cost = block.lower(*args).compile().cost_analysis()
+    s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
+    partner = kernels.partner_arrays(spec, x2, s2)
+    block = jax.jit(lambda a, sa, p: kernels.kernel_block_from_partner(spec, a, sa, p, "ntk"))
+    cost = block.lower(x1, s1, partner).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     pairs = len(x1) * len(x2)
     return float(cost.get("flops", 0)) / pairs, float(cost.get("bytes accessed", 0)) / pairs
@@ -158,6 +164,24 @@ def machine_limits():
     return gflops, gbps
 
 
+def _record(path, r, gflops, gbps):
+    """One result record per measurement (benchmarks/tables.py renders docs/BENCHMARKS.md from them)."""
+    from kernel_distill.results import append_record, make_record
+
+    metrics = dict(pairs_per_second=r["pairs_per_second"], seconds=r["seconds"], peak_extra_mb=r["peak_extra_mb"],
+                   machine_gflops=gflops, machine_gbps=gbps, load_average=r["load_average"])
+    for key in ("flops_per_pair", "bytes_per_pair", "peak_device_mb"):
+        if key in r:
+            metrics[key] = r[key]
+    impl = "ours" if r["impl"] == "ours" else "neural-tangents"
+    config = dict(network=r["arch"], input=r["shape"], dtype=r["dtype"], impl=impl, n1=r["n1"], n2=r["n2"],
+                  depth=1 if r["arch"] == "fc" else 3, memory_budget_mb=r.get("budget_mb"),
+                  other_jax=r["jax"] if impl != "ours" else None)
+    record = make_record("benchmark/kernel_throughput", impl, dict(name="synthetic", checksums={}), metrics, config,
+                         dtype=r["dtype"], wall_seconds=r["seconds"])
+    append_record(path, record)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--impls", nargs="+", default=["ours", "nt"], choices=["ours", "nt"])
@@ -166,7 +190,8 @@ def main():
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--jsonl", default=None)
+    parser.add_argument("--results", default=str(RESULTS), help="append result records here")
+    parser.add_argument("--no-record", action="store_true", help="print the table only")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ARCH", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -206,9 +231,8 @@ def main():
                     print(f"| {arch} | {shape} | {dtype} | {impl} | {r['pairs_per_second']:,.0f} | {mem:,.0f} | "
                           f"{achieved_gflops:.1f} ({100 * achieved_gflops / gflops:.1f}%) | "
                           f"{achieved_gbps:.1f} ({100 * achieved_gbps / gbps:.0f}%) |", flush=True)
-                    if args.jsonl:
-                        with open(args.jsonl, "a") as f:
-                            f.write(json.dumps(dict(r, machine_gflops=gflops, machine_gbps=gbps)) + "\n")
+                    if not args.no_record:
+                        _record(args.results, r, gflops, gbps)
 
 
 if __name__ == "__main__":

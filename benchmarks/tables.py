@@ -142,10 +142,12 @@ def render_kernel_throughput() -> str:
                          f"{om.get('peak_device_mb', om.get('peak_extra_mb', 0)):,.0f}" if ours else "-",
                          f"{nm.get('peak_extra_mb', 0):,.0f}" if nt else "-",
                          share(gflops, om.get("machine_gflops")), share(gbps, om.get("machine_gbps")),
+                         "/".join(f"{m['load_average']:.1f}" for m in (om, nm) if "load_average" in m) or "-",
                          source(ours or nt)])
         out.append(f"**{device}**\n\n" + table(
             ["network", "input", "dtype", "ours pairs/s", "neural-tangents pairs/s", "ours / NT", "ours peak MB",
-             "NT peak MB", "ours GFLOP/s (share of matmul peak)", "ours GB/s (share of copy bandwidth)", "record"],
+             "NT peak MB", "ours GFLOP/s (share of matmul peak)", "ours GB/s (share of copy bandwidth)",
+             "load avg (ours/NT)", "record"],
             rows))
     return "\n".join(out) + footer("kernel_throughput", records)
 

@@ -204,6 +204,7 @@ def kernel_matrix_from_stats(spec: KernelSpec, x1, stats1, x2, stats2, get: Get,
     # paired with every x1 row block.
     row_block = jax.checkpoint(lambda a, sa, partner: kernel_block_from_partner(spec, a, sa, partner, get))
 
+    @jax.checkpoint  # or autodiff would keep every chunk's gathered arrays for the backward pass
     def column_block(b, sb):
         partner = partner_arrays(spec, b, sb)
         return tiling.tiled(lambda a, sa: row_block(a, sa, partner), (x1, stats1), b1).T  # (b2, n1)
