@@ -52,8 +52,35 @@ def _add_common(p: argparse.ArgumentParser, kernel_options: bool = True):
         p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
         p.add_argument("--memory-budget-mb", type=POSITIVE, default=512.0,
                        help="memory bound for one block of the kernel computation (default 512)")
+        _add_backend(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="also print the result record (results.json) as one JSON line")
+
+
+def _add_backend(p: argparse.ArgumentParser):
+    p.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="where kernels are computed: this process (default) or Ray workers (docs/DISTRIBUTED.md)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="Ray workers (default: one per GPU of the cluster, else one per CPU)")
+    p.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                   help="Ray cluster to use: 'auto' or HOST:PORT (default: start one on this machine for the command)")
+    p.add_argument("--worker-retries", type=int, default=3,
+                   help="restarts of a failed Ray worker before the command stops (default 3)")
+
+
+def _backend_options(args):
+    """The backend the options ask for, checked before any data is loaded."""
+    from kernel_distill.distributed import BackendOptions
+
+    return BackendOptions(args.backend, args.workers, args.ray_address, args.worker_retries)
+
+
+def _open_backend(args):
+    """A context giving the backend: ``None`` for local (the library's in-process path, unchanged)."""
+    from kernel_distill.distributed import open_backend
+
+    options = _backend_options(args)
+    return contextlib.nullcontext() if options.backend == "local" else open_backend(options)
 
 
 def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
@@ -292,6 +319,7 @@ def _cmd_evaluate(args) -> int:
     from kernel_distill.io import dataset_of, load_distilled
 
     _check_positive("--test-limit", args.test_limit)
+    _backend_options(args)
     distilled = load_distilled(args.file)
     args.dataset = dataset_of(distilled, args.file, args.dataset)
     with _output_folder(args.out):
@@ -321,8 +349,9 @@ def _evaluate(args, distilled) -> int:
     spec = _spec_from_args(args, meta.get("kernel"))
     get = args.get or meta.get("get", "ntk")
     reg = args.reg if args.reg is not None else meta.get("reg", DEFAULT_REG)
-    result = experiments.evaluate_distilled(distilled, preprocessor, x_test, y_test, _kernel_fn(args, spec), reg,
-                                            get, _dtype(args), progress=not args.no_progress)
+    with _open_backend(args) as backend:
+        result = experiments.evaluate_distilled(distilled, preprocessor, x_test, y_test, _kernel_fn(args, spec), reg,
+                                                get, _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
     print(f"{args.file}: {len(distilled.images)} support images, {spec.architecture} {get.upper()} "
           f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * metrics['test_accuracy']:.2f}% on "
@@ -343,6 +372,7 @@ def _cmd_baseline(args) -> int:
     _check_positive("--per-class", args.per_class, allow_none=False)
     _check_positive("--seeds", args.seeds, allow_none=False)
     _check_positive("--test-limit", args.test_limit)
+    _backend_options(args)
     dataset_info(args.dataset)
     with _output_folder(args.out):
         return _baseline(args)
@@ -357,9 +387,10 @@ def _baseline(args) -> int:
     spec = _spec_from_args(args)
     get, reg = args.get or "ntk", args.reg if args.reg is not None else DEFAULT_REG
     start = time.perf_counter()
-    result = experiments.natural_baseline(args.dataset, args.per_class, args.seeds, _kernel_fn(args, spec), reg,
-                                          get, args.data_dir, args.zca, args.zca_reg, args.test_limit, _dtype(args),
-                                          progress=not args.no_progress)
+    with _open_backend(args) as backend:
+        result = experiments.natural_baseline(args.dataset, args.per_class, args.seeds, _kernel_fn(args, spec), reg,
+                                              get, args.data_dir, args.zca, args.zca_reg, args.test_limit,
+                                              _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
     acc = 100 * np.asarray(metrics["test_accuracies"])
     print(f"{args.dataset}, {args.per_class} per class, {spec.architecture} {get.upper()} depth {spec.depth}: "
@@ -416,6 +447,7 @@ def _cmd_label_solve(args) -> int:
     for name in ("--train-limit", "--test-limit"):
         _check_positive(name, getattr(args, name[2:].replace("-", "_")))
     _check_positive("--block-size", args.block_size, allow_none=False)
+    _backend_options(args)
     given = None
     if args.support:
         given = load_distilled(args.support)
@@ -454,8 +486,10 @@ def _label_solve(args, given, out: pathlib.Path) -> int:
         original = centered_one_hot(given.labels.argmax(axis=1), data.num_classes)
     else:
         x_support, original = experiments.natural_support(data, args.support_size, args.seed, _dtype(args))
-    result = experiments.label_solve_on(data, kernel_fn, x_support, original, reg, args.ls_reg, get,
-                                        args.train_limit, args.block_size, _dtype(args), not args.no_progress)
+    with _open_backend(args) as backend:
+        result = experiments.label_solve_on(data, kernel_fn, x_support, original, reg, args.ls_reg, get,
+                                            args.train_limit, args.block_size, _dtype(args), not args.no_progress,
+                                            backend=backend)
     metrics = result["metrics"]
     config = dict(support=args.support, support_size=len(x_support), seed=args.seed, kernel=spec.to_dict(), get=get,
                   reg=reg, ls_reg=args.ls_reg, zca=args.zca, zca_reg=args.zca_reg, train_limit=args.train_limit,
@@ -564,6 +598,7 @@ def _cmd_kip(args) -> int:
     from kernel_distill.runs import claim_run_folder
 
     _check_positive("--test-limit", args.test_limit)
+    _backend_options(args)
     if args.resume:
         if args.out is not None:
             raise KernelDistillError(f"--out cannot be used with --resume: the run continues in {args.resume}")
@@ -583,8 +618,9 @@ def _cmd_kip(args) -> int:
             check_resume(out, config)
         data = prepare_for(config, args.data_dir, progress=not args.no_progress)
         start = time.perf_counter()
-        summary = run_kip(config, data, out, resume=bool(args.resume), overwrite=args.overwrite,
-                          progress=not args.no_progress, command_line=args.command_line)
+        with _open_backend(args) as backend:
+            summary = run_kip(config, data, out, resume=bool(args.resume), overwrite=args.overwrite,
+                              progress=not args.no_progress, command_line=args.command_line, backend=backend)
     summary["seconds"] = time.perf_counter() - start
     chosen = "validation" if config.select_on == "validation" else "TEST (as the KIP papers did)"
     print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.architecture} {config.get.upper()}, "

@@ -66,11 +66,13 @@ def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_d
 
 
 def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_test, y_test, kernel_fn, reg: float,
-                       get: str, dtype=np.float32, progress: bool = True) -> dict:
-    """KRR test accuracy of a distilled set. Returns ``dict(metrics, seconds)``."""
+                       get: str, dtype=np.float32, progress: bool = True, backend=None) -> dict:
+    """KRR test accuracy of a distilled set (kernels on ``backend``, default here). Returns
+    ``dict(metrics, seconds)``."""
     start = time.perf_counter()
     result = evaluate(kernel_fn, distilled.images.astype(dtype), distilled.labels.astype(dtype),
-                      preprocessor.apply(x_test).astype(dtype), y_test, reg=reg, get=get, progress=progress)
+                      preprocessor.apply(x_test).astype(dtype), y_test, reg=reg, get=get, progress=progress,
+                      backend=backend)
     seconds = time.perf_counter() - start
     metrics = dict(test_accuracy=result.accuracy, test_loss=result.mse_loss, num_test=result.num_test,
                    support_size=len(distilled.images))
@@ -79,7 +81,7 @@ def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_te
 
 def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: float, get: str, data_dir=None,
                      zca: bool = False, zca_reg: float = 0.1, test_limit: int | None = None, dtype=np.float32,
-                     progress: bool = True, log: Callable = print) -> dict:
+                     progress: bool = True, log: Callable = print, backend=None) -> dict:
     """KRR test accuracy of random class-balanced natural subsets (seeds ``0..seeds-1``).
 
     Returns ``dict(metrics, first_subset, checksums)``: accuracies as fractions in ``metrics``, and the seed-0 subset as
@@ -98,7 +100,7 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
         xs, ys = natural_subset(x_train, y_train, per_class, info.num_classes, seed)
         zs, labels = preprocessor.apply(xs), centered_one_hot(ys, info.num_classes)
         result = evaluate(kernel_fn, zs.astype(dtype), labels.astype(dtype), z_test, y_test, reg=reg, get=get,
-                          progress=progress, description=f"seed {seed}")
+                          progress=progress, description=f"seed {seed}", backend=backend)
         accuracies.append(result.accuracy)
         log(f"seed {seed}: {100 * result.accuracy:.2f}%")
         if seed == 0:
@@ -111,8 +113,9 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
 
 def label_solve_on(data: PreparedData, kernel_fn, x_support: np.ndarray, original_labels: np.ndarray, reg: float,
                    ls_reg: float, get: str, train_limit: int | None = None, block_size: int = 5000,
-                   dtype=np.float32, progress: bool = True) -> dict:
-    """Solve the labels of ``x_support`` over the training set of ``data`` and score both label sets.
+                   dtype=np.float32, progress: bool = True, backend=None) -> dict:
+    """Solve the labels of ``x_support`` over the training set of ``data`` and score both label sets
+    (kernels on ``backend``, default here).
 
     Returns ``dict(metrics, labels, covariance)``: solved labels float32 ``(n, C)`` and the
     original-vs-solved label covariance ``(C, C)``. Nothing is selected, so no validation split is used.
@@ -126,12 +129,15 @@ def label_solve_on(data: PreparedData, kernel_fn, x_support: np.ndarray, origina
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
     start = time.perf_counter()
     result = solve_labels(kernel_fn, x_support, x_train.astype(dtype), centered_one_hot(y_train, data.num_classes),
-                          reg=reg, ls_reg=ls_reg, get=get, block_size=block_size, progress=progress)
+                          reg=reg, ls_reg=ls_reg, get=get, block_size=block_size, progress=progress,
+                          backend=backend)
     solve_seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     z_test = data.x_test.astype(dtype)
-    natural = evaluate(kernel_fn, x_support, original_labels, z_test, data.y_test, reg, get, progress=False)
-    solved = evaluate(kernel_fn, x_support, result.labels, z_test, data.y_test, reg, get, progress=False)
+    natural = evaluate(kernel_fn, x_support, original_labels, z_test, data.y_test, reg, get, progress=False,
+                       backend=backend)
+    solved = evaluate(kernel_fn, x_support, result.labels, z_test, data.y_test, reg, get, progress=False,
+                      backend=backend)
     metrics = dict(test_accuracy=solved.accuracy, test_accuracy_original_labels=natural.accuracy,
                    support_size=len(x_support), num_train=result.num_train, num_test=solved.num_test,
                    solve_seconds=solve_seconds, peak_rss_mb=peak_mb)

@@ -38,6 +38,7 @@ from kernel_distill import kernels
 from kernel_distill.kernels import KernelFn, KernelSpec, make_kernel_fn
 from kernel_distill.krr import DEFAULT_REG, evaluate, krr_loss
 from kernel_distill.data import PreparedData
+from kernel_distill.distributed import LocalBackend
 from kernel_distill.preprocess import centered_one_hot
 
 CHECKPOINT = "checkpoint.npz"
@@ -294,6 +295,38 @@ def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, 
     return step
 
 
+def make_backend_step(backend, kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts,
+                      per_class_target: int, train):
+    """The KIP step of :func:`make_step` with the kernel work on ``backend`` (e.g. Ray workers).
+
+    Same signature and same numbers (up to summation order) as :func:`make_step`: the target batch is
+    drawn here with the same key chain, sent to the backend as indices into ``train`` (the training
+    images the backend holds, from ``backend.put``), and the optimiser update runs here. It cannot be one
+    ``jax.jit``: the kernel blocks are computed in other processes.
+    """
+
+    @jax.jit
+    def sample(key):
+        key, sample_key = jax.random.split(key)
+        return key, sample_balanced(sample_key, table, counts, per_class_target)
+
+    @jax.jit
+    def update(params, grads, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    def step(params, opt_state, key, fixed_labels, x_train, y_train):
+        key, idx = sample(key)
+        labels = params.get("labels", fixed_labels)
+        loss, d_images, d_labels = backend.kip_loss_and_gradients(
+            kernel_fn, config.get, config.reg, params["images"], labels, train, np.asarray(idx), y_train[idx])
+        grads = {"images": d_images, "labels": d_labels} if "labels" in params else {"images": d_images}
+        params, opt_state = update(params, grads, opt_state)
+        return params, opt_state, key, loss
+
+    return step
+
+
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints.
 
@@ -462,7 +495,7 @@ RUN_FILES = (CONFIG, CHECKPOINT, METRICS, "distilled.npz", "distilled_best.npz",
 
 def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,
             progress: bool = True, log=print, overwrite: bool = False,
-            command_line: list[str] | None = None) -> dict:
+            command_line: list[str] | None = None, backend=None) -> dict:
     """Run (or resume) KIP, writing everything into ``out_dir``. Returns a summary dict.
 
     The folder belongs to this run (:func:`kernel_distill.runs.claim_run_folder`): a new run refuses a
@@ -476,7 +509,7 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
     """
     with runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_files=RUN_FILES) as folder:
         with jax.enable_x64(True) if config.float64 else contextlib.nullcontext():
-            return _run_kip_in(config, data, folder, resume, progress, log, command_line)
+            return _run_kip_in(config, data, folder, resume, progress, log, command_line, backend)
 
 
 def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) -> tuple[KipState, dict]:
@@ -494,7 +527,7 @@ def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) 
 
 
 def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool,
-                log, command_line: list[str] | None = None) -> dict:
+                log, command_line: list[str] | None = None, backend=None) -> dict:
     from tqdm.auto import tqdm
 
     started = time.perf_counter()
@@ -504,7 +537,12 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
     kernel_fn = make_kernel_fn(config.kernel, memory_budget_bytes=int(config.memory_budget_mb * 2**20))
     optimizer = make_optimizer(config)
     table, counts = class_index_table(data.y_train, data.num_classes)
-    step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
+    if backend is None or isinstance(backend, LocalBackend):
+        backend = None  # the local step stays one jitted function
+        step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
+    else:
+        step_fn = make_backend_step(backend, kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts),
+                                    per_class_target, backend.put(np.asarray(data.x_train, config.dtype)))
 
     if not resume:
         state = initial_state(config, data, optimizer)
@@ -519,10 +557,10 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
                                  f"{state.labels.shape[1]} classes) does not fit {data.name}")
     if resume:
         records = _read_metrics(out_dir / METRICS, state.step)
-        runs.append_history(out_dir, "resume", state.step, changes=changes)
+        runs.append_history(out_dir, "resume", state.step, changes=changes, backend=_backend_record(backend))
     else:
         records = []
-        runs.append_history(out_dir, "start", 0, config=config.to_dict())
+        runs.append_history(out_dir, "start", 0, config=config.to_dict(), backend=_backend_record(backend))
     atomic_write_text(out_dir / CONFIG, json.dumps(config.to_dict(), indent=2) + "\n")
     atomic_write_text(out_dir / METRICS, "".join(json.dumps(r) + "\n" for r in records))
     opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state.opt_leaves])
@@ -545,11 +583,11 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
         record = dict(step=state.step)
         if data.num_val:
             val = evaluate(kernel_fn, state.images, state.labels, data.x_val, data.y_val, reg=config.reg,
-                           get=config.get, progress=False)
+                           get=config.get, progress=False, backend=backend)
             state.last_val_accuracy = val.accuracy
             record.update(val_accuracy=val.accuracy, val_loss=val.mse_loss)
         result = evaluate(kernel_fn, state.images, state.labels, data.x_test[:config.test_limit],
-                          data.y_test[:config.test_limit], reg=config.reg,
+                          data.y_test[:config.test_limit], reg=config.reg, backend=backend,
                           get=config.get, progress=False)
         state.last_accuracy = result.accuracy
         selected = result.accuracy if config.select_on == "test" else state.last_val_accuracy
@@ -608,6 +646,10 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
             f"continue with --resume {out_dir}")
         raise KeyboardInterrupt
     return summary
+
+
+def _backend_record(backend) -> dict:
+    return backend.describe() if backend is not None else dict(backend="local")
 
 
 def _checkpoint_step(out_dir: pathlib.Path):

@@ -122,7 +122,7 @@ def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
 
 def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg: float = DEFAULT_REG,
              get: str = "ntk", block_size: int = 1000, progress: bool = True,
-             description: str = "KRR test") -> EvalResult:
+             description: str = "KRR test", backend=None) -> EvalResult:
     """KRR accuracy and MSE of a support set on a whole test set, test points processed in blocks.
 
     Args:
@@ -130,6 +130,8 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
       x_support: ``(n, ...)`` support inputs (preprocessed). y_support: ``(n, C)`` float labels.
       x_test: ``(m, ...)`` test inputs (preprocessed). labels_test: int ``(m,)``.
       block_size: test points per kernel call; bounds memory.
+      backend: a :class:`kernel_distill.distributed.Backend` that computes the test blocks' predictions
+        (``None``: here, block after block); the test images are handed to it once (``backend.put``).
     Returns:
       :class:`EvalResult` with accuracy in [0, 1] and the MSE loss against centred one-hot test labels.
     """
@@ -148,6 +150,12 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     num_classes = y_support.shape[1]
     alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
     correct, squared_error = 0, 0.0
+    if backend is not None:
+        pred = backend.predictions(kernel_fn, get, x_support, alpha, backend.put(x_test), block_size)
+        target = np.eye(num_classes)[labels_test] - 1.0 / num_classes
+        m = len(x_test)
+        return EvalResult(accuracy=int(np.sum(pred.argmax(axis=1) == labels_test)) / m,
+                          mse_loss=0.5 * float(np.sum((pred - target) ** 2)) / (m * num_classes), num_test=m)
     blocks = padded_row_blocks(x_test, block_size)
     for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
                           unit="block"):

@@ -80,8 +80,11 @@ def labels_from_normal_equations(k_ss: np.ndarray, gram: np.ndarray, projected: 
 
 def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
                  reg: float = DEFAULT_REG, ls_reg: float = DEFAULT_LS_REG, get: str = "ntk",
-                 block_size: int = 5000, progress: bool = True) -> LabelSolveResult:
+                 block_size: int = 5000, progress: bool = True, backend=None) -> LabelSolveResult:
     """Label Solve over ``x_train`` in blocks of ``block_size``.
+
+    ``backend``: a :class:`kernel_distill.distributed.Backend` that sums the blocks' partial sums
+    (``None``: here, block after block, with a progress bar).
 
     Args:
       x_support: float ``(n, H, W, C)`` preprocessed support images.
@@ -95,10 +98,14 @@ def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray
         raise KernelDistillError("block size must be positive")
     if len(x_train) != len(y_train):
         raise KernelDistillError(f"{len(x_train)} training images but {len(y_train)} labels")
-    rows = padded_row_blocks(x_train, block_size)  # one compiled shape; padded rows have no labels
-    blocks = ((xb, y_train[start:start + block_size]) for start, xb in rows)
-    with tqdm(total=len(rows), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
-        gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
+    if backend is not None:
+        gram, projected, count = backend.normal_equations(kernel_fn, get, x_support, backend.put(x_train),
+                                                          backend.put(np.asarray(y_train, np.float64)), block_size)
+    else:
+        rows = padded_row_blocks(x_train, block_size)  # one compiled shape; padded rows have no labels
+        blocks = ((xb, y_train[start:start + block_size]) for start, xb in rows)
+        with tqdm(total=len(rows), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
+            gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
     k_ss = np.asarray(kernel_fn(x_support, x_support, get=get), np.float64)
     labels = labels_from_normal_equations(k_ss, gram, projected, reg, ls_reg)
     return LabelSolveResult(labels.astype(np.float32), gram, projected, count)

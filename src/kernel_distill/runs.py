@@ -217,14 +217,16 @@ def resume_changes(saved: dict, requested: dict, allowed: frozenset[str] | set[s
 
 
 def append_history(folder: pathlib.Path, event: str, step: int, changes: dict | None = None,
-                   config: dict | None = None) -> dict:
-    """Append one line to ``config_history.jsonl``: when, at which step, what changed (or the whole config)."""
+                   config: dict | None = None, **extra) -> dict:
+    """Append one line to ``config_history.jsonl``: when, at which step, what changed (or the whole config),
+    and ``extra`` facts about the session (e.g. ``backend``: where the kernels were computed)."""
     record = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), event=event,
                   step=step, pid=os.getpid())
     if changes is not None:
         record["changes"] = changes
     if config is not None:
         record["config"] = config
+    record.update(extra)
     append_line(folder / HISTORY_NAME, json.dumps(record))
     return record
 

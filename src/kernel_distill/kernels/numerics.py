@@ -40,10 +40,13 @@ def sqrt_nonneg(x, floor):
     along ``x1 = x2`` is zero, but the chain rule of a plain sqrt gives 0 * inf = NaN. Compiled code also
     leaves rounding residue there (XLA contracts ``q1 q2 - c c`` into a fused multiply-add, which returns
     the product's rounding error, down to 1e-38), so the cut-off must be relative: ``floor`` is a few ulps
-    of ``q1 q2``. Only the derivative is cut; the value is the exact square root.
+    of ``q1 q2``. Below it the value is cut to 0 as well (see below), consistent with the zero derivative.
     """
-    del floor
-    return jnp.sqrt(jnp.maximum(x, 0.0))
+    # At and next to the diagonal the argument is rounding residue whose size depends on how XLA compiled
+    # the tile (a fused multiply-add or not), and its square root turns an ulp into 1e-8 of the kernel: the
+    # same pair gave values 1e-9 apart in two tilings. Below ``floor`` the value is therefore 0 too, which
+    # moves it by at most sqrt(floor) (the size of that rounding noise) and makes it the same in every tiling.
+    return jnp.where(x > floor, jnp.sqrt(jnp.maximum(x, 0.0)), 0.0)
 
 
 @sqrt_nonneg.defjvp

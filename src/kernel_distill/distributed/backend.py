@@ -1,0 +1,162 @@
+"""The backend interface: where kernel blocks, block VJPs and Label-Solve partial sums are computed.
+
+A backend computes three things for the library, each a sum or a concatenation over independent shares of
+the work, so any split gives the same numbers (up to floating-point summation order):
+
+* :meth:`Backend.kip_loss_and_gradients`: a KIP step's KRR loss and its gradients for the support, the
+  target batch given as indices into a resident training set;
+* :meth:`Backend.normal_equations`: Label Solve's ``K_st K_ts`` and ``K_st y_t`` over a resident set;
+* :meth:`Backend.predictions`: KRR predictions on a resident set (evaluation).
+
+Data that stays the same for a whole run (the training, validation and test images) is handed over once
+with :meth:`Backend.put`; the result is passed to the methods instead of the array. :class:`LocalBackend`
+computes in this process (it is the library's default and what every command does without
+``--backend``); :class:`kernel_distill.distributed.ray_backend.RayBackend` spreads the shares over Ray actors.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels import KernelFn
+
+BACKENDS = ("local", "ray")
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The floating dtype the local process would compute ``arrays`` in: their common type, float32 unless
+    JAX's 64-bit mode is on here (the driver's setting, which is then passed to workers explicitly)."""
+    dtype = np.result_type(*[np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype for a in arrays])
+    if not np.issubdtype(dtype, np.floating):
+        dtype = np.dtype(np.float32)
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+
+
+def krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg: float):
+    """The KRR loss and its cotangents ``(loss, dL/dK_ss, dL/dK_ts, dL/dy_s)`` (jitted, on the driver)."""
+    return _krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg)
+
+
+@jax.jit
+def _krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg):
+    from kernel_distill.krr import krr_loss
+
+    loss, vjp = jax.vjp(lambda kss, kts, ys: krr_loss(kts, kss, ys, y_t, reg), k_ss, k_ts, y_s)
+    d_kss, d_kts, d_ys = vjp(jnp.ones_like(loss))
+    return loss, d_kss, d_kts, d_ys
+
+
+class Backend(abc.ABC):
+    """Maps the shares of a kernel computation over some workers. Use as a context manager (or ``close``)."""
+
+    name: str = "?"
+    num_workers: int = 1
+
+    def put(self, array: np.ndarray):
+        """Hand ``array`` to the workers once; returns what the methods take in its place."""
+        return np.asarray(array)
+
+    @abc.abstractmethod
+    def kip_loss_and_gradients(self, kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, train, target_idx,
+                               y_t):
+        """KRR loss of support ``(x_s (n, ...), y_s (n, C))`` on the target batch ``train[target_idx]`` with
+        labels ``y_t (m, C)``. Returns ``(loss, dL/dx_s, dL/dy_s)`` in the dtype of ``x_s``."""
+
+    @abc.abstractmethod
+    def normal_equations(self, kernel_fn: KernelFn, get: str, x_support, x, y, block_size: int):
+        """``(K_st K_ts (n, n), K_st y (n, C), count)``, float64, over the resident ``x`` and labels ``y``."""
+
+    @abc.abstractmethod
+    def predictions(self, kernel_fn: KernelFn, get: str, x_support, alpha, x, block_size: int) -> np.ndarray:
+        """``K(x, x_support) @ alpha``, float64 ``(len(x), C)``, over the resident ``x``."""
+
+    def describe(self) -> dict:
+        return dict(backend=self.name, workers=self.num_workers)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LocalBackend(Backend):
+    """Everything in this process, one share: what kernel-distill does without ``--backend``."""
+
+    name = "local"
+
+    def kip_loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
+        from kernel_distill.kip import krr_loss_and_gradients
+
+        x_t = jnp.asarray(np.asarray(train)[np.asarray(target_idx)], x_s.dtype)
+        return _local_kip(kernel_fn, get, reg, jnp.asarray(x_s), jnp.asarray(y_s), x_t, jnp.asarray(y_t),
+                          krr_loss_and_gradients)
+
+    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+        from kernel_distill.distributed.shares import normal_equation_share
+
+        starts = range(0, len(x), min(block_size, max(1, len(x))))
+        return normal_equation_share(kernel_fn, get, x_support, x, y, starts, block_size)
+
+    def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
+        from kernel_distill.distributed.shares import prediction_share
+
+        starts = range(0, len(x), min(block_size, max(1, len(x))))
+        return prediction_share(kernel_fn, get, x_support, alpha, x, starts, block_size)
+
+
+def _local_kip(kernel_fn, get, reg, x_s, y_s, x_t, y_t, fn):
+    return _jitted_local_kip(kernel_fn, get, fn)(reg, x_s, y_s, x_t, y_t)
+
+
+_LOCAL_KIP = {}
+
+
+def _jitted_local_kip(kernel_fn, get, fn):
+    key = (kernel_fn, get)
+    if key not in _LOCAL_KIP:
+        _LOCAL_KIP[key] = jax.jit(lambda reg, x_s, y_s, x_t, y_t: fn(kernel_fn, get, reg, x_s, y_s, x_t, y_t))
+    return _LOCAL_KIP[key]
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendOptions:
+    """How to compute: ``backend`` ``"local"`` or ``"ray"``; for Ray, ``workers`` actors (``None``: one per
+    GPU of the cluster, else one per CPU), ``address`` of an existing cluster (``"auto"``, ``"host:port"``) or
+    ``None`` to start a local one for the command, and ``retries``: restarts of a failed worker (and retries
+    of its tasks) before the run stops with an error."""
+
+    backend: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    retries: int = 3
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise KernelDistillError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise KernelDistillError(f"--workers must be a positive integer, got {self.workers!r}")
+        if self.retries < 0:
+            raise KernelDistillError(f"retries must be non-negative, got {self.retries}")
+        if self.backend == "local" and (self.workers not in (None, 1) or self.address is not None):
+            raise KernelDistillError("--workers and --ray-address need --backend ray")
+
+
+def open_backend(options: BackendOptions | None = None, log=print) -> Backend:
+    """The backend ``options`` ask for (a started Ray backend for ``"ray"``); close it when done."""
+    options = options or BackendOptions()
+    if options.backend == "local":
+        return LocalBackend()
+    from kernel_distill.distributed.ray_backend import RayBackend
+
+    return RayBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)

@@ -1,0 +1,204 @@
+"""Distributed backends: the Ray backend computes exactly what the local one does, and survives a killed worker.
+
+One Ray instance for the module, on loopback (127.0.0.1), without dashboard or token, shut down at the end.
+Sizes are tiny (8x8 images, depth 2, a few steps): the tests are about the bookkeeping, not throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+
+import jax
+import numpy as np
+import pytest
+
+from kernel_distill.distributed.ray_backend import LOOPBACK_ENVIRONMENT, RayBackend, WorkerFailed  # noqa: E402
+
+for _name, _value in LOOPBACK_ENVIRONMENT.items():  # before Ray is imported: it reads them at import
+    os.environ.setdefault(_name, _value)
+ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
+
+from kernel_distill import kernels  # noqa: E402
+from kernel_distill.data import prepare_dataset  # noqa: E402
+from kernel_distill.distributed import BackendOptions, LocalBackend, open_backend  # noqa: E402
+from kernel_distill.errors import KernelDistillError  # noqa: E402
+from kernel_distill.io import load_distilled  # noqa: E402
+from kernel_distill.kernels import KernelSpec, make_kernel_fn  # noqa: E402
+from kernel_distill.kip import KipConfig, load_checkpoint, run_kip  # noqa: E402
+from kernel_distill.krr import evaluate, krr_loss  # noqa: E402
+from kernel_distill.label_solve import solve_labels  # noqa: E402
+from kernel_distill.preprocess import centered_one_hot  # noqa: E402
+
+SHAPES = {"fc": (6, 5, 2), "convnet": (8, 8, 2)}
+
+
+def test_cli_starts_ray_on_loopback_and_shuts_it_down(tmp_path, capsys):
+    """``label-solve --backend ray`` with no address starts a Ray of its own (before the module's instance
+    exists) and stops it; its labels equal the local command's. A misplaced option is a one-line error."""
+    from kernel_distill.cli import main
+
+    common = ["label-solve", "--dataset", "digits", "--support-size", "20", "--train-limit", "300", "--block-size",
+              "70", "--test-limit", "100", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "local")]) == 0
+    assert main([*common, "--out", str(tmp_path / "ray"), "--backend", "ray", "--workers", "2"]) == 0
+    assert not ray.is_initialized()
+    local, ours = (load_distilled(tmp_path / name / "distilled.npz") for name in ("local", "ray"))
+    np.testing.assert_allclose(ours.labels, local.labels, rtol=1e-4, atol=1e-5)
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--workers", "2"]) == 2
+    assert "--workers and --ray-address need --backend ray" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """Ray on loopback for this module: 3 CPUs' worth of actors, no dashboard, no token; shut down after."""
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and os.environ["RAY_AUTH_MODE"] == "disabled"
+    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+             log_to_driver=False)
+    try:
+        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+        yield
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def three_workers(ray_instance):
+    backend = RayBackend.start(workers=3, retries=1)
+    try:
+        yield backend
+    finally:
+        backend.close()
+
+
+def _tiled(spec, shape):
+    """A kernel function whose tiles hold about 2 x 3 pairs: every share is itself split into tiles."""
+    budget = 6 * kernels.bytes_per_pair(spec, shape, 8)
+    return make_kernel_fn(spec, memory_budget_bytes=budget, tile_bytes=budget)
+
+
+@pytest.mark.parametrize("architecture", ["fc", "convnet"])
+def test_ray_kip_loss_and_gradients_equal_local_and_jax_grad(x64, rng, three_workers, architecture):
+    """7 support images, 11 targets drawn from 20 resident training images, 3 workers (uneven shares)."""
+    shape = SHAPES[architecture]
+    # FC in tiles of 2 x 3 pairs (each share tiled again); ConvNet depth 1 in whole blocks (compiles faster)
+    spec = KernelSpec(architecture, 2 if architecture == "fc" else 1)
+    kernel_fn = _tiled(spec, shape) if architecture == "fc" else make_kernel_fn(spec)
+    x_s, y_s = rng.standard_normal((7, *shape)), rng.standard_normal((7, 3))
+    train = rng.standard_normal((20, *shape))
+    idx = rng.choice(20, 11, replace=False)
+    y_t = rng.standard_normal((11, 3))
+    ours = three_workers.kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, three_workers.put(train), idx, y_t)
+    local = LocalBackend().kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, train, idx, y_t)
+
+    def whole(a, b):
+        return krr_loss(kernel_fn(train[idx], a), kernel_fn(a, a), b, y_t, 1e-3)
+
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(whole, argnums=(0, 1)))(x_s, y_s)
+    assert ours[1].dtype == np.float64 and three_workers.last_step["workers_used"] == 3
+    for loss in (ours[0], local[0]):
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-10)
+    for grads in (ours[1:], local[1:]):
+        for got, ref in zip(grads, ref_grads):
+            assert float(np.abs(np.asarray(got) - ref).max()) <= 1e-10 * float(np.abs(ref).max())
+    step = three_workers.last_step
+    assert step["bytes_sent"] > x_s.nbytes and step["bytes_received"] >= 3 * x_s.nbytes
+
+
+def test_ray_label_solve_and_evaluation_equal_local(x64, rng, three_workers):
+    """Blocks of 4 over 18 training images (the last one padded), 13 test images in blocks of 5."""
+    shape = SHAPES["convnet"]
+    kernel_fn = _tiled(KernelSpec("convnet", 1), shape)
+    x_s = rng.standard_normal((6, *shape))
+    x_train, labels_train = rng.standard_normal((18, *shape)), rng.integers(0, 3, 18)
+    y_train = centered_one_hot(labels_train, 3)
+    local = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, progress=False)
+    ours = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, progress=False, backend=three_workers)
+    assert ours.num_train == local.num_train == 18
+    for got, ref in ((ours.gram, local.gram), (ours.projected_targets, local.projected_targets),
+                     (ours.labels, local.labels)):
+        np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    x_test, labels_test = rng.standard_normal((13, *shape)), rng.integers(0, 3, 13)
+    ref = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, progress=False)
+    got = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, progress=False,
+                   backend=three_workers)
+    assert got.accuracy == ref.accuracy and got.num_test == 13
+    np.testing.assert_allclose(got.mse_loss, ref.mse_loss, rtol=1e-10)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return prepare_dataset("digits", progress=False, val_size=100)
+
+
+def _config(**kwargs):
+    base = dict(dataset="digits", per_class=1, kernel=KernelSpec("fc", 1), learn_labels=True, target_batch_size=60,
+                steps=4, eval_every=4, checkpoint_every=1, log_every=1, float64=True, val_size=100)
+    base.update(kwargs)
+    return KipConfig(**base)
+
+
+class _KillWorkerDuringStep:
+    """A backend that SIGKILLs one worker's process while KIP step ``at`` is being computed."""
+
+    def __init__(self, backend, worker: int, at: int, delay: float = 0.02):
+        self.backend, self.worker, self.at, self.delay, self.calls, self.killed = backend, worker, at, delay, 0, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def kip_loss_and_gradients(self, *args):
+        self.calls += 1
+        if self.calls == self.at:
+            pid = self.backend.worker_info()[self.worker]["pid"]
+            self.killed.append(pid)
+            threading.Timer(self.delay, os.kill, (pid, signal.SIGKILL)).start()
+        return self.backend.kip_loss_and_gradients(*args)
+
+
+def test_killed_worker_is_restarted_and_the_run_ends_with_the_same_support(tmp_path, ray_instance, digits):
+    """A worker killed (by pid) in the middle of step 2 is restarted, its blocks recomputed: the support equals
+    an undisturbed Ray run's and, to float64 rounding, the local run's; the history names the backend."""
+    local = run_kip(_config(), digits, tmp_path / "local", progress=False)
+    with RayBackend.start(workers=2, retries=2) as backend:
+        run_kip(_config(), digits, tmp_path / "calm", progress=False, backend=backend)
+        killer = _KillWorkerDuringStep(backend, worker=1, at=2)
+        run_kip(_config(), digits, tmp_path / "killed", progress=False, backend=killer)
+        assert backend.worker_info()[1]["pid"] != killer.killed[0]  # a restarted process did the rest
+    calm, killed = (load_distilled(tmp_path / name / "distilled.npz") for name in ("calm", "killed"))
+    np.testing.assert_array_equal(killed.images, calm.images)
+    np.testing.assert_array_equal(killed.labels, calm.labels)
+    reference = load_distilled(tmp_path / "local" / "distilled.npz")
+    np.testing.assert_allclose(calm.images, reference.images, rtol=1e-9, atol=1e-12)
+    assert local["step"] == 4
+    history = [json.loads(line) for line in (tmp_path / "killed" / "config_history.jsonl").read_text().splitlines()]
+    assert history[0]["backend"]["backend"] == "ray" and history[0]["backend"]["workers"] == 2
+
+
+def test_worker_that_fails_for_good_names_itself_and_keeps_the_checkpoint(tmp_path, ray_instance, digits):
+    """retries=0: the first kill is final. The error names the worker; the step-1 checkpoint resumes (a killed
+    driver resumes the same way) to the same support as an uninterrupted run."""
+    with RayBackend.start(workers=2, retries=0) as backend:
+        killer = _KillWorkerDuringStep(backend, worker=0, at=2, delay=0.0)
+        with pytest.raises(WorkerFailed, match=r"Ray worker 0, pid \d+ at start.*after 0 restart"):
+            run_kip(_config(), digits, tmp_path / "run", progress=False, backend=killer)
+    _, state = load_checkpoint(tmp_path / "run")
+    assert state.step == 1
+    with RayBackend.start(workers=2, retries=0) as backend:
+        run_kip(_config(), digits, tmp_path / "run", resume=True, progress=False, backend=backend)
+        run_kip(_config(), digits, tmp_path / "whole", progress=False, backend=backend)
+    resumed, whole = (load_distilled(tmp_path / name / "distilled.npz") for name in ("run", "whole"))
+    np.testing.assert_array_equal(resumed.images, whole.images)
+
+
+def test_backend_options_are_checked():
+    with pytest.raises(KernelDistillError, match="--backend must be one of local, ray"):
+        BackendOptions("dask")
+    with pytest.raises(KernelDistillError, match="--workers must be a positive integer"):
+        BackendOptions("ray", workers=0)
+    with pytest.raises(KernelDistillError, match="need --backend ray"):
+        BackendOptions("local", workers=2)
+    assert isinstance(open_backend(BackendOptions()), LocalBackend)
