@@ -231,7 +231,33 @@ RENDERERS = {
     "transfer_evalnet_ce": lambda: _transfer("evalnet", "ce", with_krr=False),
     "transfer_convnet": lambda: _transfer("convnet", "mse", with_krr=False, extra=("learning_rate",)),
     "transfer_fc": lambda: _transfer("fc", "any", with_krr=False),
+    "distributed": lambda: render_distributed(),
 }
+
+
+def render_distributed() -> str:
+    records = list(newest(load("distributed"), lambda r: (r["config"]["backend"], r["config"]["workers"],
+                                                          r["config"]["kernel"]["architecture"])).values())
+    records.sort(key=lambda r: (r["config"]["kernel"]["architecture"], r["config"]["backend"] != "local",
+                                r["config"]["workers"]))
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        speedup = m.get("speedup_vs_local")
+        rows.append([f"{c['kernel']['architecture']} depth {c['kernel']['depth']}",
+                     f"{DATASET_NAMES.get(r['dataset']['name'], r['dataset']['name'])}, {c['per_class']}/class, "
+                     f"target {c['target_batch']}", c["backend"], c["workers"] if c["backend"] == "ray" else "-",
+                     f"{m['kip_step_seconds']:.2f}", f"{speedup:.2f}x" if speedup else "-",
+                     f"{m['worker_compute_seconds']:.2f}" if "worker_compute_seconds" in m else "-",
+                     f"{m['ray_overhead_ms']:.0f}" if "ray_overhead_ms" in m else "-",
+                     f"{m['bytes_sent_per_step']:,} / {m['bytes_received_per_step']:,}"
+                     if "bytes_sent_per_step" in m else "-",
+                     f"{m['label_solve_pairs_per_second']:.1f}", f"{m['load_before']:.1f} -> {m['load_after']:.1f}",
+                     machine(r), source(r)])
+    header = ["kernel", "KIP problem", "backend", "workers", "KIP step s (median)", "speed-up vs local",
+              "worker compute s", "Ray overhead ms/step", "bytes sent / received per step", "Label Solve pairs/s",
+              "load (1 min) before -> after", "machine", "record"]
+    return table(header, rows) + footer("distributed", records)
 
 
 def regenerate(text: str) -> str:
