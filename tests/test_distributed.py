@@ -33,6 +33,9 @@ from kernel_distill.label_solve import solve_labels  # noqa: E402
 from kernel_distill.preprocess import centered_one_hot  # noqa: E402
 
 SHAPES = {"fc": (6, 5, 2), "convnet": (8, 8, 2)}
+# Ray launches its own processes with fork + exec (subprocess), which JAX's at-fork hook warns about; the
+# child execs at once and never runs JAX. Ray's workers themselves are fresh interpreters.
+pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def test_cli_starts_ray_on_loopback_and_shuts_it_down(tmp_path, capsys):
@@ -54,9 +57,10 @@ def test_cli_starts_ray_on_loopback_and_shuts_it_down(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """Ray on loopback for this module: 3 CPUs' worth of actors, no dashboard, no token; shut down after."""
+    """Ray on loopback for this module, no dashboard, no token; shut down after. Six logical CPUs: the
+    three-worker backend lives for the whole module beside the two-worker ones of the fault tests."""
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and os.environ["RAY_AUTH_MODE"] == "disabled"
-    ray.init(num_cpus=3, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
+    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
              log_to_driver=False)
     try:
         assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
