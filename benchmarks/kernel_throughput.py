@@ -102,14 +102,19 @@ def worker(impl, arch, shape_name, dtype_name, repeats):
     x1, x2 = jax.device_put(x1), jax.device_put(x2)
     rss_before = _rss_mb()
     fn(x1, x2).block_until_ready()  # compile + warm up
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         fn(x1, x2).block_until_ready()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = float(np.min(times))  # the least disturbed run: the CPU may be shared
+    # CPU seconds (all threads of this process) barely move when other processes share the cores, so
+    # the ours / neural-tangents ratio is also given per CPU second.
+    cpu_seconds = float(np.min(cpu_times))
     result = dict(impl=impl, arch=arch, shape=shape_name, dtype=dtype_name, n1=n1, n2=n2, seconds=seconds,
-                  pairs_per_second=n1 * n2 / seconds, peak_extra_mb=_peak_rss_mb() - rss_before,
+                  pairs_per_second=n1 * n2 / seconds, pairs_per_cpu_second=n1 * n2 / cpu_seconds,
+                  cpu_seconds=cpu_seconds, peak_extra_mb=_peak_rss_mb() - rss_before,
                   load_average=os.getloadavg()[0], budget_mb=float(os.environ.get("KD_BENCH_BUDGET_MB", "512")),
                   backend=jax.default_backend(), device=str(jax.devices()[0].device_kind), jax=jax.__version__)
     if jax.default_backend() == "gpu":
@@ -169,6 +174,7 @@ def _record(path, r, gflops, gbps):
     from kernel_distill.results import append_record, make_record
 
     metrics = dict(pairs_per_second=r["pairs_per_second"], seconds=r["seconds"], peak_extra_mb=r["peak_extra_mb"],
+                   pairs_per_cpu_second=r["pairs_per_cpu_second"], cpu_seconds=r["cpu_seconds"],
                    machine_gflops=gflops, machine_gbps=gbps, load_average=r["load_average"])
     for key in ("flops_per_pair", "bytes_per_pair", "peak_device_mb"):
         if key in r:

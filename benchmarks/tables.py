@@ -133,19 +133,23 @@ def render_kernel_throughput() -> str:
             om = ours["metrics"] if ours else {}
             nm = nt["metrics"] if nt else {}
             ratio = f"{om['pairs_per_second'] / nm['pairs_per_second']:.2f}x" if ours and nt else "-"
+            cpu_ratio = (f"{om['pairs_per_cpu_second'] / nm['pairs_per_cpu_second']:.2f}x"
+                         if ours and nt and "pairs_per_cpu_second" in om and "pairs_per_cpu_second" in nm else "-")
             gflops = om.get("gflop_per_second") or (om.get("flops_per_pair", 0) * om.get("pairs_per_second", 0) / 1e9)
             gbps = om.get("gb_per_second") or (om.get("bytes_per_pair", 0) * om.get("pairs_per_second", 0) / 1e9)
             share = (lambda v, peak: f"{v:,.0f} ({100 * v / peak:.1f}%)" if v and peak else "-")
             rows.append([{"fc": "FC", "convnet": "ConvNet"}.get(net, net), shape, dtype,
                          f"{om['pairs_per_second']:,.0f}" if ours else "-",
-                         f"{nm['pairs_per_second']:,.0f}" if nt else "-", ratio,
+                         (f"{nm['pairs_per_second']:,.1f}" if nm["pairs_per_second"] < 100 else
+                          f"{nm['pairs_per_second']:,.0f}") if nt else "-", ratio, cpu_ratio,
                          f"{om.get('peak_device_mb', om.get('peak_extra_mb', 0)):,.0f}" if ours else "-",
                          f"{nm.get('peak_extra_mb', 0):,.0f}" if nt else "-",
                          share(gflops, om.get("machine_gflops")), share(gbps, om.get("machine_gbps")),
                          "/".join(f"{m['load_average']:.1f}" for m in (om, nm) if "load_average" in m) or "-",
                          source(ours or nt)])
         out.append(f"**{device}**\n\n" + table(
-            ["network", "input", "dtype", "ours pairs/s", "neural-tangents pairs/s", "ours / NT", "ours peak MB",
+            ["network", "input", "dtype", "ours pairs/s", "neural-tangents pairs/s", "ours / NT",
+             "ours / NT per CPU second", "ours peak MB",
              "NT peak MB", "ours GFLOP/s (share of matmul peak)", "ours GB/s (share of copy bandwidth)",
              "load avg (ours/NT)", "record"],
             rows))
@@ -222,9 +226,23 @@ def _transfer(model: str, loss: str, with_krr: bool, extra=()) -> str:
     return table(header, rows) + footer("transfer", used)
 
 
+def render_kip_step() -> str:
+    records = list(newest(load("kip_step"), lambda r: (machine(r), r["config"]["case"], r["config"]["label"],
+                                                       r["config"]["architecture"])).values())
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        rows.append([c["case"], c["label"], c["architecture"], c["support"], c["target_batch"],
+                     f"{m['seconds_per_step']:.1f}", f"{m['first_step_seconds']:.1f}", m["steps_timed"],
+                     f"{m['load_average']:.1f}", (c.get("code_commit") or "?")[:7], machine(r), source(r)])
+    return table(["case", "code", "kernel", "support", "targets", "s / step", "first step s (compile)",
+                  "steps timed", "load avg", "code commit", "machine", "record"], rows) + footer("kip_step", records)
+
+
 RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
+    "kip_step": render_kip_step,
     "kip_fc": render_kip_fc,
     "label_solve": render_label_solve,
     "transfer_evalnet_mse": lambda: _transfer("evalnet", "mse", with_krr=True),
