@@ -403,17 +403,7 @@ def _check_checkpoint_matches(out_dir: pathlib.Path, config: KipConfig, state: K
 
 
 def _read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= up_to_step:
-            records.append(record)
-    return records
+    return [r for r in runs.read_json_lines(path) if r.get("step", 0) <= up_to_step]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -242,8 +242,10 @@ def append_line(path: pathlib.Path, line: str) -> None:
         raise
 
 
-def read_history(folder: pathlib.Path) -> list[dict]:
-    path = pathlib.Path(folder) / HISTORY_NAME
+def read_json_lines(path: pathlib.Path) -> list[dict]:
+    """The JSON objects of a ``.jsonl`` file (none if it is missing); a line cut by a kill is skipped, the
+    rest stands."""
+    path = pathlib.Path(path)
     if not path.is_file():
         return []
     records = []
@@ -251,7 +253,11 @@ def read_history(folder: pathlib.Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut by a kill: the rest of the history stands
+            continue
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def read_history(folder: pathlib.Path) -> list[dict]:
+    return read_json_lines(pathlib.Path(folder) / HISTORY_NAME)
