@@ -35,8 +35,11 @@ def _tiny_mnist(rng, n=20):
 
 
 @contextlib.contextmanager
-def serve(files: dict[str, bytes]):
-    """Serve ``files`` by name over HTTP on 127.0.0.1 (an ephemeral port) for the duration of the block."""
+def serve(files: dict[str, bytes], truncate_after: int | None = None):
+    """Serve ``files`` by name over HTTP on 127.0.0.1 (an ephemeral port) for the duration of the block.
+
+    ``truncate_after``: announce each file's whole length but close the connection after this many bytes.
+    """
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
@@ -48,7 +51,9 @@ def serve(files: dict[str, bytes]):
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(body if truncate_after is None else body[:truncate_after])
+            if truncate_after is not None:
+                self.close_connection = True
 
         def log_message(self, *args):
             pass
@@ -163,6 +168,27 @@ def test_failed_download_says_which_url_and_where_to_put_the_file(tmp_path, monk
     message = str(excinfo.value)
     assert url + "t10k-images-idx3-ubyte.gz" in message
     assert str(tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz") in message
+
+
+def test_truncated_download_is_refused_and_leaves_nothing(tmp_path, monkeypatch, fake_mnist):
+    blobs, _, _ = fake_mnist
+    with serve(blobs, truncate_after=60) as url:
+        monkeypatch.setenv("KERNEL_DISTILL_MIRROR", url)
+        with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+            load_dataset("mnist", "test", data_dir=tmp_path, progress=False)
+    assert not list((tmp_path / "mnist").iterdir())  # no partial file, no temporary file, no cache
+
+
+def test_fetch_keeps_a_verified_file_and_replaces_a_corrupt_one(tmp_path):
+    blob = b"zoo set bytes" * 100
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    with serve({"set.npz": blob}) as url:
+        path = data.fetch(url + "set.npz", digest, tmp_path, "set.npz", progress=False)
+        assert path.read_bytes() == blob
+        path.write_bytes(b"corrupted")
+        assert data.fetch(url + "set.npz", digest, tmp_path, "set.npz", progress=False).read_bytes() == blob
+    # Served no more: a verified file is not downloaded again.
+    assert data.fetch("http://127.0.0.1:9/set.npz", digest, tmp_path, "set.npz").read_bytes() == blob
 
 
 def test_truncated_original_file_is_a_clear_error(tmp_path, fake_mnist):

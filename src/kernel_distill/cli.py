@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
 
     p = sub.add_parser("evaluate", help="KRR test accuracy of a distilled set (.npz)")
-    p.add_argument("file", help="distilled set: a kernel-distill .npz or a released KIP .npz")
+    p.add_argument("file", help="distilled set: a kernel-distill .npz, a released KIP .npz, or zoo:NAME")
     p.add_argument("--dataset", default=None,
                    help="dataset whose test split is used (default: the file's; a different one is refused)")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--support-size", type=int, default=100,
                    help="class-balanced natural support size (a multiple of the number of classes; default 100)")
-    p.add_argument("--support", default=None, help="use the images of this distilled-set .npz as the support")
+    p.add_argument("--support", default=None,
+                   help="use the images of this distilled-set .npz (or zoo:NAME) as the support")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural support sample")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("transfer", help="train finite networks on a distilled set; report real test accuracy")
-    p.add_argument("file", nargs="?", default=None, help="distilled set (.npz); omit with --natural-per-class")
+    p.add_argument("file", nargs="?", default=None,
+                   help="distilled set (.npz or zoo:NAME); omit with --natural-per-class")
     p.add_argument("--dataset", default=None, help="test data (default: the file's metadata)")
     p.add_argument("--natural-per-class", type=int, default=None,
                    help="instead of a file, a random natural class-balanced subset of this size (baseline)")
@@ -217,6 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders holding results.json, or folders of them")
     p.add_argument("--out", required=True, help="report folder (index.html, runs/, img/)")
+    p.add_argument("--zoo", action="store_true", help="add the distilled-set zoo's table and image grids")
+
+    p = sub.add_parser("zoo", help="ready-made distilled sets shipped with kernel-distill (use them as zoo:NAME)")
+    zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND", parser_class=_OneLineErrorParser)
+    q = zoo.add_parser("list", help="the zoo's sets with their measured accuracies")
+    q.add_argument("--json", action="store_true", help="print the index entries as JSON")
+    q = zoo.add_parser("show", help="everything the index records of one set (command, wall time, machine, ...)")
+    q.add_argument("name", help="a zoo set name (from zoo list)")
+    q.add_argument("--json", action="store_true", help="print the index entry as JSON")
+    q = zoo.add_parser("export", help="copy a zoo set (checksum verified) to a file or folder")
+    q.add_argument("name", help="a zoo set name (from zoo list)")
+    q.add_argument("path", help="destination .npz file, or a folder (then NAME.npz in it)")
+    q = zoo.add_parser("report", help="an HTML page of the zoo: its table and every set's image grid (offline)")
+    q.add_argument("--out", required=True, help="report folder (index.html, img/)")
 
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -294,6 +310,13 @@ def _check_positive(name: str, value, allow_none: bool = True):
         raise KernelDistillError(f"{name} must be a positive integer, got {value}")
 
 
+def _distilled_path(text: str, args):
+    """A distilled-set argument as a file: ``zoo:NAME`` is the zoo's verified copy, anything else a path."""
+    from kernel_distill import zoo
+
+    return zoo.resolve(text, getattr(args, "data_dir", None), progress=not getattr(args, "no_progress", False))
+
+
 def _cmd_datasets(args) -> int:
     from kernel_distill.data import available_datasets, resolve_data_dir
 
@@ -320,7 +343,7 @@ def _cmd_evaluate(args) -> int:
 
     _check_positive("--test-limit", args.test_limit)
     _backend_options(args)
-    distilled = load_distilled(args.file)
+    distilled = load_distilled(_distilled_path(args.file, args))
     args.dataset = dataset_of(distilled, args.file, args.dataset)
     with _output_folder(args.out):
         return _evaluate(args, distilled)
@@ -415,6 +438,44 @@ def _baseline(args) -> int:
     return 0
 
 
+def _cmd_zoo(args) -> int:
+    from kernel_distill import zoo
+
+    if args.zoo_command == "list":
+        entries = zoo.read_index()
+        if args.json:
+            print(json.dumps(entries))
+            return 0
+        if not entries:
+            print("the zoo is empty")
+            return 0
+        rows = [[c.strip("`") for c in row] for row in zoo.table_rows(entries)]
+        header = zoo.TABLE_HEADER
+        widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+        for row in [header, *rows]:
+            print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("KRR %: the set's own kernel on the whole test set; transfer %: "
+              f"{entries[0].get('transfer', {}).get('model', 'evalnet') if entries[0].get('transfer') else 'evalnet'}"
+              " trained on the set, mean +- std over seeds (kernel-distill zoo show NAME for the protocol)")
+        print("use a set as zoo:NAME, e.g. kernel-distill evaluate zoo:" + entries[0]["name"])
+        return 0
+    if args.zoo_command == "show":
+        e = zoo.entry(args.name)
+        if args.json:
+            print(json.dumps(e))
+            return 0
+        print(json.dumps(e, indent=2))
+        return 0
+    if args.zoo_command == "report":
+        from kernel_distill.report import build_zoo_report
+
+        print(f"zoo report: {build_zoo_report(args.out).resolve()}")
+        return 0
+    destination = zoo.export(args.name, args.path)
+    print(f"zoo:{args.name} -> {destination} (sha256 {zoo.entry(args.name)['sha256']})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """KIP on scikit-learn's digits (bundled, no files): 10 learned images and labels per class."""
     from kernel_distill.kernels import KernelSpec
@@ -450,7 +511,7 @@ def _cmd_label_solve(args) -> int:
     _backend_options(args)
     given = None
     if args.support:
-        given = load_distilled(args.support)
+        given = load_distilled(_distilled_path(args.support, args))
         dataset_of(given, args.support, args.dataset)
         check_preprocessing_request(given, args.support, args.zca)
         size = len(given.images)
@@ -539,7 +600,8 @@ def _transfer(args, config) -> int:
     from kernel_distill.results import dataset_record, make_record
 
     start = time.perf_counter()
-    support = experiments.transfer_support(load_distilled(args.file) if args.file else None, args.file,
+    support = experiments.transfer_support(load_distilled(_distilled_path(args.file, args)) if args.file else None,
+                                           args.file,
                                            args.dataset, args.natural_per_class, args.seed, args.data_dir, args.zca,
                                            args.zca_reg, progress=not args.no_progress)
     result = experiments.transfer(support, args.model, config, args.seeds, args.width, args.depth,
@@ -572,8 +634,8 @@ def _transfer(args, config) -> int:
 def _cmd_report(args) -> int:
     from kernel_distill.report import build_report, find_runs
 
-    index = build_report(args.runs, args.out)
-    print(f"report of {len(find_runs(args.runs))} run(s): {index.resolve()}")
+    index = build_report(args.runs, args.out, zoo=args.zoo)
+    print(f"report of {len(find_runs(args.runs))} run(s){' and the zoo' if args.zoo else ''}: {index.resolve()}")
     return 0
 
 
@@ -644,6 +706,7 @@ _COMMANDS = {
     "label-solve": _cmd_label_solve,
     "report": _cmd_report,
     "transfer": _cmd_transfer,
+    "zoo": _cmd_zoo,
 }
 
 

@@ -8,7 +8,7 @@ Where a dataset is looked for, in order, inside ``<data_dir>/<name>/``:
 2. The original distribution files: MNIST / Fashion-MNIST IDX ``.gz`` files, CIFAR ``python.tar.gz``
    archives, SVHN ``.mat`` files.
 3. If neither is there (and ``download=True``), the original files are downloaded from their canonical
-   URLs, checked against their published MD5 checksums, then parsed as in 2.
+   URLs with pooch (:func:`fetch`), checked against their published MD5 checksums, then parsed as in 2.
 
 ``data_dir`` is the argument, else the ``KERNEL_DISTILL_DATA`` environment variable, else
 ``~/.cache/kernel_distill``. ``KERNEL_DISTILL_MIRROR`` replaces the base URL of every download (a local
@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import io
 import os
 import pathlib
 import pickle
 import tarfile
-import tempfile
-import urllib.error
-import urllib.request
 import warnings
 from typing import Callable
 
@@ -217,14 +213,6 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
 # Downloads.
 
 
-def _md5(path: pathlib.Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _source_url(remote: RemoteFile) -> str:
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
@@ -232,55 +220,46 @@ def _source_url(remote: RemoteFile) -> str:
     return remote.url
 
 
-def download_file(remote: RemoteFile, folder: pathlib.Path, progress: bool = True,
-                  timeout_s: float = 60.0) -> pathlib.Path:
-    """Download ``remote`` into ``folder``, verify its MD5, and only then move it into place.
+def fetch(url: str, known_hash: str, folder: pathlib.Path, filename: str, progress: bool = True,
+          timeout_s: float = 60.0) -> pathlib.Path:
+    """Download ``url`` to ``folder/filename`` through pooch, verify ``known_hash`` (``"md5:..."`` or
+    ``"sha256:..."``), and only then move it into place; a file already there with that hash is kept.
 
-    A failed, interrupted or mismatching download leaves nothing behind in ``folder``.
+    The one download mechanism of the package (datasets and zoo sets). A failed, interrupted, truncated or
+    mismatching download leaves nothing behind in ``folder``; the failure is a :class:`DataError` naming the
+    URL and where to put the file by hand.
     """
-    url = _source_url(remote)
-    target = folder / remote.filename
+    import pooch
+    import requests
+
+    target = folder / filename
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"cannot create the data folder {folder}: {e}. Set {DATA_DIR_ENV} to a writable "
                         f"folder") from None
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
-    tmp = pathlib.Path(tmp_name)
+    pooch.get_logger().setLevel("WARNING")  # its "Downloading ..." lines would duplicate the progress bar
+    downloader = pooch.HTTPDownloader(progressbar=progress, timeout=timeout_s,
+                                      headers={"User-Agent": "kernel-distill"})
     try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # a download is a normal file, not mkstemp's 0600
-        with os.fdopen(fd, "wb") as out:
-            _stream(url, out, remote.filename, progress, timeout_s)
-        actual = _md5(tmp)
-        if actual != remote.md5:
-            raise DataError(f"checksum mismatch for {remote.filename} downloaded from {url}: MD5 {actual}, "
-                            f"expected {remote.md5}; the file was discarded")
-        os.replace(tmp, target)
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise DataError(f"download of {url} failed ({reason}). Download it by hand and put it at {target}, "
-                        f"or set {DATA_DIR_ENV} to a folder that holds it") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+        path = pooch.retrieve(url, known_hash=known_hash, fname=filename, path=folder, downloader=downloader)
+    except ValueError as e:  # pooch's hash mismatch (the temporary file is already deleted)
+        if "hash" not in str(e):
+            raise
+        algorithm = known_hash.split(":", 1)[0].upper()
+        raise DataError(f"checksum mismatch for {filename} downloaded from {url}: {algorithm} differs from the "
+                        f"expected {known_hash.split(':', 1)[1]}; the file was discarded") from None
+    except (requests.exceptions.RequestException, OSError) as e:
+        raise DataError(f"download of {url} failed ({e}). Download it by hand and put it at {target}, or set "
+                        f"{DATA_DIR_ENV} to a folder that holds it") from None
+    os.chmod(path, 0o666 & ~current_umask())  # a download is a normal file, not a temporary file's 0600
+    return pathlib.Path(path)
 
 
-def _stream(url: str, out, label: str, progress: bool, timeout_s: float):
-    from tqdm.auto import tqdm
-
-    request = urllib.request.Request(url, headers={"User-Agent": "kernel-distill"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        total = response.headers.get("Content-Length")
-        total = int(total) if total and total.isdigit() else None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}", disable=not progress,
-                  leave=False) as bar:
-            received = 0
-            for chunk in iter(lambda: response.read(1 << 16), b""):
-                out.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
-        if total is not None and received != total:
-            raise OSError(f"connection closed after {received} of {total} bytes")
+def download_file(remote: RemoteFile, folder: pathlib.Path, progress: bool = True,
+                  timeout_s: float = 60.0) -> pathlib.Path:
+    """Download an original distribution file into ``folder`` against its published MD5 (:func:`fetch`)."""
+    return fetch(_source_url(remote), f"md5:{remote.md5}", folder, remote.filename, progress, timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -142,6 +142,13 @@ def _run_figures(run_dir: pathlib.Path, record: dict, img_dir: pathlib.Path, nam
         distilled_path = next((p for p in (run_dir / config["file"], pathlib.Path(config["file"])) if p.is_file()),
                               None)
         distilled_name = config["file"]
+        if distilled_path is None and str(config["file"]).startswith("zoo:"):
+            from kernel_distill import zoo
+
+            try:
+                distilled_path = pathlib.Path(zoo.resolve(config["file"], progress=False))
+            except KernelDistillError:  # a set this installation does not have: no grid
+                pass
     if distilled_path is not None and distilled_path.is_file():
         distilled = load_distilled(distilled_path)
         if distilled.preprocessor is not None:
@@ -201,11 +208,56 @@ def _run_page(run_dir: pathlib.Path, record: dict, figures, name: str) -> str:
     return _page(f"{_label(record)}: {name}", body)
 
 
+def zoo_section(img_dir: pathlib.Path, img_prefix: str = "img/") -> str:
+    """The distilled-set zoo as HTML: its table (from the index) and every set's image grid, drawn into
+    ``img_dir`` as ``zoo-NAME.png``."""
+    from kernel_distill import zoo
+    from kernel_distill.data import dataset_info
+
+    entries = zoo.read_index()
+    if not entries:
+        return "<h2>Distilled-set zoo</h2><p>(the zoo is empty)</p>"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"<th>{html.escape(c)}</th>" for c in zoo.TABLE_HEADER)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip('`'))}</td>" for c in row) + "</tr>"
+                   for row in zoo.table_rows(entries))
+    figures = []
+    for e in entries:
+        distilled = zoo.load(e["name"])
+        n, num_classes = len(distilled.images), distilled.num_classes
+        original = np.repeat(np.arange(num_classes), n // num_classes) if n % num_classes == 0 else None
+        fig = plots.image_grid_figure(distilled.preprocessor.to_viewable(distilled.images), distilled.labels,
+                                      num_classes, dataset_info(e["dataset"]).class_names,
+                                      title=f"zoo:{e['name']}", original_classes=original)
+        plots.save_figure(img_dir / f"zoo-{e['name']}.png", fig)
+        caption = (f"zoo:{e['name']}: {zoo.describe_method(e)}, {e['support_size']} images; KRR "
+                   f"{100 * e['krr']['test_accuracy']:.2f}%; made by {e['command']}")
+        figures.append(f"<figure id=\"zoo-{html.escape(e['name'])}\"><img src=\"{img_prefix}zoo-"
+                       f"{html.escape(e['name'])}.png\" alt=\"{html.escape(caption)}\"><figcaption>"
+                       f"{html.escape(caption)}</figcaption></figure>")
+    return (f"<h2 id=\"zoo\">Distilled-set zoo</h2><p>The sets shipped with kernel-distill (use one as "
+            f"<code>zoo:NAME</code>). KRR %: the file's own kernel on the whole test set; transfer %: the evaluation "
+            f"ConvNet trained on the set, mean +- std over seeds (<code>kernel-distill zoo show NAME</code>). Grid "
+            f"rows are the original classes; titles the label's argmax class and value.</p>"
+            f"<table id=\"zoo-table\"><thead><tr>{header}</tr></thead><tbody>{rows}</tbody></table>"
+            + "".join(figures))
+
+
+def build_zoo_report(out_dir: str | os.PathLike) -> pathlib.Path:
+    """A page of the distilled-set zoo alone (``out_dir/index.html``, pictures in ``out_dir/img``)."""
+    out_dir = pathlib.Path(out_dir)
+    body = "<h1>kernel-distill: the distilled-set zoo</h1>" + zoo_section(out_dir / "img")
+    return atomic_write_text(out_dir / "index.html", _page("kernel-distill zoo", body))
+
+
 COLUMNS = ("run", "command", "method", "dataset", "support size", "test accuracy %", "selected on", "date", "commit")
 
 
-def build_report(run_dirs, out_dir: str | os.PathLike) -> pathlib.Path:
-    """Write the report of ``run_dirs`` (see the module docstring) into ``out_dir``; returns index.html."""
+def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pathlib.Path:
+    """Write the report of ``run_dirs`` (see the module docstring) into ``out_dir``; returns index.html.
+
+    ``zoo``: add the distilled-set zoo's table and image grids (:func:`zoo_section`).
+    """
     out_dir = pathlib.Path(out_dir)
     runs = [(path, read_results(path)) for path in find_runs(run_dirs)]
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
@@ -244,4 +296,6 @@ def build_report(run_dirs, out_dir: str | os.PathLike) -> pathlib.Path:
             f"<figcaption>Test accuracy against support size, per method and dataset</figcaption></figure>"
             f"<table class=\"sortable\" id=\"runs\"><thead><tr>{header}</tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table>")
+    if zoo:
+        body += zoo_section(out_dir / "img")
     return atomic_write_text(out_dir / "index.html", _page("kernel-distill report", body, SORT_SCRIPT))

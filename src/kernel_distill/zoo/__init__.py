@@ -1,0 +1,209 @@
+"""The distilled-set zoo: ready-made sets shipped with the library, with numbers anyone can re-measure.
+
+Every set is a kernel-distill ``.npz`` file (docs/FORMAT.md) in ``kernel_distill/zoo/sets/``, described by
+one entry of ``kernel_distill/zoo/index.json``::
+
+    {"name": "mnist-kip-fc-10", "file": "sets/mnist-kip-fc-10.npz", "sha256": "...", "bytes": 318122,
+     "dataset": "mnist", "lossy": false, "method": "kip", "labels": "learned", "per_class": 10,
+     "support_size": 100, "kernel": {...KernelSpec...}, "get": "ntk", "reg": 1e-06,
+     "preprocessing": "standardised per channel", "selection": {"split": "validation", "step": 4250, ...},
+     "krr": {"test_accuracy": 0.97, "num_test": 10000, "dtype": "float32"},
+     "transfer": {"model": "evalnet", "steps": 300, ..., "mean": 0.81, "std": 0.02, "accuracies": [...]},
+     "published": {"accuracy": 0.972, "what": "KIP-FC, Nguyen et al., ICLR 2021"} | null,
+     "command": "kernel-distill kip ...", "wall_seconds": 612.0, "machine": "...", "date": "...",
+     "git_commit": "...", "added_with": "python tools/zoo_add.py ..."}
+
+Accuracies are fractions in [0, 1], as in result records. ``krr.test_accuracy`` is what
+:func:`evaluate_file` measures (the KRR kernel recorded in the file, on the whole test set); the test
+suite re-measures it for every set. Entries are added by ``tools/zoo_add.py`` (never by hand).
+
+A name ``zoo:NAME`` is accepted wherever a distilled-set path is (:func:`resolve`); the file's sha256 is
+checked every time it is opened. An entry may also carry a ``url`` instead of a packaged file: it is then
+downloaded once into ``<data dir>/zoo/`` through :func:`kernel_distill.data.fetch` (the one download
+mechanism, pooch), against the same sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+from kernel_distill.errors import KernelDistillError
+
+ZOO_DIR = pathlib.Path(__file__).resolve().parent
+INDEX_FILE = ZOO_DIR / "index.json"
+PREFIX = "zoo:"
+
+
+def read_index(path: str | os.PathLike | None = None) -> list[dict]:
+    """The zoo's entries, in index order (``path``: another index file, for tools and tests)."""
+    path = pathlib.Path(path) if path is not None else INDEX_FILE
+    if not path.is_file():
+        return []
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise KernelDistillError(f"{path}: the zoo index is not valid JSON ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("sets"), list):
+        raise KernelDistillError(f"{path}: the zoo index must be an object with a 'sets' list")
+    return index["sets"]
+
+
+def names() -> list[str]:
+    return [entry["name"] for entry in read_index()]
+
+
+def entry(name: str) -> dict:
+    """The index entry of ``name`` (a clear error listing the known names otherwise)."""
+    for e in read_index():
+        if e["name"] == name:
+            return e
+    known = ", ".join(names()) or "(the zoo is empty)"
+    raise KernelDistillError(f"no zoo set named {name!r}; known: {known} (kernel-distill zoo list)")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    import pooch
+
+    return pooch.file_hash(str(path), alg="sha256")
+
+
+def path(name: str, data_dir=None, progress: bool = True) -> pathlib.Path:
+    """The local file of zoo set ``name``, its sha256 checked against the index.
+
+    A packaged set is read in place; an entry with a ``url`` is downloaded once into ``<data dir>/zoo/``.
+    """
+    e = entry(name)
+    local = ZOO_DIR / e["file"]
+    if not local.is_file() and e.get("url"):
+        from kernel_distill.data import fetch, resolve_data_dir
+
+        local = fetch(e["url"], f"sha256:{e['sha256']}", resolve_data_dir(data_dir) / "zoo",
+                      pathlib.PurePosixPath(e["file"]).name, progress=progress)
+    if not local.is_file():
+        raise KernelDistillError(f"zoo set {name}: its file {local} is missing from this installation "
+                                 f"(reinstall kernel-distill)")
+    actual = file_sha256(local)
+    if actual != e["sha256"]:
+        raise KernelDistillError(f"zoo set {name}: {local} has sha256 {actual}, the index says {e['sha256']}; "
+                                 f"the file is corrupt or was changed (reinstall kernel-distill)")
+    return local
+
+
+def resolve(text: str | os.PathLike | None, data_dir=None, progress: bool = True):
+    """``zoo:NAME`` -> the verified local path of that set; any other path is returned unchanged.
+
+    The one place where the command line turns a distilled-set argument into a file.
+    """
+    if isinstance(text, str) and text.startswith(PREFIX):
+        return str(path(text[len(PREFIX):], data_dir, progress))
+    return text
+
+
+def load(name: str):
+    """The :class:`~kernel_distill.io.DistilledSet` of zoo set ``name`` (checksum verified)."""
+    from kernel_distill.io import load_distilled
+
+    return load_distilled(path(name))
+
+
+def export(name: str, destination: str | os.PathLike) -> pathlib.Path:
+    """Copy zoo set ``name`` (verified) to ``destination``: a file path, or a folder (then ``NAME.npz`` in it)."""
+    from kernel_distill.atomic import atomic_write_bytes
+
+    source = path(name)
+    destination = pathlib.Path(destination)
+    if destination.is_dir():
+        destination = destination / f"{name}.npz"
+    if destination.suffix != ".npz":
+        raise KernelDistillError(f"{destination}: a distilled set is an .npz file; give a path ending in .npz or "
+                                 f"a folder")
+    return atomic_write_bytes(destination, source.read_bytes())
+
+
+def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False,
+                  memory_budget_mb: float = 512.0) -> dict:
+    """KRR test accuracy of a distilled-set file with the kernel, ``get`` and ``reg`` recorded in it, on its
+    dataset's whole test split, in float32: the number an index entry's ``krr.test_accuracy`` holds.
+
+    The kernel is rebuilt from the file's metadata through :meth:`KernelSpec.from_dict` and
+    :func:`make_kernel_fn`, so any architecture the package knows is measured the same way. Returns
+    ``dict(test_accuracy, num_test, seconds, dataset, kernel, get, reg)``.
+    """
+    import numpy as np
+
+    from kernel_distill import experiments
+    from kernel_distill.io import dataset_of, load_distilled
+    from kernel_distill.kernels import KernelSpec, make_kernel_fn
+    from kernel_distill.krr import DEFAULT_REG
+
+    distilled = load_distilled(file)
+    meta = distilled.metadata
+    if "kernel" not in meta or distilled.preprocessor is None:
+        raise KernelDistillError(f"{file}: a zoo set must record its kernel and carry its preprocessing "
+                                 f"(a kernel-distill file, not a released KIP file)")
+    spec = KernelSpec.from_dict(meta["kernel"])
+    get, reg = meta.get("get", "ntk"), meta.get("reg", DEFAULT_REG)
+    dataset = dataset_of(distilled, str(file), None)
+    x_test, y_test = experiments.load_test_split(dataset, data_dir, None, progress)
+    kernel_fn = make_kernel_fn(spec, memory_budget_bytes=int(memory_budget_mb * 2**20))
+    result = experiments.evaluate_distilled(distilled, distilled.preprocessor, x_test, y_test, kernel_fn, reg, get,
+                                            np.float32, progress=progress)
+    return dict(test_accuracy=result["metrics"]["test_accuracy"], num_test=result["metrics"]["num_test"],
+                seconds=result["seconds"], dataset=dataset, kernel=spec.to_dict(), get=get, reg=reg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Presentation: the command line's list and the README's table come from the index alone.
+
+DATASET_NAMES = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10 (lossy JPEG copy)"}
+METHOD_NAMES = {"kip": "KIP", "label_solve": "Label Solve"}
+
+
+def _pct(value, std=None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.2f}" + (f" +- {100 * std:.2f}" if std is not None else "")
+
+
+def describe_method(e: dict) -> str:
+    kernel = e.get("kernel", {})
+    arch = kernel.get("architecture", "?")
+    text = f"{METHOD_NAMES.get(e['method'], e['method'])} {arch.upper()} {e.get('get', 'ntk').upper()}"
+    if e["method"] == "kip":
+        text += f", {e.get('labels', '?')} labels"
+    return text
+
+
+def table_rows(entries: list[dict] | None = None) -> list[list[str]]:
+    """One row per set: name, dataset, method, per class, KRR %, transfer %, published %."""
+    rows = []
+    for e in read_index() if entries is None else entries:
+        transfer = e.get("transfer") or {}
+        published = e.get("published") or {}
+        pub = _pct(published.get("accuracy")) + (f" ({published['what']})" if published.get("what") else "") \
+            if published.get("accuracy") is not None else "-"
+        rows.append([f"`{e['name']}`", DATASET_NAMES.get(e["dataset"], e["dataset"]), describe_method(e),
+                     str(e["per_class"]), _pct(e["krr"]["test_accuracy"]),
+                     _pct(transfer.get("mean"), transfer.get("std")) if transfer else "-", pub])
+    return rows
+
+
+TABLE_HEADER = ["name", "dataset", "method", "per class", "KRR %", "transfer %", "published %"]
+
+
+def markdown_table(entries: list[dict] | None = None) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries)]
+    return "\n".join(lines) + "\n"
+
+
+def copy_into_zoo(source: str | os.PathLike, name: str) -> pathlib.Path:
+    """Copy a set's bytes into the package (``sets/NAME.npz``); used by ``tools/zoo_add.py``."""
+    target = ZOO_DIR / "sets" / f"{name}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if pathlib.Path(source).resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    return target

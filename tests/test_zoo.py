@@ -1,0 +1,199 @@
+"""The distilled-set zoo: every packaged set re-measured on the real test set, checksums, zoo:NAME in the
+commands, the adding tool, downloads of a set by URL, the README table and the wheel's package data."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+
+from kernel_distill import zoo
+from kernel_distill.cli import main
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.io import load_distilled
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+ENTRIES = zoo.read_index()
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The packaged sets.
+
+
+def test_the_zoo_is_not_empty_and_its_names_are_unique():
+    assert ENTRIES
+    assert len({e["name"] for e in ENTRIES}) == len(ENTRIES)
+    assert {e["dataset"] for e in ENTRIES} <= {"mnist", "fashion_mnist", "cifar10"}
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_packaged_set_matches_its_index_entry(entry):
+    path = zoo.path(entry["name"])  # the sha256 is checked here
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"]
+    assert path.stat().st_size == entry["bytes"]
+    distilled = load_distilled(path)
+    meta = distilled.metadata
+    assert meta["dataset"] == entry["dataset"] and meta["kernel"] == entry["kernel"]
+    assert meta.get("get", "ntk") == entry["get"] and meta.get("reg") == entry["reg"]
+    assert len(distilled.images) == entry["support_size"] and distilled.images.dtype == np.float32
+    assert entry["selection"]["split"] in ("validation", "none")  # never selected on the test set
+    assert entry["command"] and entry["wall_seconds"] > 0 and entry["machine"]
+    if entry["transfer"] is not None:
+        t = entry["transfer"]
+        assert len(t["accuracies"]) == t["seeds"] == 3
+        assert t["mean"] == pytest.approx(np.mean(t["accuracies"]))
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
+def test_packaged_set_reproduces_its_krr_accuracy_on_the_real_test_set(entry, shared_data_dir):
+    measured = zoo.evaluate_file(zoo.path(entry["name"]), shared_data_dir)
+    assert measured["num_test"] == entry["krr"]["num_test"] == 10000
+    assert abs(100 * measured["test_accuracy"] - 100 * entry["krr"]["test_accuracy"]) <= 0.1, entry["name"]
+
+
+def test_package_data_ships_every_zoo_file():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["kernel_distill.zoo"]
+    shipped = ["index.json", *(e["file"] for e in ENTRIES)]
+    for name in shipped:
+        assert any(fnmatch.fnmatch(name, p) for p in patterns), name
+    total = sum(e["bytes"] for e in ENTRIES)
+    assert total < 40 * 2**20  # a few tens of MB at most
+
+
+def test_readme_zoo_table_is_generated_from_the_index():
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "zoo_table.py"), "--check"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    readme = (REPO / "README.md").read_text()
+    for e in ENTRIES:
+        assert f"`{e['name']}`" in readme
+
+
+# ----------------------------------------------------------------------------------------------------
+# A zoo of our own, on digits (no real data needed): the tool, zoo:NAME, checksums, export, downloads.
+
+
+@pytest.fixture
+def digits_zoo(tmp_path, monkeypatch, capsys):
+    """A zoo in tmp_path/zoo holding one digits set added by tools/zoo_add.py (a tiny transfer included)."""
+    assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "3", "--seeds", "1", "--no-progress",
+               "--out", str(tmp_path / "run"))[0] == 0
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import zoo_add
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    index = tmp_path / "zoo" / "index.json"
+    assert zoo_add.main([str(tmp_path / "run" / "natural.npz"), "--name", "digits-natural-3", "--command",
+                         "kernel-distill baseline --dataset digits --per-class 3 --seeds 1", "--wall-seconds", "1.5",
+                         "--machine", "test", "--transfer-model", "fc", "--transfer-steps", "3",
+                         "--transfer-seeds", "2", "--index", str(index)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(zoo, "ZOO_DIR", index.parent)
+    monkeypatch.setattr(zoo, "INDEX_FILE", index)
+    return index
+
+
+def test_zoo_add_measures_and_records(digits_zoo, tmp_path):
+    (entry,) = zoo.read_index()
+    assert entry["name"] == "digits-natural-3" and entry["support_size"] == 30 and entry["per_class"] == 3
+    assert entry["command"].startswith("kernel-distill baseline") and entry["wall_seconds"] == 1.5
+    file = digits_zoo.parent / entry["file"]
+    assert entry["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    assert file.read_bytes() == (tmp_path / "run" / "natural.npz").read_bytes()
+    # The KRR number is the file's own kernel on the whole digits test split, as `evaluate` computes it.
+    measured = zoo.evaluate_file(file)
+    assert measured["test_accuracy"] == entry["krr"]["test_accuracy"] and measured["num_test"] == 359
+    t = entry["transfer"]
+    assert t["model"] == "fc" and t["steps"] == 3 and len(t["accuracies"]) == 2
+    assert 0 <= t["mean"] <= 1
+
+
+def test_zoo_commands(digits_zoo, tmp_path, capsys):
+    code, out, _ = run(capsys, "zoo", "list")
+    assert code == 0 and "digits-natural-3" in out
+    code, out, _ = run(capsys, "zoo", "show", "digits-natural-3", "--json")
+    assert code == 0 and json.loads(out)["sha256"] == zoo.entry("digits-natural-3")["sha256"]
+    code, out, _ = run(capsys, "zoo", "export", "digits-natural-3", str(tmp_path))
+    assert code == 0
+    assert (tmp_path / "digits-natural-3.npz").read_bytes() == zoo.path("digits-natural-3").read_bytes()
+    code, _, err = run(capsys, "zoo", "show", "no-such-set")
+    assert code == 2 and err.count("\n") == 1 and "digits-natural-3" in err
+
+
+def test_zoo_names_work_where_a_file_does(digits_zoo, tmp_path, capsys):
+    code, out, _ = run(capsys, "evaluate", "zoo:digits-natural-3", "--no-progress", "--json")
+    assert code == 0
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["metrics"]["test_accuracy"] == zoo.entry("digits-natural-3")["krr"]["test_accuracy"]
+    code, out, _ = run(capsys, "label-solve", "--dataset", "digits", "--support", "zoo:digits-natural-3",
+                       "--no-progress", "--out", str(tmp_path / "ls"))
+    assert code == 0 and (tmp_path / "ls" / "distilled.npz").is_file()
+    code, out, _ = run(capsys, "transfer", "zoo:digits-natural-3", "--model", "fc", "--steps", "2", "--seeds", "1",
+                       "--eval-every", "2", "--no-progress")
+    assert code == 0 and "test accuracy" in out
+    code, _, err = run(capsys, "evaluate", "zoo:missing", "--no-progress")
+    assert code == 2 and "no zoo set named 'missing'" in err
+
+
+def test_a_changed_zoo_file_is_refused(digits_zoo, capsys):
+    file = digits_zoo.parent / zoo.entry("digits-natural-3")["file"]
+    distilled = load_distilled(file)
+    from kernel_distill.io import DistilledSet, save_distilled
+
+    save_distilled(file, DistilledSet(distilled.images * 1.01, distilled.labels, distilled.preprocessor,
+                                      distilled.metadata))  # still a valid file: only the checksum can tell
+    with pytest.raises(KernelDistillError, match="sha256"):
+        zoo.load("digits-natural-3")
+    code, _, err = run(capsys, "evaluate", "zoo:digits-natural-3", "--no-progress")
+    assert code == 2 and "corrupt or was changed" in err
+
+
+def test_a_zoo_set_given_by_url_is_downloaded_once_and_verified(digits_zoo, tmp_path, monkeypatch, capsys):
+    from test_data import serve
+
+    entries = zoo.read_index()
+    file = digits_zoo.parent / entries[0]["file"]
+    blob = file.read_bytes()
+    file.unlink()  # not packaged: only a URL
+    with serve({"digits-natural-3.npz": blob}) as url:
+        entries[0]["url"] = url + "digits-natural-3.npz"
+        digits_zoo.write_text(json.dumps(dict(format=1, sets=entries)))
+        path = zoo.path("digits-natural-3", data_dir=tmp_path / "data", progress=False)
+    assert path == tmp_path / "data" / "zoo" / "digits-natural-3.npz" and path.read_bytes() == blob
+    assert zoo.path("digits-natural-3", data_dir=tmp_path / "data").read_bytes() == blob  # served no more
+    with serve({"digits-natural-3.npz": blob[:-10] + b"0123456789"}) as url:
+        path.unlink()
+        entries[0]["url"] = url + "digits-natural-3.npz"
+        digits_zoo.write_text(json.dumps(dict(format=1, sets=entries)))
+        with pytest.raises(KernelDistillError, match="checksum mismatch"):
+            zoo.path("digits-natural-3", data_dir=tmp_path / "data", progress=False)
+    assert not path.exists()
+
+
+def test_zoo_grids_in_the_html_report(digits_zoo, tmp_path, capsys):
+    code, out, _ = run(capsys, "zoo", "report", "--out", str(tmp_path / "zoo-report"))
+    assert code == 0
+    page = (tmp_path / "zoo-report" / "index.html").read_text()
+    assert "digits-natural-3" in page and 'src="img/zoo-digits-natural-3.png"' in page
+    assert (tmp_path / "zoo-report" / "img" / "zoo-digits-natural-3.png").stat().st_size > 1000
+    # In the runs' report too, and an evaluate run of zoo:NAME shows the set's grid.
+    assert run(capsys, "evaluate", "zoo:digits-natural-3", "--no-progress", "--out", str(tmp_path / "ev"))[0] == 0
+    code, _, _ = run(capsys, "report", str(tmp_path / "ev"), "--out", str(tmp_path / "report"), "--zoo")
+    assert code == 0
+    assert "zoo-digits-natural-3.png" in (tmp_path / "report" / "index.html").read_text()
+    assert "-grid.png" in next((tmp_path / "report" / "runs").glob("*.html")).read_text()

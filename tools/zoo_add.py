@@ -1,0 +1,197 @@
+"""Add (or replace) a set in the distilled-set zoo: one command, every number measured here.
+
+    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python tools/zoo_add.py RUN_FOLDER_OR_NPZ --name NAME \\
+        [--command "kernel-distill kip ..."] [--published 97.2 --published-what "KIP-FC, Nguyen et al. 2021"]
+
+Given a run folder (``results.json`` beside ``distilled_best.npz`` or ``distilled.npz``), the set is the
+run's *reported* support (KIP: the one selected on validation), and the command, wall time, machine, date
+and commit come from its ``results.json``; given an ``.npz``, ``--command`` is required (and
+``--wall-seconds``/``--machine`` say what it cost). Then it
+
+1. copies the file's bytes into ``src/kernel_distill/zoo/sets/NAME.npz`` (the sha256 goes into the index);
+2. measures the KRR test accuracy with the kernel recorded in the file (:func:`kernel_distill.zoo.evaluate_file`,
+   the function the test suite re-runs);
+3. measures transfer: ``--transfer-model`` (default the evaluation ConvNet ``evalnet``) trained on the set
+   for ``--transfer-steps`` (300) with ``--transfer-seeds`` (3) seeds, SGD momentum 0.9, cosine lr (the
+   model's default), batch ``--transfer-batch`` (128), MSE on the set's labels, weight decay 5e-4: the
+   protocol of docs/BENCHMARKS.md "Transfer to finite networks"; ``--no-transfer`` skips it;
+4. writes the entry into ``src/kernel_distill/zoo/index.json`` and regenerates the README's zoo table.
+
+Published numbers known to the package (KIP-FC MNIST, Label Solve with the ConvNet kernel) are filled in
+from :data:`PUBLISHED`; ``--published``/``--published-what`` give another (e.g. for a CIFAR-10 set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import shlex
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+# (method, kernel architecture, dataset, support size) -> (accuracy %, what it is). Sources as in
+# benchmarks/tables.py.
+_KIP_FC = "KIP-FC, Nguyen, Chen & Lee, ICLR 2021"
+_LS_CONV = "Label Solve with the ConvNet kernel, Nguyen et al., NeurIPS 2021"
+PUBLISHED = {
+    ("kip", "fc", "mnist", 10): (85.5, _KIP_FC), ("kip", "fc", "mnist", 100): (97.2, _KIP_FC),
+    ("kip", "fc", "mnist", 500): (98.4, _KIP_FC),
+    ("label_solve", "*", "mnist", 10): (73.4, _LS_CONV), ("label_solve", "*", "mnist", 100): (96.4, _LS_CONV),
+    ("label_solve", "*", "mnist", 500): (98.3, _LS_CONV),
+    ("label_solve", "*", "fashion_mnist", 10): (65.3, _LS_CONV),
+    ("label_solve", "*", "fashion_mnist", 100): (80.8, _LS_CONV),
+    ("label_solve", "*", "fashion_mnist", 500): (86.9, _LS_CONV),
+}
+
+
+def _published(method: str, architecture: str, dataset: str, size: int):
+    for key in ((method, architecture, dataset, size), (method, "*", dataset, size)):
+        if key in PUBLISHED:
+            accuracy, what = PUBLISHED[key]
+            return dict(accuracy=round(accuracy / 100, 6), what=what)
+    return None
+
+
+def _source(path: pathlib.Path):
+    """``(npz path, results record or None)`` of a run folder or an .npz file."""
+    from kernel_distill.errors import KernelDistillError
+    from kernel_distill.results import read_results
+
+    if path.is_dir():
+        record = read_results(path)
+        artifacts = record.get("artifacts", {})
+        name = artifacts.get("distilled_best") or artifacts.get("distilled")
+        if not name or not (path / name).is_file():
+            raise KernelDistillError(f"{path}: the run records no distilled set")
+        return path / name, record
+    if path.suffix == ".npz" and path.is_file():
+        return path, None
+    raise KernelDistillError(f"{path}: not a run folder nor an .npz file")
+
+
+def _preprocessing_text(distilled) -> str:
+    pre = distilled.preprocessor
+    if pre.zca_matrix is not None:
+        return "standardised per channel, then ZCA-whitened (matrix stored in the file)"
+    return "standardised per channel (mean/std of the training split, stored in the file)"
+
+
+def _transfer(npz: pathlib.Path, args) -> dict:
+    from kernel_distill import experiments
+    from kernel_distill.finite import TrainConfig, default_learning_rate
+    from kernel_distill.io import load_distilled
+
+    distilled = load_distilled(npz)
+    config = TrainConfig(steps=args.transfer_steps, learning_rate=default_learning_rate(args.transfer_model),
+                         batch_size=args.transfer_batch, eval_every=args.transfer_steps, loss="mse")
+    start = time.perf_counter()
+    support = experiments.transfer_support(distilled, str(npz), None, None, data_dir=args.data_dir, progress=False,
+                                           log=lambda *_: None)
+    result = experiments.transfer(support, args.transfer_model, config, args.transfer_seeds, progress=False)
+    m = result["metrics"]
+    return dict(model=args.transfer_model, steps=config.steps, optimizer="sgd, momentum 0.9, cosine decay",
+                learning_rate=config.learning_rate, batch_size=config.batch_size, weight_decay=config.weight_decay,
+                loss=config.loss, seeds=args.transfer_seeds, mean=m["test_accuracy"], std=m["test_accuracy_std"],
+                accuracies=m["test_accuracies"], num_test=m["num_test"],
+                train_seconds_per_seed=m["train_seconds"] / args.transfer_seeds,
+                wall_seconds=time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a run folder (with results.json) or a distilled-set .npz")
+    parser.add_argument("--name", required=True, help="zoo name, e.g. mnist-kip-fc-10 (lowercase, digits, -)")
+    parser.add_argument("--command", default=None, help="the exact command that made the set (default: the run's)")
+    parser.add_argument("--wall-seconds", type=float, default=None, help="what making it took (default: the run's)")
+    parser.add_argument("--machine", default=None, help="where it was made (default: the run's provenance)")
+    parser.add_argument("--note", default=None, help="a remark shown by `zoo show` (e.g. what was tried)")
+    parser.add_argument("--published", type=float, default=None, help="published accuracy in %% to show beside")
+    parser.add_argument("--published-what", default=None, help="what the published number is, and its source")
+    parser.add_argument("--no-transfer", action="store_true", help="skip the transfer measurement")
+    parser.add_argument("--transfer-model", default="evalnet")
+    parser.add_argument("--transfer-steps", type=int, default=300)
+    parser.add_argument("--transfer-batch", type=int, default=128)
+    parser.add_argument("--transfer-seeds", type=int, default=3)
+    parser.add_argument("--data-dir", default=None, help="datasets (default $KERNEL_DISTILL_DATA)")
+    parser.add_argument("--index", default=None, help=argparse.SUPPRESS)  # tests: another index and folder
+    args = parser.parse_args(argv)
+
+    import re
+
+    from kernel_distill import zoo
+    from kernel_distill.atomic import atomic_write_text
+    from kernel_distill.io import load_distilled
+
+    import zoo_table
+
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
+        parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
+    npz, record = _source(pathlib.Path(args.source))
+    if record is None and not args.command:
+        parser.error("an .npz source needs --command (the exact command that made it)")
+    distilled = load_distilled(npz)
+    meta = distilled.metadata
+    prov = record["provenance"] if record else {}
+    zoo_dir = pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR
+    index_file = zoo_dir / "index.json"
+
+    target = zoo_dir / "sets" / f"{args.name}.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(npz.read_bytes())
+    print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
+
+    krr = zoo.evaluate_file(target, args.data_dir)
+    print(f"KRR test accuracy ({krr['kernel']['architecture']} {krr['get']}, reg {krr['reg']:g}): "
+          f"{100 * krr['test_accuracy']:.2f}% on {krr['num_test']} {krr['dataset']} test images "
+          f"({krr['seconds']:.1f} s)", flush=True)
+    transfer = None
+    if not args.no_transfer:
+        transfer = _transfer(target, args)
+        print(f"transfer ({transfer['model']}, {transfer['steps']} steps, {transfer['seeds']} seeds): "
+              f"{100 * transfer['mean']:.2f} +- {100 * transfer['std']:.2f}% ({transfer['wall_seconds']:.0f} s)",
+              flush=True)
+
+    size = len(distilled.images)
+    method = meta.get("method", "file")
+    per_class = meta.get("per_class") or size // distilled.num_classes
+    published = (dict(accuracy=round(args.published / 100, 6), what=args.published_what or "")
+                 if args.published is not None else _published(method, krr["kernel"]["architecture"], krr["dataset"],
+                                                                size))
+    selection = dict(record["selection"]) if record else dict(split="none")
+    entry = dict(
+        name=args.name, file=f"sets/{args.name}.npz", sha256=zoo.file_sha256(target), bytes=target.stat().st_size,
+        dataset=krr["dataset"], lossy=krr["dataset"] == "cifar10", method=method,
+        labels="solved" if method == "label_solve" else ("learned" if meta.get("learn_labels") else "one-hot"),
+        per_class=per_class, support_size=size, kernel=krr["kernel"], get=krr["get"], reg=krr["reg"],
+        preprocessing=_preprocessing_text(distilled), selection=selection,
+        krr=dict(test_accuracy=krr["test_accuracy"], num_test=krr["num_test"], dtype="float32",
+                 seconds=round(krr["seconds"], 2)),
+        transfer=transfer, published=published,
+        command=args.command or prov.get("command_line"),
+        wall_seconds=args.wall_seconds if args.wall_seconds is not None else prov.get("wall_seconds"),
+        machine=args.machine or (f"{prov.get('machine')}, {prov.get('device')} ({prov.get('backend')}), shared with "
+                                 f"other jobs" if prov else None),
+        date=prov.get("date") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        git_commit=prov.get("git_commit"), note=args.note,
+        added_with=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:] if argv is None else argv)]),
+        measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs",
+    )
+    entries = [e for e in zoo.read_index(index_file) if e["name"] != args.name]
+    entries.append(entry)
+    atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
+    print(f"index entry {args.name} written to {index_file}")
+    if args.index is None:
+        zoo_table.write()
+        print("README zoo table regenerated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
