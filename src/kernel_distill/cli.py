@@ -83,14 +83,25 @@ def _open_backend(args):
     return contextlib.nullcontext() if options.backend == "local" else open_backend(options)
 
 
+KERNEL_CHOICES = ("fc", "convnet", "convnet3", "convnet-rf", "convnet3-rf")
+
+
 def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
-    p.add_argument("--kernel", choices=("fc", "convnet", "convnet3"), default=default_kernel,
-                   help="infinite network: fc, convnet (KIP ConvNet) or convnet3 (without the first conv)")
-    p.add_argument("--get", choices=("ntk", "nngp"), default=None, help="which kernel (default ntk)")
+    p.add_argument("--kernel", choices=KERNEL_CHOICES, default=default_kernel,
+                   help="infinite network: fc, convnet (KIP ConvNet) or convnet3 (without the first conv); "
+                        "-rf: its NNGP from random finite networks (RFAD; docs/KERNELS.md)")
+    p.add_argument("--get", choices=("ntk", "nngp"), default=None,
+                   help="which kernel (default ntk; nngp for the -rf kernels, which approximate only the NNGP)")
     p.add_argument("--depth", type=int, default=None, help="hidden layers (fc, default 1) or conv blocks (3)")
     p.add_argument("--W-std", dest="W_std", type=POSITIVE, default=None, help="weight std (default sqrt(2))")
     p.add_argument("--b-std", dest="b_std", type=NON_NEGATIVE, default=None, help="bias std (default 0.1)")
     p.add_argument("--reg", type=NON_NEGATIVE, default=None, help="KRR regulariser relative to trace(K)/n (1e-6)")
+    p.add_argument("--rf-models", type=int, default=None,
+                   help="-rf kernels: random networks per kernel (default 8)")
+    p.add_argument("--rf-width", type=int, default=None,
+                   help="-rf kernels: channels of each random network (default 128)")
+    p.add_argument("--rf-seed", type=int, default=None,
+                   help="-rf kernels: seed of the fixed evaluation networks (default 0)")
 
 
 def _add_preprocess(p: argparse.ArgumentParser):
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="dataset to distill (default digits)")
     p.add_argument("--per-class", type=int, default=None, help="support images per class (default 10)")
     p.add_argument("--learn-labels", action="store_true", default=None, help="also learn the support labels")
+    p.add_argument("--rf-fixed-networks", action="store_true", default=None,
+                   help="-rf kernels: keep the evaluation networks every step (default: fresh random networks "
+                        "each step, drawn from the run's key)")
     p.add_argument("--init", choices=("real", "noise"), default=None,
                    help="support initialisation: random real training images (default) or Gaussian noise")
     p.add_argument("--target-batch", type=int, default=None,
@@ -274,21 +288,40 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _spec_from_args(args, fallback: dict | None = None):
-    from kernel_distill.kernels import KernelSpec
+    """The kernel the options ask for; options not given fall back to ``fallback`` (a file's or a run's
+    recorded kernel) when it names the same kernel."""
+    from kernel_distill.kernels import KernelSpec, RandomFeatures
 
     fallback = fallback or {}
-    architecture = args.kernel or fallback.get("architecture", "fc")
+    fallback_rf = fallback.get("random_features")
+    fallback_name = fallback.get("architecture", "fc") + ("-rf" if fallback_rf else "")
+    name = args.kernel or fallback_name
+    random = name.endswith("-rf")
+    architecture = name[:-3] if random else name
+    same_architecture = fallback.get("architecture") == architecture
     kwargs = dict(architecture=architecture)
-    depth = args.depth if args.depth is not None else (
-        fallback.get("depth") if fallback.get("architecture") == architecture else None)
+    depth = args.depth if args.depth is not None else (fallback.get("depth") if same_architecture else None)
     kwargs["depth"] = depth
-    for name in ("W_std", "b_std"):
-        value = getattr(args, name)
-        if value is None and fallback.get("architecture") == architecture:
-            value = fallback.get(name)
+    for option in ("W_std", "b_std"):
+        value = getattr(args, option)
+        if value is None and same_architecture:
+            value = fallback.get(option)
         if value is not None:
-            kwargs[name] = value
+            kwargs[option] = value
+    rf_options = dict(models=getattr(args, "rf_models", None), width=getattr(args, "rf_width", None),
+                      seed=getattr(args, "rf_seed", None))
+    if random:
+        base = dict(fallback_rf) if (fallback_rf and name == fallback_name) else {}
+        base.update({k: v for k, v in rf_options.items() if v is not None})
+        kwargs["random_features"] = RandomFeatures(**base)
+    elif any(v is not None for v in rf_options.values()):
+        raise KernelDistillError(f"--rf-models, --rf-width and --rf-seed need a random-feature kernel "
+                                 f"(--kernel {architecture}-rf), not {name}")
     return KernelSpec(**kwargs)
+
+
+def _default_get(args, spec) -> str:
+    return args.get or ("nngp" if spec.random_features is not None else "ntk")
 
 
 def _kernel_fn(args, spec):
@@ -370,13 +403,13 @@ def _evaluate(args, distilled) -> int:
         x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
     meta = distilled.metadata
     spec = _spec_from_args(args, meta.get("kernel"))
-    get = args.get or meta.get("get", "ntk")
+    get = args.get or (meta.get("get", "ntk") if args.kernel is None else _default_get(args, spec))
     reg = args.reg if args.reg is not None else meta.get("reg", DEFAULT_REG)
     with _open_backend(args) as backend:
         result = experiments.evaluate_distilled(distilled, preprocessor, x_test, y_test, _kernel_fn(args, spec), reg,
                                                 get, _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
-    print(f"{args.file}: {len(distilled.images)} support images, {spec.architecture} {get.upper()} "
+    print(f"{args.file}: {len(distilled.images)} support images, {spec.name} {get.upper()} "
           f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * metrics['test_accuracy']:.2f}% on "
           f"{metrics['num_test']} {args.dataset} test images ({result['seconds']:.1f} s)")
     config = dict(file=str(args.file), kernel=spec.to_dict(), get=get, reg=reg, test_limit=args.test_limit,
@@ -408,7 +441,7 @@ def _baseline(args) -> int:
     from kernel_distill.results import dataset_record, make_record
 
     spec = _spec_from_args(args)
-    get, reg = args.get or "ntk", args.reg if args.reg is not None else DEFAULT_REG
+    get, reg = _default_get(args, spec), args.reg if args.reg is not None else DEFAULT_REG
     start = time.perf_counter()
     with _open_backend(args) as backend:
         result = experiments.natural_baseline(args.dataset, args.per_class, args.seeds, _kernel_fn(args, spec), reg,
@@ -416,7 +449,7 @@ def _baseline(args) -> int:
                                               _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
     acc = 100 * np.asarray(metrics["test_accuracies"])
-    print(f"{args.dataset}, {args.per_class} per class, {spec.architecture} {get.upper()} depth {spec.depth}: "
+    print(f"{args.dataset}, {args.per_class} per class, {spec.name} {get.upper()} depth {spec.depth}: "
           f"{acc.mean():.2f} +- {100 * metrics['test_accuracy_std']:.2f}% over {len(acc)} seeds "
           f"({metrics['num_test']} test images)")
     config = dict(per_class=args.per_class, seeds=args.seeds, kernel=spec.to_dict(), get=get, reg=reg, zca=args.zca,
@@ -536,7 +569,8 @@ def _label_solve(args, given, out: pathlib.Path) -> int:
     data = prepare_dataset(args.dataset, args.data_dir, zca=args.zca, zca_reg=args.zca_reg,
                            test_limit=args.test_limit, progress=not args.no_progress,
                            preprocessor=given.preprocessor if given is not None else None)
-    spec, get = _spec_from_args(args), args.get or "ntk"
+    spec = _spec_from_args(args)
+    get = _default_get(args, spec)
     reg = args.reg if args.reg is not None else DEFAULT_REG
     kernel_fn = _kernel_fn(args, spec)
     if given is not None:
@@ -562,7 +596,7 @@ def _label_solve(args, given, out: pathlib.Path) -> int:
         result["covariance"], "original class (one-hot)", "solved label column", data.class_names,
         title=f"Label Solve, {args.dataset}, support {len(x_support)}"))
     print(f"Label Solve on {args.dataset}: support {len(x_support)}, {metrics['num_train']} training images, "
-          f"{spec.architecture} {get.upper()}, {metrics['solve_seconds']:.1f} s, peak memory "
+          f"{spec.name} {get.upper()}, {metrics['solve_seconds']:.1f} s, peak memory "
           f"{metrics['peak_rss_mb']:.0f} MB")
     print(f"KRR test accuracy: original labels {100 * metrics['test_accuracy_original_labels']:.2f}%, solved labels "
           f"{100 * metrics['test_accuracy']:.2f}% ({metrics['num_test']} test images)")
@@ -648,10 +682,15 @@ def _kip_config_from_args(args, base=None):
                      zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
                      memory_budget_mb=args.memory_budget_mb, select_on=args.select_on, val_size=args.val_size,
-                     float64=True if args.float64 else None)
+                     float64=True if args.float64 else None,
+                     rf_fixed_networks=True if args.rf_fixed_networks else None)
     base.update({k: v for k, v in overrides.items() if v is not None})
-    if args.kernel or args.depth is not None or args.W_std is not None or args.b_std is not None:
-        base["kernel"] = _spec_from_args(args, base["kernel"]).to_dict()
+    kernel_options = (args.kernel, args.depth, args.W_std, args.b_std, args.rf_models, args.rf_width, args.rf_seed)
+    if any(v is not None for v in kernel_options):
+        spec = _spec_from_args(args, base["kernel"])
+        base["kernel"] = spec.to_dict()
+        if args.get is None and spec.random_features is not None:
+            base["get"] = "nngp"
     return KipConfig.from_dict(base)
 
 
@@ -678,6 +717,9 @@ def _cmd_kip(args) -> int:
             saved, _ = load_checkpoint(out)
             config = _kip_config_from_args(args, saved)
             check_resume(out, config)
+        if args.backend != "local" and config.kernel.random_features is not None:
+            raise KernelDistillError(f"KIP with the {config.kernel.name} kernel runs on the local backend only; "
+                                     f"drop --backend {args.backend}")
         data = prepare_for(config, args.data_dir, progress=not args.no_progress)
         start = time.perf_counter()
         with _open_backend(args) as backend:
@@ -685,7 +727,7 @@ def _cmd_kip(args) -> int:
                               progress=not args.no_progress, command_line=args.command_line, backend=backend)
     summary["seconds"] = time.perf_counter() - start
     chosen = "validation" if config.select_on == "validation" else "TEST (as the KIP papers did)"
-    print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.architecture} {config.get.upper()}, "
+    print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.name} {config.get.upper()}, "
           f"{summary['step']} steps in {summary['seconds']:.0f} s: test accuracy {100 * summary['last_accuracy']:.2f}% "
           f"(final), {100 * summary['best_test_accuracy']:.2f}% (best on {chosen}, step {summary['best_step']})")
     print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, "

@@ -36,6 +36,7 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, atomic_savez, atomic_write_text, save_distilled
 from kernel_distill import kernels
 from kernel_distill.kernels import KernelFn, KernelSpec, make_kernel_fn
+from kernel_distill.kernels import random_features as rf
 from kernel_distill.krr import DEFAULT_REG, evaluate, krr_loss
 from kernel_distill.data import PreparedData
 from kernel_distill.distributed import LocalBackend
@@ -71,6 +72,8 @@ class KipConfig:
     A resumed run may change only the fields in :data:`RESUMABLE_FIELDS`; every other field, including
     any added later, is compared with the saved config (:func:`kernel_distill.runs.resume_changes`).
       float64: run the whole step (kernels, Cholesky, Adam state, support) in float64; float32 otherwise.
+      rf_fixed_networks: with a random-feature kernel (``kernel.random_features``), use its fixed evaluation
+        networks in every step; by default each step draws fresh networks from the run's key (RFAD).
     """
 
     dataset: str = "digits"
@@ -94,6 +97,7 @@ class KipConfig:
     select_on: str = "validation"
     val_size: int | None = None
     float64: bool = False
+    rf_fixed_networks: bool = False
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
@@ -103,7 +107,7 @@ class KipConfig:
         for name in ("dataset", "get", "init"):
             if not isinstance(getattr(self, name), str):
                 raise KernelDistillError(f"{name} must be a string, got {getattr(self, name)!r}")
-        for name in ("learn_labels", "zca"):
+        for name in ("learn_labels", "zca", "rf_fixed_networks"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise KernelDistillError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("learning_rate", "reg", "zca_reg", "memory_budget_mb"):
@@ -128,6 +132,10 @@ class KipConfig:
             raise KernelDistillError(f"init must be 'real' or 'noise', got {self.init!r}")
         if self.get not in ("ntk", "nngp"):
             raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {self.get!r}")
+        if self.kernel.random_features is not None and self.get != "nngp":
+            raise KernelDistillError(f"the {self.kernel.name} kernel approximates the NNGP only: use --get nngp")
+        if self.rf_fixed_networks and self.kernel.random_features is None:
+            raise KernelDistillError("--rf-fixed-networks needs a random-feature kernel (e.g. --kernel convnet-rf)")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise KernelDistillError(f"learning rate must be positive, got {self.learning_rate}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
@@ -187,7 +195,9 @@ RESUMABLE_FIELDS = frozenset({"steps", "eval_every", "checkpoint_every", "log_ev
 # The command-line option that sets each config field (``--`` + the field name otherwise).
 CONFIG_FLAGS = {"target_batch_size": "--target-batch", "learning_rate": "--lr", "kernel.architecture": "--kernel",
                 "kernel.depth": "--depth", "kernel.W_std": "--W-std", "kernel.b_std": "--b-std",
-                "kernel.parameterization": "--kernel"}
+                "kernel.parameterization": "--kernel", "kernel.random_features": "--kernel",
+                "kernel.random_features.models": "--rf-models", "kernel.random_features.width": "--rf-width",
+                "kernel.random_features.seed": "--rf-seed"}
 
 
 def config_flag(name: str) -> str:
@@ -279,15 +289,28 @@ def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, 
 
 
 def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, per_class_target: int):
-    """The jitted KIP step ``(params, opt_state, key, fixed_labels, x_train, y_train) -> (..., loss)``."""
+    """The jitted KIP step ``(params, opt_state, key, fixed_labels, x_train, y_train) -> (..., loss)``.
+
+    With a random-feature kernel the step draws its networks from the run's key (a third split of the
+    step's key) unless ``config.rf_fixed_networks``; the gradient goes through the features directly.
+    """
+    random_features = config.kernel.random_features is not None
 
     @jax.jit
     def step(params, opt_state, key, fixed_labels, x_train, y_train):
-        key, sample_key = jax.random.split(key)
+        if random_features:
+            key, sample_key, network_key = jax.random.split(key, 3)
+        else:
+            key, sample_key = jax.random.split(key)
         idx = sample_balanced(sample_key, table, counts, per_class_target)
         labels = params.get("labels", fixed_labels)
-        loss, d_images, d_labels = krr_loss_and_gradients(kernel_fn, config.get, config.reg, params["images"],
-                                                          labels, x_train[idx], y_train[idx])
+        if random_features:
+            loss, d_images, d_labels = rf.krr_loss_and_gradients(
+                config.kernel, None if config.rf_fixed_networks else network_key, config.reg, params["images"],
+                labels, x_train[idx], y_train[idx], kernel_fn.tile_budget(), learn_labels="labels" in params)
+        else:
+            loss, d_images, d_labels = krr_loss_and_gradients(kernel_fn, config.get, config.reg, params["images"],
+                                                              labels, x_train[idx], y_train[idx])
         grads = {"images": d_images, "labels": d_labels} if "labels" in params else {"images": d_images}
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, key, loss
@@ -530,6 +553,10 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
     if backend is None or isinstance(backend, LocalBackend):
         backend = None  # the local step stays one jitted function
         step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
+    elif config.kernel.random_features is not None:
+        raise KernelDistillError(f"KIP with the {config.kernel.name} kernel runs on the local backend only (its step "
+                                 f"is a few random networks' features, not kernel blocks); --backend ray serves "
+                                 f"its evaluations in label-solve, evaluate and baseline")
     else:
         step_fn = make_backend_step(backend, kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts),
                                     per_class_target, backend.put(np.asarray(data.x_train, config.dtype)))

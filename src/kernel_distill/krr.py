@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernel_distill.errors import KernelDistillError
-from kernel_distill.kernels import KernelFn
+from kernel_distill.kernels import KernelFn, RandomFeatureKernelFn
 
 DEFAULT_REG = 1e-6
 
@@ -90,6 +90,41 @@ def solve_support(k_ss: np.ndarray, y_s: np.ndarray, reg: float = DEFAULT_REG) -
     return scipy.linalg.cho_solve(factor, np.asarray(y_s, dtype=np.float64))
 
 
+def feature_weights(phi_s: np.ndarray, y_s: np.ndarray, reg: float = DEFAULT_REG) -> np.ndarray:
+    """KRR in feature space, for a kernel ``K = Phi Phi^T`` with fewer features ``D`` than support points.
+
+    ``Phi_t Phi_s^T (Phi_s Phi_s^T + l I)^-1 y_s = Phi_t (Phi_s^T Phi_s + l I)^-1 Phi_s^T y_s`` (the push-through
+    identity), with the same ``l = reg * trace(K_ss) / n`` (``trace(K_ss) = ||Phi_s||_F^2``): a ``(D, D)``
+    solve instead of ``(n, n)``. ``(n, D), (n, C) -> (D, C)`` float64 weights; predictions are ``Phi_t @ w``.
+    """
+    import scipy.linalg
+
+    phi = np.asarray(phi_s, dtype=np.float64)
+    if not np.all(np.isfinite(phi)):
+        raise KernelDistillError("the support features have NaN or inf entries; check the support images")
+    ridge_value = reg * float(np.sum(phi * phi)) / phi.shape[0]
+    system = phi.T @ phi + ridge_value * np.eye(phi.shape[1])
+    try:
+        factor = scipy.linalg.cho_factor(system, lower=True)
+    except np.linalg.LinAlgError:
+        raise KernelDistillError(f"the regularised feature system is not positive definite (reg={reg:g}): raise "
+                                 f"--reg") from None
+    return scipy.linalg.cho_solve(factor, phi.T @ np.asarray(y_s, dtype=np.float64))
+
+
+def uses_feature_space(kernel_fn, n_support: int, image_shape: tuple) -> bool:
+    """Whether KRR is cheaper through the features (more support points than features) for this kernel."""
+    return (isinstance(kernel_fn, RandomFeatureKernelFn)
+            and n_support > kernel_fn.feature_dimension(tuple(image_shape)))
+
+
+def feature_blocks(kernel_fn: RandomFeatureKernelFn, x, block_size: int = 1000) -> np.ndarray:
+    """``Phi(x)`` of the kernel's fixed networks, computed in padded blocks: ``(n, ...) -> (n, D)`` float64."""
+    out = [np.asarray(kernel_fn.features(block), np.float64)[:len(x) - start]
+           for start, block in padded_row_blocks(x, block_size)]
+    return np.concatenate(out)
+
+
 class padded_row_blocks:
     """``(start, block)`` pairs over the rows of ``x``; the last block is padded (by repeating its last row)
     to ``block_size`` rows, so a jitted function sees one shape and compiles once. Callers drop the
@@ -115,7 +150,7 @@ class padded_row_blocks:
 def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
     """``kernel_fn(x1, x2, get)`` through a jitted function cached per kernel function and ``get``, so
     repeated evaluations (KIP evaluates every few hundred steps) do not recompile."""
-    if isinstance(kernel_fn, KernelFn):
+    if isinstance(kernel_fn, (KernelFn, RandomFeatureKernelFn)):
         return kernel_fn.jitted(get)(x1, x2)
     return kernel_fn(x1, x2, get=get)
 
@@ -148,7 +183,11 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
         if not np.all(np.isfinite(arr)):
             raise KernelDistillError(f"{name} contain NaN or inf")
     num_classes = y_support.shape[1]
-    alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
+    in_feature_space = backend is None and uses_feature_space(kernel_fn, len(x_support), x_support.shape[1:])
+    if in_feature_space:
+        weights = feature_weights(feature_blocks(kernel_fn, x_support, block_size), y_support, reg)
+    else:
+        alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
     correct, squared_error = 0, 0.0
     if backend is not None:
         pred = backend.predictions(kernel_fn, get, x_support, alpha, backend.put(x_test), block_size)
@@ -159,7 +198,10 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     blocks = padded_row_blocks(x_test, block_size)
     for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
                           unit="block"):
-        pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha
+        if in_feature_space:
+            pred = np.asarray(kernel_fn.features(xb), dtype=np.float64) @ weights
+        else:
+            pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha
         lb = labels_test[start:start + block_size]
         pred = pred[:len(lb)]
         correct += int(np.sum(pred.argmax(axis=1) == lb))

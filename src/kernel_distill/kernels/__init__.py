@@ -3,6 +3,7 @@
 * :mod:`~kernel_distill.kernels.spec`: architectures as layer lists, the registry, :class:`KernelSpec`.
 * :mod:`~kernel_distill.kernels.exact`: the layer walk for one block (banded conv covariances).
 * :mod:`~kernel_distill.kernels.api`: whole matrices under a memory budget, and the block + VJP API.
+* :mod:`~kernel_distill.kernels.random_features`: the NNGP approximated by random finite networks (RFAD).
 
 See docs/KERNELS.md for the recursions, the banded representation and the numerical care at the diagonal.
 """
@@ -14,11 +15,13 @@ from kernel_distill.kernels.api import (
 from kernel_distill.kernels.exact import (
     kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats)
 from kernel_distill.kernels.spec import (
-    ARCHITECTURE_REGISTRY, ARCHITECTURES, AvgPool, Conv, Dense, Flatten, KernelSpec, Relu, register_architecture)
+    ARCHITECTURE_REGISTRY, ARCHITECTURES, AvgPool, Conv, Dense, Flatten, KernelSpec, RandomFeatures, Relu,
+    register_architecture)
+from kernel_distill.kernels.random_features import RandomFeatureKernelFn
 
 __all__ = [
     "ARCHITECTURES", "ARCHITECTURE_REGISTRY", "AvgPool", "CPU_TILE_BYTES", "Conv", "DEFAULT_MEMORY_BUDGET_BYTES",
-    "Dense", "Flatten", "KernelFn", "KernelSpec", "Relu", "bytes_per_pair", "kernel_block", "kernel_block_vjp",
+    "Dense", "Flatten", "KernelFn", "KernelSpec", "RandomFeatureKernelFn", "RandomFeatures", "Relu", "bytes_per_pair", "kernel_block", "kernel_block_vjp",
     "kernel_block_from_partner", "kernel_matrix", "kernel_matrix_from_stats", "kernel_matrix_vjp", "layer_plan",
     "make_kernel_fn", "partner_arrays", "register_architecture", "self_stats", "self_stats_vjp",
     "tiled_self_stats", "tiled_self_stats_vjp",

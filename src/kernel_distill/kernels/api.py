@@ -157,7 +157,7 @@ def _jitted_kernel(kernel_fn: KernelFn, get: str):
 
 
 def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                   tile_bytes: int | None = None, **spec_kwargs) -> KernelFn:
+                   tile_bytes: int | None = None, **spec_kwargs):
     """Build ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for an architecture.
 
     ``memory_budget_bytes`` bounds the memory of one tile of the computation (forward or backward);
@@ -168,6 +168,9 @@ def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DE
 
         kernel_fn = make_kernel_fn(architecture="convnet", depth=3)
         k = kernel_fn(x_train[:10], x_test[:20], get="ntk")   # (10, 20)
+
+    A spec with ``random_features`` gives a
+    :class:`~kernel_distill.kernels.random_features.RandomFeatureKernelFn` (same interface, NNGP only).
     """
     if spec is None:
         spec = KernelSpec(**spec_kwargs)
@@ -177,6 +180,10 @@ def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DE
         raise KernelDistillError("memory_budget_bytes must be positive")
     if tile_bytes is not None and tile_bytes <= 0:
         raise KernelDistillError("tile_bytes must be positive")
+    if spec.random_features is not None:
+        from kernel_distill.kernels.random_features import RandomFeatureKernelFn
+
+        return RandomFeatureKernelFn(spec, int(memory_budget_bytes))
     return KernelFn(spec=spec, memory_budget_bytes=int(memory_budget_bytes), tile_bytes=tile_bytes)
 
 

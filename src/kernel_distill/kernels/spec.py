@@ -137,6 +137,38 @@ def validate_layers(layers: tuple) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class RandomFeatures:
+    """Approximate the NNGP by the readout features of random finite networks (RFAD); see
+    :mod:`kernel_distill.kernels.random_features`.
+
+    Attributes:
+      models: ``M``, random networks per kernel evaluation.
+      width: ``W``, channels (or units) of each hidden layer of those networks.
+      seed: the evaluation networks are drawn from ``PRNGKey(seed)``; KIP draws fresh ones every step.
+    """
+
+    models: int = 8
+    width: int = 128
+    seed: int = 0
+
+    def __post_init__(self):
+        from kernel_distill.kernels.random_features import check_random_features
+
+        check_random_features(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RandomFeatures":
+        if not isinstance(d, dict):
+            raise KernelDistillError(f"random_features must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise KernelDistillError(f"unknown random_features field(s) {', '.join(unknown)}; "
+                                     f"known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
 class KernelSpec:
     """Which infinite network's kernel to compute.
 
@@ -148,6 +180,8 @@ class KernelSpec:
       W_std: weight standard deviation. KIP default ``sqrt(2)``.
       b_std: bias standard deviation. KIP default 0.1.
       parameterization: only ``"ntk"`` is implemented (the KIP default); ``"standard"`` is refused.
+      random_features: ``None`` for the exact kernel; a :class:`RandomFeatures` approximates the NNGP by
+        random finite networks of this architecture (CLI: ``--kernel convnet-rf``).
     """
 
     architecture: str = "fc"
@@ -155,8 +189,13 @@ class KernelSpec:
     W_std: float = math.sqrt(2.0)
     b_std: float = 0.1
     parameterization: str = "ntk"
+    random_features: RandomFeatures | None = None
 
     def __post_init__(self):
+        if isinstance(self.random_features, dict):
+            object.__setattr__(self, "random_features", RandomFeatures.from_dict(self.random_features))
+        if self.random_features is not None and not isinstance(self.random_features, RandomFeatures):
+            raise KernelDistillError(f"random_features must be None or RandomFeatures, got {self.random_features!r}")
         if self.architecture not in ARCHITECTURE_REGISTRY:
             raise KernelDistillError(
                 f"unknown kernel architecture {self.architecture!r}; choose one of {', '.join(ARCHITECTURE_REGISTRY)}")
@@ -189,6 +228,11 @@ class KernelSpec:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def name(self) -> str:
+        """The CLI name: the architecture, with ``-rf`` for the random-feature approximation."""
+        return self.architecture + ("-rf" if self.random_features is not None else "")
 
     @classmethod
     def from_dict(cls, d: dict) -> "KernelSpec":

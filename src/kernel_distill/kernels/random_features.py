@@ -1,0 +1,229 @@
+"""The NNGP of an architecture approximated by the readout features of a few random finite networks.
+
+RFAD (Loo, Hasani, Amini & Rus, NeurIPS 2022) replaced KIP's exact ConvNet kernel by the features of
+random finite ConvNets: for ``M`` networks of width ``W``, drawn from the NTK-parameterised initialisation
+of :class:`kernel_distill.finite.LayerNet` (the same layer list as the exact kernel), let ``phi_m(x)`` be
+network ``m``'s input to its Dense readout (``fan_in`` entries). The readout's output covariance is
+``W_std^2 / fan_in * phi(x) . phi(x') + b_std^2``, so with the feature vector
+
+    Phi(x) = [W_std / sqrt(M * fan_in) * phi_1(x), ..., W_std / sqrt(M * fan_in) * phi_M(x), b_std]
+
+``Phi(x) . Phi(x')`` is an unbiased Monte-Carlo estimate of the finite networks' readout covariance,
+which tends to the exact infinite-width NNGP as ``W`` grows; its relative error falls like
+``1 / sqrt(M * W)`` (tested against the exact kernel). Only the NNGP is approximated (``get="nngp"``).
+
+A kernel matrix is then ``Phi(x1) Phi(x2)^T``: ``O(n * cost of M networks)`` instead of ``O(n1 * n2 *
+pixels^2)``, and KRR can be solved in feature space (:func:`kernel_distill.krr.feature_predictions`) when
+there are more support points than features.
+
+Which networks: :class:`RandomFeatures` ``seed`` fixes them for evaluation (a file made with the kernel
+re-creates it exactly); KIP draws fresh networks from the run's key every step by default (see
+docs/KERNELS.md: resampling is part of why such sets transfer to finite networks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.kernels import tiling
+from kernel_distill.kernels.spec import AvgPool, Dense, Flatten, KernelSpec
+
+# Arrays alive per image and model in the widest layer of a forward pass (activation, pre-activation,
+# conv output, pooled copy): a generous round number keeps the memory budget an upper bound.
+ARRAYS_PER_IMAGE = 4
+
+
+def check_random_features(rf) -> None:
+    """Validate a :class:`kernel_distill.kernels.spec.RandomFeatures` (raises one-line errors)."""
+    for name in ("models", "width"):
+        value = getattr(rf, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise KernelDistillError(f"random features: {name} must be a positive integer, got {value!r}")
+    if isinstance(rf.seed, bool) or not isinstance(rf.seed, (int, np.integer)) or rf.seed < 0:
+        raise KernelDistillError(f"random features: seed must be a non-negative integer, got {rf.seed!r}")
+
+
+def _feature_net(spec: KernelSpec):
+    """The finite network up to (not including) its Dense readout."""
+    from kernel_distill.finite import LayerNet  # finite imports kernels.spec: import here, not at module load
+
+    return LayerNet(spec.layers[:-1], num_classes=0, width=spec.random_features.width, parameterization="ntk",
+                    W_std=spec.W_std, b_std=spec.b_std)
+
+
+def readout_fan_in(spec: KernelSpec, image_shape: tuple) -> int:
+    """Entries of one network's readout input ``phi_m(x)`` for images of ``image_shape`` ``(H, W, C)``."""
+    width = spec.random_features.width
+    layers = spec.layers
+    if isinstance(layers[0], Flatten):
+        return width if any(isinstance(layer, Dense) for layer in layers[:-1]) else int(np.prod(image_shape))
+    h, w = image_shape[0], image_shape[1]
+    for layer in layers:
+        if isinstance(layer, AvgPool):
+            h, w = h // 2, w // 2
+    return h * w * width
+
+
+def feature_dimension(spec: KernelSpec, image_shape: tuple) -> int:
+    """Length of ``Phi(x)``: ``M * fan_in`` network features plus the bias feature."""
+    return spec.random_features.models * readout_fan_in(spec, image_shape) + 1
+
+
+def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32):
+    """Parameters of the ``M`` random networks drawn from ``key``, stacked on a leading axis of size ``M``."""
+    net = _feature_net(spec)
+    dummy = jnp.zeros((1, *image_shape), dtype)
+    keys = jax.random.split(key, spec.random_features.models)
+    params = jax.vmap(lambda k: net.init(k, dummy))(keys)
+    return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
+
+
+def fixed_network_params(spec: KernelSpec, image_shape: tuple, dtype=jnp.float32):
+    """The evaluation networks: drawn from ``PRNGKey(spec.random_features.seed)``."""
+    return network_params(spec, jax.random.PRNGKey(spec.random_features.seed), image_shape, dtype)
+
+
+def image_chunk(spec: KernelSpec, image_shape: tuple, itemsize: int, budget: int) -> int:
+    """Images per chunk so that one model's forward pass over a chunk stays within ``budget`` bytes."""
+    width = spec.random_features.width
+    pixels = image_shape[0] * image_shape[1] if spec.is_conv else 1
+    per_image = ARRAYS_PER_IMAGE * pixels * max(width, image_shape[-1]) * itemsize
+    return max(1, budget // max(1, per_image))
+
+
+def features(spec: KernelSpec, params, x, budget: int = 512 * 2**20):
+    """``Phi(x)``: ``(n, ...)`` images -> ``(n, M * fan_in + 1)`` features, in ``x``'s dtype.
+
+    Models run one after another and images in chunks of at most ``budget`` bytes of activations
+    (``lax.map``), so memory does not grow with ``M`` or ``n``. Differentiable in ``x``.
+    """
+    net = _feature_net(spec)
+    models = spec.random_features.models
+    chunk = image_chunk(spec, x.shape[1:], jnp.dtype(x.dtype).itemsize, budget)
+
+    def one_model(p):  # (n, fan_in)
+        return tiling.tiled(lambda z: net.apply(p, z).reshape(z.shape[0], -1), (x,), chunk)
+
+    phi = jax.lax.map(one_model, params)  # (M, n, fan_in)
+    fan_in = phi.shape[-1]
+    scale = spec.W_std / math.sqrt(models * fan_in)
+    phi = jnp.transpose(phi, (1, 0, 2)).reshape(x.shape[0], models * fan_in) * scale
+    bias = jnp.full((x.shape[0], 1), spec.b_std, phi.dtype)
+    return jnp.concatenate([phi, bias], axis=1).astype(x.dtype)
+
+
+def gram(phi1, phi2):
+    """``Phi1 Phi2^T`` at full precision: ``(n1, D), (n2, D) -> (n1, n2)``."""
+    return jnp.matmul(phi1, phi2.T, precision=jax.lax.Precision.HIGHEST)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomFeatureKernelFn:
+    """``kernel_fn(x1, x2=None, get="nngp") -> (n1, n2)`` for a :class:`KernelSpec` with ``random_features``.
+
+    The same interface as :class:`kernel_distill.kernels.KernelFn` (``jitted``, ``tile_budget``,
+    ``check_inputs``), with the fixed evaluation networks of ``spec.random_features.seed``; plus
+    :meth:`features` for KRR in feature space. Inputs ``(n, H, W, C)`` float32 or float64.
+    """
+
+    spec: KernelSpec
+    memory_budget_bytes: int = 512 * 2**20
+
+    def __post_init__(self):
+        if self.spec.random_features is None:
+            raise KernelDistillError("RandomFeatureKernelFn needs a KernelSpec with random_features")
+
+    def tile_budget(self) -> int:
+        return self.memory_budget_bytes
+
+    def check_inputs(self, x1, x2):
+        from kernel_distill.kernels.api import KernelFn
+
+        KernelFn(self.spec).check_inputs(x1, x2)
+
+    def feature_dimension(self, image_shape: tuple) -> int:
+        return feature_dimension(self.spec, image_shape)
+
+    def features(self, x):
+        """``Phi(x)`` of the fixed networks: ``(n, ...) -> (n, D)``, compiled once per shape and dtype."""
+        x = self._as_float(jnp.asarray(x))
+        return _compiled_features(self.spec, self.memory_budget_bytes)(x)
+
+    def __call__(self, x1, x2=None, get: str = "nngp"):
+        check_get(get)
+        same = x2 is None or x2 is x1
+        x1 = jnp.asarray(x1)
+        x2 = x1 if same else jnp.asarray(x2)
+        self.check_inputs(x1, x2)
+        dtype = jnp.result_type(x1.dtype, x2.dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            dtype = jnp.float32
+        return _compiled_matrix(self.spec, self.memory_budget_bytes)(x1.astype(dtype),
+                                                                     None if same else x2.astype(dtype))
+
+    def jitted(self, get: str = "nngp"):
+        check_get(get)
+        return _compiled_matrix(self.spec, self.memory_budget_bytes)
+
+    @staticmethod
+    def _as_float(x):
+        return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def check_get(get: str) -> None:
+    if get != "nngp":
+        raise KernelDistillError(f"the random-feature kernel approximates the NNGP only; got get={get!r} "
+                                 f"(use --get nngp)")
+
+
+def matrix(spec: KernelSpec, x1, x2, budget: int):
+    """``Phi(x1) Phi(x2)^T`` with the fixed networks; ``x2=None`` means ``x1`` (features computed once)."""
+    params = fixed_network_params(spec, x1.shape[1:], x1.dtype)
+    phi1 = features(spec, params, x1, budget)
+    phi2 = phi1 if x2 is None else features(spec, params, x2, budget)
+    return gram(phi1, phi2)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_matrix(spec: KernelSpec, budget: int):
+    return jax.jit(lambda x1, x2: matrix(spec, x1, x2, budget))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_features(spec: KernelSpec, budget: int):
+    return jax.jit(lambda x: features(spec, fixed_network_params(spec, x.shape[1:], x.dtype), x, budget))
+
+
+def krr_loss_and_gradients(spec: KernelSpec, key, reg: float, x_s, y_s, x_t, y_t, budget: int,
+                           learn_labels: bool = True):
+    """The KRR loss of a support on a target batch with the networks drawn from ``key``, and its gradients.
+
+    ``key=None`` uses the fixed evaluation networks. The target features need no backward pass.
+    Returns ``(loss, dL/dx_s, dL/dy_s)`` (``dL/dy_s`` is ``None`` unless ``learn_labels``).
+    """
+    from kernel_distill.krr import krr_loss
+
+    params = (fixed_network_params(spec, x_s.shape[1:], x_s.dtype) if key is None
+              else network_params(spec, key, x_s.shape[1:], x_s.dtype))
+    phi_t = jax.lax.stop_gradient(features(spec, params, x_t, budget))
+
+    def loss_fn(xs, ys):
+        phi_s = features(spec, params, xs, budget)
+        return krr_loss(gram(phi_t, phi_s), gram(phi_s, phi_s), ys, y_t, reg)
+
+    if learn_labels:
+        loss, (dx, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(x_s, y_s)
+        return loss, dx, dy
+    loss, dx = jax.value_and_grad(loss_fn)(x_s, y_s)
+    return loss, dx, None
+
+
+__all__ = ["RandomFeatureKernelFn", "feature_dimension", "features", "fixed_network_params", "gram",
+           "krr_loss_and_gradients", "network_params", "readout_fan_in"]
