@@ -391,6 +391,7 @@ def _output_folder(out):
 
 def _evaluate(args, distilled) -> int:
     from kernel_distill import experiments
+    from kernel_distill.data import limit_test
     from kernel_distill.krr import DEFAULT_REG
     from kernel_distill.results import dataset_record, make_record, split_checksum
 
@@ -400,7 +401,7 @@ def _evaluate(args, distilled) -> int:
     x_test, y_test = experiments.load_test_split(args.dataset, args.data_dir, None, not args.no_progress)
     checksum = split_checksum(x_test, y_test)
     if args.test_limit:
-        x_test, y_test = x_test[:args.test_limit], y_test[:args.test_limit]
+        x_test, y_test = limit_test(x_test, y_test, args.test_limit)
     meta = distilled.metadata
     spec = _spec_from_args(args, meta.get("kernel"))
     get = args.get or (meta.get("get", "ntk") if args.kernel is None else _default_get(args, spec))

@@ -510,6 +510,19 @@ class PreparedData:
         return len(self.y_val)
 
 
+def limit_test(x, y, test_limit: int | None):
+    """The test images a ``test_limit`` keeps: the first ``test_limit``, except when the split is stored
+    sorted by class (the lossy CIFAR-10 copy), where the first images would hold only the first classes;
+    there it keeps ``test_limit`` images drawn with a fixed seed, in their stored order."""
+    if not test_limit or test_limit >= len(y):
+        return x, y
+    labels = np.asarray(y)
+    if len(labels) > 1 and np.all(np.diff(labels.astype(np.int64)) >= 0):
+        keep = np.sort(np.random.default_rng(0).permutation(len(labels))[:test_limit])
+        return x[keep], y[keep]
+    return x[:test_limit], y[:test_limit]
+
+
 def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float = 0.1,
                     test_limit: int | None = None, progress: bool = True, val_size: int = 0,
                     preprocessor: Preprocessor | None = None) -> PreparedData:
@@ -525,7 +538,7 @@ def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float 
     raw_test, y_test = load_dataset(name, "test", data_dir, progress=progress)
     checksums = dict(train=split_checksum(raw_train, y_train), test=split_checksum(raw_test, y_test))
     if test_limit:
-        raw_test, y_test = raw_test[:test_limit], y_test[:test_limit]
+        raw_test, y_test = limit_test(raw_test, y_test, test_limit)
     train_idx, val_idx = validation_split(y_train, val_size, info.num_classes)
     raw_val, y_val = raw_train[val_idx], y_train[val_idx]
     raw_train, y_train = raw_train[train_idx], y_train[train_idx]

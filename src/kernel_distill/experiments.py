@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernel_distill.data import PreparedData, dataset_info, load_dataset, natural_subset
+from kernel_distill.data import PreparedData, dataset_info, load_dataset, limit_test, natural_subset
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, check_preprocessing_request, dataset_of
 from kernel_distill.krr import evaluate
@@ -23,10 +23,11 @@ from kernel_distill.results import split_checksum
 
 
 def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, progress: bool = True):
-    """The test split of ``dataset``, optionally its first ``test_limit`` images: ``(x uint8, y int)``."""
+    """The test split of ``dataset``, optionally limited to ``test_limit`` images (:func:`limit_test`):
+    ``(x uint8, y int)``."""
     x_test, y_test = load_dataset(dataset, "test", data_dir, progress=progress)
     if test_limit:
-        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+        x_test, y_test = limit_test(x_test, y_test, test_limit)
     return x_test, y_test
 
 
@@ -92,7 +93,7 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
     x_train, y_train = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
     if test_limit:
-        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+        x_test, y_test = limit_test(x_test, y_test, test_limit)
     preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
     z_test = preprocessor.apply(x_test).astype(dtype)
     accuracies, first = [], None
@@ -195,7 +196,7 @@ def transfer(support: dict, model: str, train_config, seeds: int, width: int | N
     checksums = dict(support.get("checksums", {}))
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
     if test_limit:
-        x_test, y_test = x_test[:test_limit], y_test[:test_limit]
+        x_test, y_test = limit_test(x_test, y_test, test_limit)
     z_test = support["preprocessor"].apply(x_test)
 
     def model_fn():
