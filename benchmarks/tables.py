@@ -239,6 +239,55 @@ def render_kip_step() -> str:
                   "steps timed", "load avg", "code commit", "machine", "record"], rows) + footer("kip_step", records)
 
 
+def render_random_features() -> str:
+    records = list(newest(load("random_features"), lambda r: (
+        machine(r), r["config"]["support"], r["config"]["test_limit"], r["config"]["impl"], r["config"].get("models"),
+        r["config"].get("width"))).values())
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        rf = c["impl"] == "rf"
+        rows.append([f"{c['architecture']} depth {c['depth']} NNGP", f"{c['support_size']} x {c['test_limit']:,}",
+                     f"{c['models']} x {c['width']}" if rf else "exact", f"{m['relative_error_ts']:.4f}" if rf else "-",
+                     f"{m['relative_error_ss']:.4f}" if rf else "-", f"{m['seconds']:.1f}",
+                     f"{m['speedup_vs_exact']:.0f}x" if rf else "1x", pct(m["krr_accuracy"]),
+                     f"{m['load_average']:.1f}", machine(r), source(r)])
+    return table(["kernel", "support x test", "networks x width", "rel. error K_ts", "rel. error K_ss", "seconds",
+                  "speed-up", "KRR test %", "load avg", "machine", "record"], rows) + footer("random_features", records)
+
+
+# Published finite-network transfer of KIP sets made with the exact ConvNet kernel (Nguyen, Novak, Xiao & Lee,
+# NeurIPS 2021, Table 2, KIP ConvNet of width 1024 on the original CIFAR-10), and KRR with that kernel.
+PUBLISHED_KIP_CONVNET_TRANSFER = {("cifar10", 1): 49.9, ("cifar10", 10): 62.7, ("cifar10", 50): 68.6}
+PUBLISHED_KIP_CONVNET_KRR = {("cifar10", 10): 75.6}
+
+
+def render_rf_distillation() -> str:
+    records = list(newest(load("rf_distillation"), lambda r: (
+        machine(r), r["dataset"]["name"], r["config"]["per_class"], r["config"]["set"])).values())
+    records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["per_class"],
+                                ["kip-rf", "kip-fc", "natural"].index(r["config"]["set"])
+                                if r["config"]["set"] in ("kip-rf", "kip-fc", "natural") else 9))
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        kernel = c.get("kernel") or {}
+        rf = kernel.get("random_features")
+        kernel_name = kernel.get("architecture", "?") + (f"-rf {rf['models']}x{rf['width']}" if rf else "")
+        key = (r["dataset"]["name"], c["per_class"])
+        kip = (f"{m['kip_steps']} steps (best {m['kip_best_step']}), {m['kip_wall_seconds'] / 60:.0f} min"
+               if "kip_wall_seconds" in m else "-")
+        published = (f"{PUBLISHED_KIP_CONVNET_KRR.get(key, '-')} / {PUBLISHED_KIP_CONVNET_TRANSFER.get(key, '-')}"
+                     if c["set"] == "kip-rf" else "")
+        rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), c["per_class"], c["set"],
+                     kernel_name, pct(m["krr_test_accuracy"]),
+                     pct(m["transfer_test_accuracy"], m["transfer_test_accuracy_std"]), kip, published, machine(r),
+                     source(r)])
+    return table(["dataset", "per class", "set", "KRR kernel", "KRR test %", "evalnet test % (3 seeds)",
+                  "KIP run (CPU wall)", "published KRR / finite net % (exact ConvNet kernel)", "machine", "record"],
+                 rows) + footer("rf_distillation", records)
+
+
 RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
@@ -250,6 +299,8 @@ RENDERERS = {
     "transfer_convnet": lambda: _transfer("convnet", "mse", with_krr=False, extra=("learning_rate",)),
     "transfer_fc": lambda: _transfer("fc", "any", with_krr=False),
     "distributed": lambda: render_distributed(),
+    "random_features": render_random_features,
+    "rf_distillation": render_rf_distillation,
 }
 
 

@@ -39,6 +39,7 @@ class _ParameterizedLayer(nn.Module):
 
     NTK parameterization: weights and biases ~ N(0, 1), scaled by ``W_std / sqrt(fan_in)`` and ``b_std`` in
     the forward pass. Standard: weights ~ N(0, W_std^2 / fan_in), biases ~ N(0, b_std^2), unscaled.
+    Parameters are drawn in float32 even with 64-bit mode on, so a key gives the same network either way.
     """
 
     features: int
@@ -49,11 +50,11 @@ class _ParameterizedLayer(nn.Module):
     def _parameters(self, kernel_shape: tuple, fan_in: int):
         """Returns ``(weights, bias, weight scale, bias scale)``."""
         if self.parameterization == "ntk":
-            w = self.param("kernel", nn.initializers.normal(1.0), kernel_shape)
-            b = self.param("bias", nn.initializers.normal(1.0), (self.features,))
+            w = self.param("kernel", nn.initializers.normal(1.0), kernel_shape, jnp.float32)
+            b = self.param("bias", nn.initializers.normal(1.0), (self.features,), jnp.float32)
             return w, b, self.W_std / math.sqrt(fan_in), self.b_std
-        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), kernel_shape)
-        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,))
+        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), kernel_shape, jnp.float32)
+        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,), jnp.float32)
         return w, b, 1.0, 1.0
 
 

@@ -77,9 +77,11 @@ def feature_dimension(spec: KernelSpec, image_shape: tuple) -> int:
 
 
 def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32):
-    """Parameters of the ``M`` random networks drawn from ``key``, stacked on a leading axis of size ``M``."""
+    """Parameters of the ``M`` random networks drawn from ``key``, stacked on a leading axis of size ``M``.
+
+    Drawn in float32 and then cast, so a key gives the same networks in float32 and float64 runs."""
     net = _feature_net(spec)
-    dummy = jnp.zeros((1, *image_shape), dtype)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
     keys = jax.random.split(key, spec.random_features.models)
     params = jax.vmap(lambda k: net.init(k, dummy))(keys)
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
