@@ -33,10 +33,11 @@ def run(capsys, *argv):
 # The packaged sets.
 
 
-def test_the_zoo_is_not_empty_and_its_names_are_unique():
-    assert ENTRIES
+def test_the_zoo_covers_mnist_and_fashion_mnist_with_kip_and_label_solve():
     assert len({e["name"] for e in ENTRIES}) == len(ENTRIES)
     assert {e["dataset"] for e in ENTRIES} <= {"mnist", "fashion_mnist", "cifar10"}
+    for dataset in ("mnist", "fashion_mnist"):
+        assert {e["method"] for e in ENTRIES if e["dataset"] == dataset} == {"kip", "label_solve"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
