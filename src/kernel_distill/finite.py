@@ -74,7 +74,9 @@ class _Conv(_ParameterizedLayer):
     @nn.compact
     def __call__(self, x):
         w, b, scale, bias_scale = self._parameters((3, 3, x.shape[-1], self.features), 9 * x.shape[-1])
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # The parameters are drawn in float32; a float64 input (64-bit mode) is convolved in float64.
+        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return scale * y + bias_scale * b
 
 
