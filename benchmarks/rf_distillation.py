@@ -40,6 +40,7 @@ def main(argv=None):
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=FILE",
                         help="another distilled set of the same dataset and size to measure beside it")
     parser.add_argument("--no-natural", action="store_true", help="skip the natural subset")
+    parser.add_argument("--no-kip", action="store_true", help="skip the run's own set (e.g. measured before)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -55,7 +56,7 @@ def main(argv=None):
     dataset, per_class = config["dataset"], config["per_class"]
     train = ["--model", "evalnet", "--seeds", str(args.seeds), "--steps", str(args.train_steps), "--batch-size",
              str(args.batch_size)]
-    sets = [("kip-rf", str(run / "distilled_best.npz"))]
+    sets = [] if args.no_kip else [("kip-rf", str(run / "distilled_best.npz"))]
     sets += [tuple(item.split("=", 1)) for item in args.compare]
     if not args.no_natural:
         sets.append(("natural", None))
