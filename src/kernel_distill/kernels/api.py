@@ -85,6 +85,20 @@ def self_stats_vjp(spec: KernelSpec, x, stats_cotangent):
     return vjp(tuple(stats_cotangent))[0]
 
 
+def float_pair(x1, x2, check):
+    """The inputs of a kernel call as arrays of one floating dtype (their common one; float32 for integers),
+    after ``check(x1, x2)``. Returns ``(x1, x2)``, with ``x2`` ``None`` when it was ``None`` or ``x1`` itself
+    (so the self statistics or features are computed once)."""
+    same = x2 is None or x2 is x1
+    x1 = jnp.asarray(x1)
+    x2 = x1 if same else jnp.asarray(x2)
+    check(x1, x2)
+    dtype = jnp.result_type(x1.dtype, x2.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.float32
+    return x1.astype(dtype), None if same else x2.astype(dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class KernelFn:
     """A callable ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for one :class:`KernelSpec`.
@@ -102,18 +116,8 @@ class KernelFn:
     def __call__(self, x1, x2=None, get: Get = "ntk"):
         if get not in ("ntk", "nngp"):
             raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {get!r}")
-        same = x2 is None or x2 is x1
-        x1 = jnp.asarray(x1)
-        x2 = x1 if same else jnp.asarray(x2)
-        self.check_inputs(x1, x2)
-        dtype = jnp.result_type(x1.dtype, x2.dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            dtype = jnp.float32
-        x1 = x1.astype(dtype)
-        x2 = x1 if same else x2.astype(dtype)
-        if same:  # compiled whole: op-by-op dispatch of the layer walk compiled 3x slower than one jit
-            return _compiled_matrix(self.spec, get, self.tile_budget())(x1, None)
-        return _compiled_matrix(self.spec, get, self.tile_budget())(x1, x2)
+        # compiled whole: op-by-op dispatch of the layer walk compiled 3x slower than one jit
+        return _compiled_matrix(self.spec, get, self.tile_budget())(*float_pair(x1, x2, self.check_inputs))
 
     def jitted(self, get: Get = "ntk"):
         """``jax.jit(lambda x1, x2: self(x1, x2, get))``, cached: one compilation per kernel, ``get`` and

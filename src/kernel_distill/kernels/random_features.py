@@ -159,16 +159,10 @@ class RandomFeatureKernelFn:
         return _compiled_features(self.spec, self.memory_budget_bytes)(x)
 
     def __call__(self, x1, x2=None, get: str = "nngp"):
+        from kernel_distill.kernels.api import float_pair
+
         check_get(get)
-        same = x2 is None or x2 is x1
-        x1 = jnp.asarray(x1)
-        x2 = x1 if same else jnp.asarray(x2)
-        self.check_inputs(x1, x2)
-        dtype = jnp.result_type(x1.dtype, x2.dtype)
-        if not jnp.issubdtype(dtype, jnp.floating):
-            dtype = jnp.float32
-        return _compiled_matrix(self.spec, self.memory_budget_bytes)(x1.astype(dtype),
-                                                                     None if same else x2.astype(dtype))
+        return _compiled_matrix(self.spec, self.memory_budget_bytes)(*float_pair(x1, x2, self.check_inputs))
 
     def jitted(self, get: str = "nngp"):
         check_get(get)

@@ -136,6 +136,18 @@ def validate_layers(layers: tuple) -> None:
         seen_affine = seen_affine or isinstance(layer, AFFINE_LAYERS)
 
 
+def _from_strict_dict(cls, d, subject: str, fields_of: str):
+    """``cls(**d)`` for a dataclass, refusing a non-dict or an unknown key with one line naming the known ones."""
+    if not isinstance(d, dict):
+        raise KernelDistillError(f"{subject} must be a JSON object, got {type(d).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise KernelDistillError(f"unknown {fields_of} field(s) {', '.join(unknown)}; "
+                                 f"known: {', '.join(sorted(known))}")
+    return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomFeatures:
     """Approximate the NNGP by the readout features of random finite networks (RFAD); see
@@ -158,14 +170,7 @@ class RandomFeatures:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RandomFeatures":
-        if not isinstance(d, dict):
-            raise KernelDistillError(f"random_features must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KernelDistillError(f"unknown random_features field(s) {', '.join(unknown)}; "
-                                     f"known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return _from_strict_dict(cls, d, "random_features", "random_features")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,14 +242,7 @@ class KernelSpec:
     @classmethod
     def from_dict(cls, d: dict) -> "KernelSpec":
         """Inverse of :meth:`to_dict`; unknown keys are refused (a misspelt key must not fall back to a default)."""
-        if not isinstance(d, dict):
-            raise KernelDistillError(f"a kernel spec must be a JSON object, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise KernelDistillError(f"unknown kernel spec field(s) {', '.join(unknown)}; "
-                                     f"known: {', '.join(sorted(known))}")
-        return cls(**d)
+        return _from_strict_dict(cls, d, "a kernel spec", "kernel spec")
 
     @property
     def is_conv(self) -> bool:
