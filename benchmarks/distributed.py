@@ -11,6 +11,15 @@ shared machine the other processes' load changes the numbers.
 
     KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/distributed.py \
         --dataset mnist --per-class 1 --target-batch 20 --steps 3 --workers 1 2
+
+The local backend's XLA spreads one ConvNet kernel over every core of the machine (1.8 of this machine's 2
+cores, measured as process CPU time over wall time, recorded as ``local_cores_used``), so on a 2-core machine
+two workers have almost nothing left to add. ``--cores-per-process 1`` pins the local run and each Ray worker
+to its own single core (Linux CPU affinity of every thread), which measures how the work divides between
+workers, what a machine with a core (or a GPU) per worker gets:
+
+    ... benchmarks/distributed.py --dataset mnist --per-class 1 --target-batch 20 --steps 3 --workers 1 2 \
+        --cores-per-process 1
 """
 
 from __future__ import annotations
@@ -40,6 +49,27 @@ def load() -> float:
     return os.getloadavg()[0]
 
 
+def pin_threads(cores) -> None:
+    """Restrict every thread of this process (XLA's pool included) to ``cores`` (Linux only)."""
+    for tid in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(tid), set(cores))
+
+
+def pin_workers(backend, cores_per_process: int) -> None:
+    """Pin Ray worker ``i`` to cores ``[i * c, (i + 1) * c)`` (modulo the machine's cores)."""
+    import ray
+
+    count = os.cpu_count()
+
+    def pin(actor, cores):
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), set(cores))
+        return sorted(os.sched_getaffinity(0))
+
+    ray.get([actor.__ray_call__.remote(pin, [(i * cores_per_process + j) % count for j in range(cores_per_process)])
+             for i, actor in enumerate(backend.actors)])
+
+
 def time_kip(backend, config, data, steps: int) -> dict:
     kernel_fn = make_kernel_fn(config.kernel, memory_budget_bytes=int(config.memory_budget_mb * 2**20))
     optimizer = kip.make_optimizer(config)
@@ -61,13 +91,16 @@ def time_kip(backend, config, data, steps: int) -> dict:
     float(loss)
     warmup = time.perf_counter() - started
     times, parts = [], []
+    cpu_started, wall_started = time.process_time(), time.perf_counter()
     for _ in range(steps):
         started = time.perf_counter()
         params, opt_state, key, loss = step(params, opt_state, key, fixed, x_train, y_train)
         float(loss)
         times.append(time.perf_counter() - started)
         parts.append(dict(getattr(backend, "last_step", {}) or {}))
+    driver_cores = (time.process_time() - cpu_started) / (time.perf_counter() - wall_started)
     out = dict(kip_step_seconds=statistics.median(times), kip_step_seconds_all=times, kip_warmup_seconds=warmup,
+               driver_cores_used=driver_cores,
                kip_pairs_per_step=(per_class_target * data.num_classes + config.per_class * data.num_classes)
                * config.per_class * data.num_classes, final_loss=float(loss))
     if parts and parts[0]:
@@ -84,8 +117,9 @@ def time_label_solve(backend, kernel_fn, data, support_size: int, train: int, bl
     x_train = np.asarray(data.x_train[support_size:support_size + train])
     y_train = centered_one_hot(data.y_train[support_size:support_size + train], data.num_classes)
     chosen = None if isinstance(backend, LocalBackend) else backend
-    solve_labels(kernel_fn, x_support, x_train[:block], y_train[:block], block_size=block, progress=False,
-                 backend=chosen)  # compiles the block's kernel
+    warm = block * getattr(backend, "num_workers", 1)  # one block per worker: each compiles its kernel
+    solve_labels(kernel_fn, x_support, x_train[:warm], y_train[:warm], block_size=block, progress=False,
+                 backend=chosen)
     started = time.perf_counter()
     solve_labels(kernel_fn, x_support, x_train, y_train, block_size=block, progress=False, backend=chosen)
     seconds = time.perf_counter() - started
@@ -108,7 +142,10 @@ def main():
     parser.add_argument("--ls-train", type=int, default=100)
     parser.add_argument("--ls-block", type=int, default=25)
     parser.add_argument("--results", default=str(RESULTS), help="append each backend's record here")
+    parser.add_argument("--cores-per-process", type=int, default=None,
+                        help="pin the local run and each Ray worker to this many cores of its own (Linux)")
     args = parser.parse_args()
+    all_cores = sorted(os.sched_getaffinity(0))
 
     from kernel_distill.distributed.ray_backend import RayBackend
 
@@ -126,8 +163,12 @@ def main():
     baseline = None
     for name, workers in backends:
         load_before = load()
+        if args.cores_per_process:  # the local run (and the Ray driver) on the first cores only
+            pin_threads(all_cores[:args.cores_per_process])
         backend = LocalBackend() if name == "local" else RayBackend.start(workers=workers)
         try:
+            if args.cores_per_process and name == "ray":
+                pin_workers(backend, args.cores_per_process)
             metrics = time_kip(backend, config, data, args.steps)
             metrics.update(time_label_solve(backend, kernel_fn, data_small, args.ls_support, args.ls_train,
                                             args.ls_block))
@@ -139,7 +180,7 @@ def main():
         metrics["speedup_vs_local"] = baseline / metrics["kip_step_seconds"] if baseline else None
         run_config = dict(backend=name, workers=workers, kernel=config.kernel.to_dict(), per_class=args.per_class,
                           target_batch=args.target_batch, steps=args.steps, ls_support=args.ls_support,
-                          ls_train=args.ls_train, ls_block=args.ls_block)
+                          ls_train=args.ls_train, ls_block=args.ls_block, cores_per_process=args.cores_per_process)
         record = make_record("benchmark/distributed", f"{name}-{workers}",
                              dataset_record(data.name, data.checksums, num_train=len(data.y_train)),
                              {k: v for k, v in metrics.items() if v is not None}, run_config,

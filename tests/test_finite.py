@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kernel_distill.cli import main
 from kernel_distill.results import read_results
-from kernel_distill.finite import TrainConfig, build_model, count_parameters, train
-from kernel_distill.data import prepare_dataset
+from kernel_distill.errors import KernelDistillError
+from kernel_distill.experiments import transfer_support, tuning_candidates
+from kernel_distill.finite import TrainConfig, augment_batch, build_model, count_parameters, train
+from kernel_distill.data import load_dataset, prepare_dataset, validation_split
 from kernel_distill.preprocess import centered_one_hot
 
 
@@ -96,3 +99,75 @@ def test_cli_transfer_learning_rate_defaults_per_model(tmp_path, capsys):
         learning_rates[(model, bool(extra))] = read_results(out)["config"]["train"]["learning_rate"]
     capsys.readouterr()
     assert learning_rates == {("convnet", False): 0.01, ("fc", False): 0.05, ("convnet", True): 0.02}
+
+
+def test_augment_batch_translates_by_at_most_four_pixels_and_flips(rng):
+    x = rng.normal(size=(32, 12, 10, 2)).astype(np.float32)
+    assert augment_batch(x, jax.random.PRNGKey(0), "none") is x
+    padded = np.pad(x, ((0, 0), (4, 4), (4, 4), (0, 0)))
+
+    def offsets(out, source):
+        """Per image, the (dy, dx) crops of the zero-padded ``source`` that equal it."""
+        return [[(dy, dx) for dy in range(9) for dx in range(9)
+                 if np.array_equal(out[i], source[i, dy:dy + 12, dx:dx + 10])] for i in range(len(out))]
+
+    cropped = np.asarray(augment_batch(jnp.asarray(x), jax.random.PRNGKey(1), "crop"))
+    found = offsets(cropped, padded)
+    assert all(len(f) == 1 for f in found)  # every image is one translate of its own input
+    assert len({f[0] for f in found}) > 5  # independent offsets per image
+    flipped = np.asarray(augment_batch(jnp.asarray(x), jax.random.PRNGKey(2), "flip-crop"))
+    plain, mirrored = offsets(flipped, padded), offsets(flipped[:, :, ::-1], padded)
+    assert all(len(p) + len(m) == 1 for p, m in zip(plain, mirrored))
+    assert 0 < sum(len(m) for m in mirrored) < len(x)  # about half are mirrored
+    with pytest.raises(KernelDistillError, match="augment must be one of"):
+        TrainConfig(augment="rotate")
+
+
+def test_tuning_candidates_are_the_grid_product_in_order():
+    base = TrainConfig(steps=10, weight_decay=0.0)
+    candidates = tuning_candidates(base, {"lr": ["0.1", 0.2], "steps": [5, "7"]})
+    assert [(c.learning_rate, c.steps) for c in candidates] == [(0.1, 5), (0.1, 7), (0.2, 5), (0.2, 7)]
+    assert all(c.weight_decay == 0.0 and c.optimizer == "sgd" for c in candidates)
+    with pytest.raises(KernelDistillError, match="cannot tune momentum"):
+        tuning_candidates(base, {"momentum": [0.9]})
+    with pytest.raises(KernelDistillError, match="loss must be"):
+        tuning_candidates(base, {"loss": ["hinge"]})
+
+
+def test_natural_transfer_support_is_drawn_outside_the_validation_split():
+    support = transfer_support(None, None, "digits", 20, val_size=100, progress=False)
+    x_raw, y_raw = load_dataset("digits", "train")
+    train_idx, val_idx = validation_split(y_raw, 100, 10)
+    assert len(support["x"]) == 200 and len(support["y_val"]) == 100
+    assert np.array_equal(support["y_val"], y_raw[val_idx])
+    assert np.allclose(support["x_val"], support["preprocessor"].apply(x_raw[val_idx]))
+    rest = support["preprocessor"].apply(x_raw[train_idx]).reshape(len(train_idx), -1)
+    for image in support["x"].reshape(200, -1):  # each support image is one of the non-validation images
+        assert np.any(np.all(rest == image, axis=1))
+
+
+def test_cli_transfer_tunes_the_protocol_on_validation(tmp_path, capsys):
+    out = tmp_path / "tuned"
+    assert main(["transfer", "--natural-per-class", "10", "--dataset", "digits", "--model", "fc", "--width", "64",
+                 "--steps", "60", "--seeds", "2", "--eval-every", "30", "--val-size", "200", "--tune", "lr=0.001,0.05",
+                 "--tune", "loss=mse,ce", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    record = read_results(out)
+    tuning = record["config"]["tuning"]
+    scores = [c["val_accuracy"] for c in tuning["candidates"]]
+    assert len(scores) == 4 and tuning["best"] == int(np.argmax(scores))
+    chosen = tuning["candidates"][tuning["best"]]["changes"]
+    assert record["config"]["train"]["learning_rate"] == chosen["lr"]
+    assert record["config"]["train"]["loss"] == chosen["loss"]
+    assert chosen["lr"] == 0.05  # 60 steps at lr 0.001 leave the net near chance
+    assert record["selection"] == {"split": "validation", "num_val": 200}
+    assert record["metrics"]["num_val"] == 200 and 0.5 < record["metrics"]["val_accuracy"] <= 1
+    assert printed.index("protocol chosen on 200 validation images") < printed.index("test accuracy")
+    for argv, message in [(["--tune", "lr=abc"], "cannot read 'abc'"), (["--tune", "depth=2"], "cannot tune 'depth'"),
+                          (["--tune", "lr=0.1", "--val-size", "0"], "needs a validation split"),
+                          (["--tune", "lr=-1"], "learning rate must be positive"),
+                          (["--tune", "lr"], "takes NAME=V1,V2"),
+                          (["--tune", "lr=0.1", "--tune", "lr=0.2"], "given twice")]:
+        assert main(["transfer", "--natural-per-class", "1", "--dataset", "digits", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

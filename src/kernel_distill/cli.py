@@ -221,7 +221,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--augment", choices=("none", "crop", "flip-crop"), default="none",
+                   help="random translations of up to 4 pixels (crop), and left-right flips (flip-crop, for "
+                        "natural images) of each batch")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--val-size", type=int, default=None,
+                   help="class-balanced training images held out as a validation split (the one kip holds "
+                        "out), scored beside the test set; default 0, or 5000 with --tune")
+    p.add_argument("--tune", action="append", default=None, metavar="NAME=V1,V2,...",
+                   help="choose the protocol on the validation split before the test set is read: one run per "
+                        "combination; NAME is lr, steps, optimizer, loss, augment, weight_decay or batch_size "
+                        "(repeat the option for a grid, e.g. --tune lr=0.01,0.05 --tune steps=300,1000)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
     p.add_argument("--test-limit", type=int, default=None)
@@ -622,11 +632,43 @@ def _cmd_transfer(args) -> int:
     config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
                          learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
                          weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
-                         eval_every=args.eval_every)
+                         eval_every=args.eval_every, augment=args.augment)
     if (args.file is None) == (args.natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    args.tune_grid = _tune_grid(args.tune, config)
+    if args.val_size is None:
+        args.val_size = 5000 if args.tune_grid else 0
+    if args.val_size < 0:
+        raise KernelDistillError(f"--val-size must be 0 or positive, got {args.val_size}")
+    if args.tune_grid and not args.val_size:
+        raise KernelDistillError("--tune needs a validation split: --val-size must be positive")
     with _output_folder(args.out):
         return _transfer(args, config)
+
+
+def _tune_grid(options, config) -> dict | None:
+    """``--tune NAME=V1,V2`` options as ``{NAME: [V1, V2]}``, each candidate checked before data is loaded."""
+    from kernel_distill.experiments import TUNABLE, tuning_candidates
+
+    if not options:
+        return None
+    grid = {}
+    for option in options:
+        name, sep, values = option.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not values.strip():
+            raise KernelDistillError(f"--tune takes NAME=V1,V2,..., got {option!r}")
+        if name not in TUNABLE:
+            raise KernelDistillError(f"--tune cannot tune {name!r}; tunable: {', '.join(TUNABLE)}")
+        if name in grid:
+            raise KernelDistillError(f"--tune {name} given twice")
+        try:
+            grid[name] = [TUNABLE[name][1](v.strip()) for v in values.split(",")]
+        except ValueError:
+            raise KernelDistillError(f"--tune {name}: cannot read {values!r} as a list of "
+                                     f"{TUNABLE[name][1].__name__} values") from None
+    tuning_candidates(config, grid)  # TrainConfig checks every value (a negative lr, an unknown loss, ...)
+    return grid
 
 
 def _transfer(args, config) -> int:
@@ -638,18 +680,26 @@ def _transfer(args, config) -> int:
     support = experiments.transfer_support(load_distilled(_distilled_path(args.file, args)) if args.file else None,
                                            args.file,
                                            args.dataset, args.natural_per_class, args.seed, args.data_dir, args.zca,
-                                           args.zca_reg, progress=not args.no_progress)
+                                           args.zca_reg, progress=not args.no_progress, val_size=args.val_size)
     result = experiments.transfer(support, args.model, config, args.seeds, args.width, args.depth,
-                                  args.parameterization, args.data_dir, args.test_limit, not args.no_progress)
+                                  args.parameterization, args.data_dir, args.test_limit, not args.no_progress,
+                                  tune_grid=args.tune_grid)
     metrics, dataset, source = result["metrics"], support["dataset"], support["source"]
-    print(f"{args.model} ({metrics['num_parameters']:,} parameters) trained {args.steps} steps on {source}: test "
+    if result["tuning"]:
+        chosen = result["tuning"]["candidates"][result["tuning"]["best"]]
+        print(f"protocol chosen on {metrics['num_val']} validation images (test set not used): "
+              f"{' '.join(f'{k}={v}' for k, v in chosen['changes'].items())} "
+              f"({100 * chosen['val_accuracy']:.2f}% on validation)")
+    if "val_accuracy" in metrics:
+        print(f"validation accuracy {100 * metrics['val_accuracy']:.2f}% over {args.seeds} seeds")
+    print(f"{args.model} ({metrics['num_parameters']:,} parameters) trained {result['train']['steps']} steps on {source}: test "
           f"accuracy {100 * metrics['test_accuracy']:.2f} +- {100 * metrics['test_accuracy_std']:.2f}% over "
           f"{args.seeds} seeds on {metrics['num_test']} {dataset} test images ({metrics['train_seconds']:.0f} s "
           f"training, {metrics['eval_seconds']:.0f} s testing)")
     run_config = dict(source=source, file=args.file, natural_per_class=args.natural_per_class, seed=args.seed,
                       model=args.model, width=args.width, depth=args.depth, parameterization=args.parameterization,
                       seeds=args.seeds, train=result["train"], zca=args.zca, zca_reg=args.zca_reg,
-                      test_limit=args.test_limit)
+                      test_limit=args.test_limit, val_size=args.val_size, tuning=result["tuning"])
     curves = {f"transfer_test_accuracy_seed{r['seed']}": r["curve"] for r in result["runs"]}
     artifacts = {}
     if args.out:
@@ -661,6 +711,7 @@ def _transfer(args, config) -> int:
     record = make_record("transfer", "transfer", dataset_record(dataset, result["checksums"],
                                                                 num_test=metrics["num_test"]),
                          metrics, run_config, curves=curves, artifacts=artifacts, dtype="float32",
+                         selection=dict(split="validation", num_val=metrics["num_val"]) if result["tuning"] else None,
                          wall_seconds=time.perf_counter() - start, argv=args.command_line)
     _finish(args, record, args.out)
     return 0

@@ -14,7 +14,8 @@ from typing import Callable
 
 import numpy as np
 
-from kernel_distill.data import PreparedData, dataset_info, load_dataset, limit_test, natural_subset
+from kernel_distill.data import (PreparedData, dataset_info, limit_test, load_dataset, natural_subset,
+                                 validation_split)
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, check_preprocessing_request, dataset_of
 from kernel_distill.krr import evaluate
@@ -157,53 +158,125 @@ def natural_support(data: PreparedData, support_size: int, seed: int, dtype=np.f
 
 def transfer_support(file_set: DistilledSet | None, source: str | None, dataset: str | None,
                      natural_per_class: int | None, seed: int = 0, data_dir=None, zca: bool = False,
-                     zca_reg: float = 0.1, progress: bool = True, log: Callable = print) -> dict:
+                     zca_reg: float = 0.1, progress: bool = True, log: Callable = print, val_size: int = 0) -> dict:
     """The training set of a transfer run: a distilled set, or a natural class-balanced subset.
 
-    Returns ``dict(x, y, preprocessor, dataset, source, checksums)``.
+    With ``val_size > 0``, ``val_size`` class-balanced training images (:func:`validation_split`, the
+    split ``kip`` holds out by default) are held out as a validation split, mapped like the test images;
+    a natural subset is then drawn from the rest only.
+
+    Returns ``dict(x, y, preprocessor, dataset, source, checksums, x_val, y_val)`` (``x_val``/``y_val``
+    None without validation).
     """
     checksums = {}
     if (file_set is None) == (natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    if file_set is None and not dataset:
+        raise KernelDistillError("--natural-per-class needs --dataset")
     if file_set is not None:
         dataset = dataset_of(file_set, source, dataset)
-        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log)
-        return dict(x=file_set.images, y=file_set.labels, preprocessor=preprocessor, dataset=dataset, source=source,
-                    checksums=checksums)
-    if not dataset:
-        raise KernelDistillError("--natural-per-class needs --dataset")
     info = dataset_info(dataset)
-    x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
-    preprocessor = fit_preprocessor(x_raw, zca=zca, zca_reg=zca_reg)
-    xs, ys = natural_subset(x_raw, y_raw, natural_per_class, info.num_classes, seed)
-    return dict(x=preprocessor.apply(xs), y=centered_one_hot(ys, info.num_classes), preprocessor=preprocessor,
-                dataset=dataset, source=f"{natural_per_class} natural images per class (seed {seed})",
-                checksums=checksums)
+    x_raw = y_raw = train_idx = val_idx = None
+    if natural_per_class is not None or val_size:
+        x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
+        train_idx, val_idx = validation_split(y_raw, val_size, info.num_classes)
+    if file_set is not None:
+        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log)
+        support = dict(x=file_set.images, y=file_set.labels, source=source)
+    else:
+        preprocessor = fit_preprocessor(x_raw[train_idx], zca=zca, zca_reg=zca_reg)
+        xs, ys = natural_subset(x_raw[train_idx], y_raw[train_idx], natural_per_class, info.num_classes, seed)
+        support = dict(x=preprocessor.apply(xs), y=centered_one_hot(ys, info.num_classes),
+                       source=f"{natural_per_class} natural images per class (seed {seed})")
+    x_val = y_val = None
+    if val_size:
+        x_val, y_val = preprocessor.apply(x_raw[val_idx]), y_raw[val_idx]
+    return dict(support, preprocessor=preprocessor, dataset=dataset, checksums=checksums, x_val=x_val, y_val=y_val)
+
+
+TUNABLE = {"lr": ("learning_rate", float), "steps": ("steps", int), "optimizer": ("optimizer", str),
+           "loss": ("loss", str), "augment": ("augment", str), "weight_decay": ("weight_decay", float),
+           "batch_size": ("batch_size", int)}
+TUNING_SEED = 1000  # tuning runs use their own initialisations, not those of the reported seeds 0, 1, ...
+
+
+def tuning_candidates(base_config, grid: dict) -> list:
+    """Every combination of ``grid`` (``{name: [values]}``, names from :data:`TUNABLE`) applied to
+    ``base_config`` (a :class:`kernel_distill.finite.TrainConfig`), in grid order."""
+    import itertools
+
+    unknown = sorted(set(grid) - set(TUNABLE))
+    if unknown:
+        raise KernelDistillError(f"cannot tune {', '.join(unknown)}; tunable: {', '.join(TUNABLE)}")
+    names = list(grid)
+    candidates = []
+    for values in itertools.product(*(grid[n] for n in names)):
+        changes = {TUNABLE[n][0]: TUNABLE[n][1](v) for n, v in zip(names, values)}
+        candidates.append(dataclasses.replace(base_config, **changes))
+    return candidates
+
+
+def tune_transfer(support: dict, model_fn: Callable, base_config, grid: dict, progress: bool = True,
+                  log: Callable = print) -> dict:
+    """Choose a training protocol on the validation split: one run (seed ``TUNING_SEED``) per candidate of
+    :func:`tuning_candidates`, scored on ``support["x_val"]`` only (the test set is not loaded here).
+
+    Returns ``dict(config, candidates=[dict(changes, val_accuracy, seconds), ...])``; ``config`` is the
+    candidate with the highest final validation accuracy (the first among equals).
+    """
+    import jax
+
+    from kernel_distill.finite import train
+
+    if support.get("x_val") is None or not len(support["x_val"]):
+        raise KernelDistillError("tuning the transfer protocol needs a validation split (--val-size > 0)")
+    candidates = tuning_candidates(base_config, grid)
+    results = []
+    for i, config in enumerate(candidates):
+        changes = {n: getattr(config, TUNABLE[n][0]) for n in grid}
+        run = train(model_fn(), support["x"], support["y"], None, None, config, jax.random.PRNGKey(TUNING_SEED),
+                    progress, description=f"tune {i + 1}/{len(candidates)}", x_val=support["x_val"],
+                    y_val=support["y_val"])
+        results.append(dict(changes=changes, val_accuracy=run["val_accuracy"], seconds=run["seconds"]))
+        log(f"tune {i + 1}/{len(candidates)} {' '.join(f'{k}={v}' for k, v in changes.items())}: validation "
+            f"accuracy {100 * run['val_accuracy']:.2f}% ({run['seconds']:.0f} s)")
+    best = max(range(len(results)), key=lambda i: (results[i]["val_accuracy"], -i))
+    return dict(config=candidates[best], candidates=results, best=best)
 
 
 def transfer(support: dict, model: str, train_config, seeds: int, width: int | None = None,
              depth: int | None = None, parameterization: str = "standard", data_dir=None,
-             test_limit: int | None = None, progress: bool = True) -> dict:
+             test_limit: int | None = None, progress: bool = True, tune_grid: dict | None = None,
+             log: Callable = print) -> dict:
     """Train ``seeds`` finite networks on ``support`` (from :func:`transfer_support`); score them on the test set.
 
-    Returns ``dict(metrics, runs, train, checksums)`` with accuracies as fractions; ``runs`` holds each seed's
-    test curve; ``checksums`` those of the splits read (the support's and the test split).
+    With ``tune_grid`` the protocol is first chosen on the support's validation split
+    (:func:`tune_transfer`), before the test set is read; the seeds then train with the chosen protocol.
+    With a validation split the seeds are scored on it too (``val_accuracy``).
+
+    Returns ``dict(metrics, runs, train, checksums, tuning)`` with accuracies as fractions; ``runs`` holds each
+    seed's test curve; ``train`` the protocol used; ``tuning`` the candidates scored (None without a grid);
+    ``checksums`` those of the splits read (the support's and the test split).
     """
     from kernel_distill.finite import build_model, train_seeds
 
     dataset = support["dataset"]
     info = dataset_info(dataset)
+
+    def model_fn():
+        return build_model(model, info.num_classes, width, depth, parameterization)
+
+    tuning = None
+    if tune_grid:
+        tuning = tune_transfer(support, model_fn, train_config, tune_grid, progress, log)
+        train_config = tuning["config"]
     checksums = dict(support.get("checksums", {}))
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
     if test_limit:
         x_test, y_test = limit_test(x_test, y_test, test_limit)
     z_test = support["preprocessor"].apply(x_test)
-
-    def model_fn():
-        return build_model(model, info.num_classes, width, depth, parameterization)
-
     result = train_seeds(model_fn, support["x"], support["y"], z_test, y_test, train_config, range(seeds),
-                         progress=progress)
+                         progress=progress, x_val=support.get("x_val"), y_val=support.get("y_val"))
     seconds = sum(r["seconds"] for r in result["runs"])
     eval_seconds = sum(r["eval_seconds"] for r in result["runs"])
     runs = [dict(seed=seed, test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
@@ -212,4 +285,9 @@ def transfer(support: dict, model: str, train_config, seeds: int, width: int | N
                    test_accuracies=[r["test_accuracy"] for r in runs], num_test=len(y_test),
                    support_size=len(support["x"]), num_parameters=result["runs"][0]["num_parameters"],
                    train_seconds=seconds - eval_seconds, eval_seconds=eval_seconds)
-    return dict(metrics=metrics, runs=runs, train=dataclasses.asdict(train_config), checksums=checksums)
+    if support.get("x_val") is not None:
+        val = np.array([r["val_accuracy"] for r in result["runs"]])
+        metrics.update(val_accuracy=float(val.mean()), val_accuracies=val.tolist(), num_val=len(support["y_val"]))
+    return dict(metrics=metrics, runs=runs, train=dataclasses.asdict(train_config), checksums=checksums,
+                tuning=tuning and dict(grid=tune_grid, candidates=tuning["candidates"], best=tuning["best"],
+                                       tuning_seed=TUNING_SEED))

@@ -11,7 +11,10 @@ Models:
 Training: full-batch (distilled sets are small) SGD with momentum 0.9 and a cosine schedule, or Adam;
 L2 weight decay coupled to the gradient (``weight_decay * params`` is added to the gradient before
 momentum or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly
-learned, dense) labels or cross-entropy on their argmax.
+learned, dense) labels or cross-entropy on their argmax. Optional augmentation of each batch (random
+translations of up to 4 pixels, and horizontal flips for natural images), the DSA-style protocol the field
+evaluates distilled sets with. :func:`train` can also score a validation split, which
+:func:`kernel_distill.experiments.tune_transfer` uses to choose the protocol without the test set.
 """
 
 from __future__ import annotations
@@ -32,6 +35,32 @@ from kernel_distill.kernels import spec as spec_layers
 
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 _DEFAULT_WIDTHS = {"convnet": 128, "convnet3": 128, "fc": 1024}
+AUGMENTATIONS = ("none", "crop", "flip-crop")
+MAX_SHIFT = 4  # pixels: the "pad 4 and crop" translation of CIFAR training (DSA's crop is similar)
+
+
+def augment_batch(images, key, kind: str):
+    """Randomly augment a batch ``(n, H, W, C)`` float (preprocessed) images; same shape and dtype.
+
+    ``"none"``: unchanged. ``"crop"``: each image translated by an independent integer offset in
+    ``[-4, 4]`` per axis, the uncovered border filled with 0 (the preprocessed mean). ``"flip-crop"``: also
+    mirrored left-right with probability 1/2 (for natural images; not for digits).
+    """
+    if kind == "none":
+        return images
+    n, h, w, _ = images.shape
+    shift_key, flip_key = jax.random.split(key)
+    shifts = jax.random.randint(shift_key, (n, 2), 0, 2 * MAX_SHIFT + 1)
+    padded = jnp.pad(images, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT), (0, 0)))
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
+
+    out = jax.vmap(crop)(padded, shifts)
+    if kind == "flip-crop":
+        flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+        out = jnp.where(flip, out[:, :, ::-1, :], out)
+    return out
 
 
 class _ParameterizedLayer(nn.Module):
@@ -175,8 +204,11 @@ class TrainConfig:
     loss: str = "mse"  # "mse" on the labels, or "ce" on their argmax
     batch_size: int = 256
     eval_every: int = 100
+    augment: str = "none"  # see AUGMENTATIONS and augment_batch
 
     def __post_init__(self):
+        if self.augment not in AUGMENTATIONS:
+            raise KernelDistillError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.optimizer not in ("sgd", "adam"):
             raise KernelDistillError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.loss not in ("mse", "ce"):
@@ -225,12 +257,14 @@ def accuracy_on(model: nn.Module, params, x_test, y_test, batch_size: int = 1000
 
 
 def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfig, key,
-          progress: bool = True, description: str = "train") -> dict:
+          progress: bool = True, description: str = "train", x_val=None, y_val=None) -> dict:
     """Train ``model`` on ``(x_train, y_train)`` (float labels ``(n, C)``) and score it on the test set.
 
     Returns ``dict(test_accuracy, curve=[(step, accuracy), ...], seconds, eval_seconds, num_parameters)``:
     ``seconds`` is the whole wall time (compilation and evaluations included), ``eval_seconds`` the part of
-    it spent scoring the test set.
+    it spent scoring. With a validation split ``(x_val, y_val)`` it also returns ``val_accuracy`` and
+    ``val_curve``; ``x_test`` may then be None (tuning runs that must not look at the test set), and
+    ``test_accuracy`` and ``curve`` are None and empty.
     """
     from tqdm.auto import tqdm
 
@@ -246,8 +280,13 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
         key, sub = jax.random.split(key)
         idx = jax.random.permutation(sub, len(x_train))[:batch]
 
+        inputs = x_train[idx]
+        if config.augment != "none":  # no extra split otherwise: runs without augmentation keep their stream
+            key, aug_key = jax.random.split(key)
+            inputs = augment_batch(inputs, aug_key, config.augment)
+
         def loss(p):
-            return _loss_fn(model.apply(p, x_train[idx]), y_train[idx], config.loss)
+            return _loss_fn(model.apply(p, inputs), y_train[idx], config.loss)
 
         value, grads = jax.value_and_grad(loss)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -255,7 +294,7 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
 
     start = time.perf_counter()
     eval_seconds = 0.0
-    curve = []
+    curve, val_curve = [], []
     with tqdm(total=config.steps, desc=description, disable=not progress, leave=False, unit="step") as bar:
         for i in range(1, config.steps + 1):
             params, opt_state, key, value = step(params, opt_state, key)
@@ -264,18 +303,27 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
                 if not math.isfinite(value):
                     raise KernelDistillError(f"training loss became {value} at step {i}; lower --lr")
                 eval_start = time.perf_counter()
-                curve.append((i, accuracy_on(model, params, x_test, y_test)))
+                shown = {}
+                if x_val is not None:
+                    val_curve.append((i, accuracy_on(model, params, x_val, y_val)))
+                    shown["val"] = f"{100 * val_curve[-1][1]:.2f}%"
+                if x_test is not None:
+                    curve.append((i, accuracy_on(model, params, x_test, y_test)))
+                    shown["acc"] = f"{100 * curve[-1][1]:.2f}%"
                 eval_seconds += time.perf_counter() - eval_start
-                bar.set_postfix(loss=f"{value:.3g}", acc=f"{100 * curve[-1][1]:.2f}%", refresh=False)
+                bar.set_postfix(loss=f"{value:.3g}", **shown, refresh=False)
             bar.update(1)
-    return dict(test_accuracy=curve[-1][1], curve=curve, seconds=time.perf_counter() - start,
-                eval_seconds=eval_seconds, num_parameters=count_parameters(params))
+    result = dict(test_accuracy=curve[-1][1] if curve else None, curve=curve, seconds=time.perf_counter() - start,
+                  eval_seconds=eval_seconds, num_parameters=count_parameters(params))
+    if x_val is not None:
+        result.update(val_accuracy=val_curve[-1][1], val_curve=val_curve)
+    return result
 
 
 def train_seeds(model_fn: Callable[[], nn.Module], x_train, y_train, x_test, y_test, config: TrainConfig,
-                seeds: Sequence[int], progress: bool = True) -> dict:
+                seeds: Sequence[int], progress: bool = True, x_val=None, y_val=None) -> dict:
     """:func:`train` once per seed. Returns per-seed results and the mean and std of test accuracy."""
     runs = [train(model_fn(), x_train, y_train, x_test, y_test, config, jax.random.PRNGKey(s), progress,
-                  description=f"seed {s}") for s in seeds]
+                  description=f"seed {s}", x_val=x_val, y_val=y_val) for s in seeds]
     acc = np.array([r["test_accuracy"] for r in runs])
     return dict(runs=runs, mean=float(acc.mean()), std=float(acc.std(ddof=1)) if len(acc) > 1 else 0.0)
