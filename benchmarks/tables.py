@@ -117,18 +117,29 @@ def render_krr_accuracy() -> str:
                   "machine", "record"], rows) + footer("krr_accuracy", records)
 
 
+def _throughput_version(r: dict) -> tuple:
+    """On the CPU one row per cell (ours and neural-tangents of the newest run); on a GPU, where only ours
+    runs, one row per code version and tile budget, so the table keeps the kernel before and after a change."""
+    if machine(r) == "CPU":
+        return ()
+    p = r["provenance"]
+    return ("transcribed" if p.get("source") == "transcribed" else (p.get("git_commit") or "?")[:7],
+            r["config"].get("memory_budget_mb"))
+
+
 def render_kernel_throughput() -> str:
     records = list(newest(load("kernel_throughput"), lambda r: (
-        machine(r), r["config"]["network"], r["config"]["input"], r["config"]["dtype"], r["config"]["impl"])).values())
+        machine(r), r["config"]["network"], r["config"]["input"], r["config"]["dtype"], r["config"]["impl"],
+        *_throughput_version(r))).values())
     out = []
     for device in sorted({machine(r) for r in records}, key=lambda d: d != "CPU"):
         mine = [r for r in records if machine(r) == device]
         cells = {}
         for r in mine:
             c = r["config"]
-            cells.setdefault((c["network"], c["input"], c["dtype"]), {})[c["impl"]] = r
+            cells.setdefault((c["network"], c["input"], c["dtype"], *_throughput_version(r)), {})[c["impl"]] = r
         rows = []
-        for (net, shape, dtype), impls in cells.items():
+        for (net, shape, dtype, *version), impls in cells.items():
             ours, nt = impls.get("ours"), impls.get("neural-tangents")
             om = ours["metrics"] if ours else {}
             nm = nt["metrics"] if nt else {}
@@ -147,12 +158,16 @@ def render_kernel_throughput() -> str:
                          share(gflops, om.get("machine_gflops")), share(gbps, om.get("machine_gbps")),
                          "/".join(f"{m['load_average']:.1f}" for m in (om, nm) if "load_average" in m) or "-",
                          source(ours or nt)])
-        out.append(f"**{device}**\n\n" + table(
-            ["network", "input", "dtype", "ours pairs/s", "neural-tangents pairs/s", "ours / NT",
-             "ours / NT per CPU second", "ours peak MB",
-             "NT peak MB", "ours GFLOP/s (share of matmul peak)", "ours GB/s (share of copy bandwidth)",
-             "load avg (ours/NT)", "record"],
-            rows))
+        header = ["network", "input", "dtype", "ours pairs/s", "neural-tangents pairs/s", "ours / NT",
+                  "ours / NT per CPU second", "ours peak MB", "NT peak MB", "ours GFLOP/s (share of matmul peak)",
+                  "ours GB/s (share of copy bandwidth)", "load avg (ours/NT)", "record"]
+        if device != "CPU":  # the tile budget (KD_BENCH_BUDGET_MB) beside the record
+            header.insert(3, "tile budget MB")
+            for row, key in zip(rows, cells):
+                row.insert(3, f"{key[4]:,.0f}" if key[4] else "-")
+            rows = [row for _, row in sorted(zip(cells, rows), key=lambda kr: (
+                kr[0][3] != "transcribed", kr[0][4] or 0, kr[0][0], kr[0][1], kr[0][2]))]
+        out.append(f"**{device}**\n\n" + table(header, rows))
     return "\n".join(out) + footer("kernel_throughput", records)
 
 
@@ -233,7 +248,7 @@ def render_kip_step() -> str:
     for r in records:
         c, m = r["config"], r["metrics"]
         rows.append([c["case"], c["label"], c["architecture"], c["support"], c["target_batch"],
-                     f"{m['seconds_per_step']:.1f}", f"{m['first_step_seconds']:.1f}", m["steps_timed"],
+                     f"{m['seconds_per_step']:.3g}", f"{m['first_step_seconds']:.1f}", m["steps_timed"],
                      f"{m['load_average']:.1f}", (c.get("code_commit") or "?")[:7], machine(r), source(r)])
     return table(["case", "code", "kernel", "support", "targets", "s / step", "first step s (compile)",
                   "steps timed", "load avg", "code commit", "machine", "record"], rows) + footer("kip_step", records)
@@ -288,6 +303,26 @@ def render_rf_distillation() -> str:
                  rows) + footer("rf_distillation", records)
 
 
+def render_transfer_tuned() -> str:
+    """``kernel-distill transfer --tune`` records (copy a run's results.json line into transfer_tuned.jsonl)."""
+    records = list(newest(load("transfer_tuned"), lambda r: (
+        r["dataset"]["name"], r["config"]["source"], r["config"]["model"])).values())
+    rows = []
+    for r in records:
+        c, m, tuning = r["config"], r["metrics"], r["config"]["tuning"]
+        chosen = tuning["candidates"][tuning["best"]]["changes"]
+        source_name = c["source"] if c.get("natural_per_class") else pathlib.Path(c["source"]).name
+        rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), source_name, c["model"],
+                     ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in tuning["grid"].items()),
+                     ", ".join(f"{k} {v}" for k, v in chosen.items()),
+                     f"{100 * tuning['candidates'][tuning['best']]['val_accuracy']:.2f}", m["num_val"],
+                     pct(m["test_accuracy"], m["test_accuracy_std"]), len(m["test_accuracies"]), m["num_test"],
+                     machine(r), source(r)])
+    header = ["dataset", "support", "model", "grid (validation)", "chosen", "chosen val %", "val images",
+              "test % (mean +- std)", "seeds", "test images", "machine", "record"]
+    return table(header, rows) + footer("transfer_tuned", records)
+
+
 RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
@@ -301,14 +336,16 @@ RENDERERS = {
     "distributed": lambda: render_distributed(),
     "random_features": render_random_features,
     "rf_distillation": render_rf_distillation,
+    "transfer_tuned": render_transfer_tuned,
 }
 
 
 def render_distributed() -> str:
     records = list(newest(load("distributed"), lambda r: (r["config"]["backend"], r["config"]["workers"],
-                                                          r["config"]["kernel"]["architecture"])).values())
-    records.sort(key=lambda r: (r["config"]["kernel"]["architecture"], r["config"]["backend"] != "local",
-                                r["config"]["workers"]))
+                                                          r["config"]["kernel"]["architecture"],
+                                                          r["config"].get("cores_per_process"))).values())
+    records.sort(key=lambda r: (r["config"]["kernel"]["architecture"], r["config"].get("cores_per_process") or 0,
+                                r["config"]["backend"] != "local", r["config"]["workers"]))
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
@@ -316,6 +353,7 @@ def render_distributed() -> str:
         rows.append([f"{c['kernel']['architecture']} depth {c['kernel']['depth']}",
                      f"{DATASET_NAMES.get(r['dataset']['name'], r['dataset']['name'])}, {c['per_class']}/class, "
                      f"target {c['target_batch']}", c["backend"], c["workers"] if c["backend"] == "ray" else "-",
+                     c.get("cores_per_process") or "all (unpinned)",
                      f"{m['kip_step_seconds']:.2f}", f"{speedup:.2f}x" if speedup else "-",
                      f"{m['worker_compute_seconds']:.2f}" if "worker_compute_seconds" in m else "-",
                      f"{m['ray_overhead_ms']:.0f}" if "ray_overhead_ms" in m else "-",
@@ -323,7 +361,8 @@ def render_distributed() -> str:
                      if "bytes_sent_per_step" in m else "-",
                      f"{m['label_solve_pairs_per_second']:.1f}", f"{m['load_before']:.1f} -> {m['load_after']:.1f}",
                      machine(r), source(r)])
-    header = ["kernel", "KIP problem", "backend", "workers", "KIP step s (median)", "speed-up vs local",
+    header = ["kernel", "KIP problem", "backend", "workers", "cores per process", "KIP step s (median)",
+              "speed-up vs local",
               "worker compute s", "Ray overhead ms/step", "bytes sent / received per step", "Label Solve pairs/s",
               "load (1 min) before -> after", "machine", "record"]
     return table(header, rows) + footer("distributed", records)
