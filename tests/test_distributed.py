@@ -133,6 +133,27 @@ def test_ray_label_solve_and_evaluation_equal_local(x64, rng, three_workers):
     np.testing.assert_allclose(got.mse_loss, ref.mse_loss, rtol=1e-10)
 
 
+def test_ray_label_solve_and_evaluation_with_the_random_feature_kernel_equal_local(x64, rng, three_workers):
+    """The random-feature kernel travels to the workers like the exact one: the same fixed networks (its
+    seed is in the spec), so the workers' blocks equal the local ones."""
+    from kernel_distill.kernels import RandomFeatures
+
+    shape = SHAPES["convnet"]
+    kernel_fn = make_kernel_fn(KernelSpec("convnet3", 2, random_features=RandomFeatures(models=2, width=8, seed=3)))
+    x_s = rng.standard_normal((6, *shape))
+    x_train, y_train = rng.standard_normal((14, *shape)), centered_one_hot(rng.integers(0, 3, 14), 3)
+    local = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, get="nngp", progress=False)
+    ours = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, get="nngp", progress=False,
+                        backend=three_workers)
+    np.testing.assert_allclose(ours.labels, local.labels, rtol=1e-10, atol=1e-12 * np.abs(local.labels).max())
+    x_test, labels_test = rng.standard_normal((9, *shape)), rng.integers(0, 3, 9)
+    ref = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, get="nngp", progress=False)
+    got = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, get="nngp", progress=False,
+                   backend=three_workers)
+    assert got.accuracy == ref.accuracy
+    np.testing.assert_allclose(got.mse_loss, ref.mse_loss, rtol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return prepare_dataset("digits", progress=False, val_size=100)

@@ -127,3 +127,34 @@ def test_cli_kip_and_its_errors(tmp_path, capsys, monkeypatch):
         assert main(argv + ["--no-progress", *extra]) == 2, argv
         err = capsys.readouterr().err
         assert match in err and err.count("\n") == 1, (argv, err)
+
+
+def test_sigterm_stops_a_cli_run_like_ctrl_c(tmp_path):
+    """A scheduler's SIGTERM (or ``kill``) mid-run: exit 130, no traceback, and the checkpoint and outputs
+    written at the step it stopped (what ``--resume`` continues from, tested above)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "kernel_distill.cli", "kip", "--dataset", "digits", "--per-class", "2",
+            "--steps", "100000", "--eval-every", "1000", "--checkpoint-every", "1000", "--target-batch", "100",
+            "--out", str(out), "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None:
+        logged = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []
+        if any('"loss"' in line for line in logged):  # past compilation and the first logged steps
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    _, state = load_checkpoint(out)
+    assert 0 < state.step < 100000
+    assert load_distilled(out / "distilled.npz").images.shape == (20, 8, 8, 1)

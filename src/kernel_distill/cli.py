@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -265,6 +267,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (``kill``, a batch scheduler's preemption, a container stop) ends a command the way Ctrl-C
+    does: a KIP run checkpoints and writes its outputs, then the command exits 130. Restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -274,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
             import jax
 
             jax.config.update("jax_enable_x64", True)
-        return _COMMANDS[args.command](args)
+        with _terminate_as_interrupt():
+            return _COMMANDS[args.command](args)
     except KernelDistillError as e:
         print(f"kernel-distill: error: {e}", file=sys.stderr)
         return EXIT_USAGE
