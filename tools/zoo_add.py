@@ -183,8 +183,12 @@ def main(argv=None) -> int:
         added_with=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:] if argv is None else argv)]),
         measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs",
     )
-    entries = [e for e in zoo.read_index(index_file) if e["name"] != args.name]
-    entries.append(entry)
+    entries = zoo.read_index(index_file)
+    names = [e["name"] for e in entries]
+    if args.name in names:  # a replaced set keeps its place in the index and the README table
+        entries[names.index(args.name)] = entry
+    else:
+        entries.append(entry)
     atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
     print(f"index entry {args.name} written to {index_file}")
     if args.index is None:
