@@ -20,18 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
-import sys
+
+from _cli import cli  # benchmarks/ is on sys.path when a script runs
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "rf_distillation.jsonl"
-
-
-def cli(*args) -> dict:
-    cmd = [sys.executable, "-m", "kernel_distill.cli", *args, "--no-progress", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(args)} failed: {proc.stderr.strip()[-400:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def main(argv=None):

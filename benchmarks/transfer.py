@@ -21,24 +21,15 @@ import argparse
 import concurrent.futures
 import json
 import pathlib
-import subprocess
-import sys
 import time
 
+from _cli import CommandFailed, cli  # benchmarks/ is on sys.path when a script runs
 from kernel_distill.finite import MODELS, build_model, default_learning_rate
 from kernel_distill.results import append_record, read_results
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "transfer.jsonl"
 
 SOURCES = ("kip", "ls", "natural")
-
-
-def cli(*args) -> dict:
-    cmd = [sys.executable, "-m", "kernel_distill.cli", *args, "--no-progress", "--json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {proc.stderr.strip()[-300:]}")
-    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
 
 
 def make_sets(root: pathlib.Path, name: str, per_class: int, kip_steps: int) -> None:
@@ -66,7 +57,7 @@ def run_cell(root: pathlib.Path, cell: dict) -> dict:
         r = cli("transfer", *source, "--model", cell["model"], "--width", str(cell["width"]), "--steps",
                 str(cell["steps"]), "--lr", str(cell["lr"]), "--batch-size", str(cell["batch_size"]), "--loss",
                 cell["loss"], "--seeds", str(cell["seeds"]), "--eval-every", str(cell["steps"]))
-    except RuntimeError as e:  # e.g. a diverged training: record it, keep going
+    except CommandFailed as e:  # e.g. a diverged training: record it, keep going
         return dict(cell, error="diverged" if "became nan" in str(e) else str(e)[-200:])
     m = r["metrics"]
     train_seconds = m["train_seconds"] / cell["seeds"]

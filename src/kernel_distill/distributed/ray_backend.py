@@ -305,35 +305,31 @@ class RayBackend(Backend):
         # round robin: neighbouring blocks go to different workers, so shares stay within one block's work
         return [starts[w::self.num_workers] for w in range(self.num_workers)], block_size
 
-    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+    def _map_blocks(self, method: str, what: str, kernel_fn, get, x_support, middle: tuple, n_rows: int,
+                    block_size: int):
+        """Call each busy worker's ``method(kernel_fn, get, dtype, support, *middle, starts, block_size)`` on
+        its round-robin share of the ``n_rows`` rows in blocks. Returns ``(busy, starts per worker,
+        block_size, results of the busy workers)``; a failure names the worker and ``what`` it computed."""
         import ray
 
-        n_rows = _length(x)
         assigned, block_size = self._block_starts(n_rows, block_size)
         support = np.asarray(x_support)
-        dtype = shares_dtype(support)
         support_ref = ray.put(support)
         busy = [w for w in range(self.num_workers) if assigned[w]]
-        futures = [self.actors[w].normal_equations.remote(kernel_fn, get, dtype, support_ref, x, y, assigned[w],
-                                                          block_size) for w in busy]
-        parts = self._gather(futures, "its Label-Solve partial sums", busy)
-        gram = sum(p[0] for p in parts)
-        projected = sum(p[1] for p in parts)
-        return gram, projected, sum(p[2] for p in parts)
+        futures = [getattr(self.actors[w], method).remote(kernel_fn, get, shares_dtype(support), support_ref, *middle,
+                                                          assigned[w], block_size) for w in busy]
+        return busy, assigned, block_size, self._gather(futures, what, busy)
+
+    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+        *_, parts = self._map_blocks("normal_equations", "its Label-Solve partial sums", kernel_fn, get, x_support,
+                                     (x, y), _length(x), block_size)
+        return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
     def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
-        import ray
-
         n_rows = _length(x)
-        assigned, block_size = self._block_starts(n_rows, block_size)
-        support = np.asarray(x_support)
-        dtype = shares_dtype(support)
-        support_ref = ray.put(support)
         alpha = np.asarray(alpha, np.float64)
-        busy = [w for w in range(self.num_workers) if assigned[w]]
-        futures = [self.actors[w].predictions.remote(kernel_fn, get, dtype, support_ref, alpha, x, assigned[w],
-                                                     block_size) for w in busy]
-        parts = self._gather(futures, "its KRR predictions", busy)
+        busy, assigned, block_size, parts = self._map_blocks("predictions", "its KRR predictions", kernel_fn, get,
+                                                             x_support, (alpha, x), n_rows, block_size)
         out = np.zeros((n_rows, alpha.shape[1]))
         for w, part in zip(busy, parts):
             offset = 0
