@@ -170,8 +170,12 @@ def _pct(value, std=None) -> str:
 
 def describe_method(e: dict) -> str:
     kernel = e.get("kernel", {})
-    arch = kernel.get("architecture", "?")
-    text = f"{METHOD_NAMES.get(e['method'], e['method'])} {arch.upper()} {e.get('get', 'ntk').upper()}"
+    arch = {"convnet": "ConvNet", "convnet3": "ConvNet3"}.get(kernel.get("architecture"), str(kernel.get(
+        "architecture", "?")).upper())
+    features = kernel.get("random_features")
+    kind = f"random-feature {e.get('get', 'ntk').upper()} ({features['models']}x{features['width']})" if features \
+        else e.get("get", "ntk").upper()
+    text = f"{METHOD_NAMES.get(e['method'], e['method'])} {arch} {kind}"
     if e["method"] == "kip":
         text += f", {e.get('labels', '?')} labels"
     return text
