@@ -154,3 +154,24 @@ def test_bad_specs_are_refused(kwargs, match):
 def test_unknown_get_is_refused():
     with pytest.raises(KernelDistillError, match="get must be"):
         make_kernel_fn()(np.ones((2, 3)), get="both")
+
+
+def test_default_memory_budget_is_512_mib_on_a_cpu_and_an_eighth_of_an_accelerator():
+    from kernel_distill.kernels import default_memory_budget_mb
+
+    class Device:
+        def __init__(self, platform, stats):
+            self.platform, self.stats = platform, stats
+
+        def memory_stats(self):
+            if isinstance(self.stats, Exception):
+                raise self.stats
+            return self.stats
+
+    assert default_memory_budget_mb() == 512.0  # this machine's JAX runs on the CPU
+    assert default_memory_budget_mb(Device("cpu", {"bytes_limit": 2**40})) == 512.0
+    assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 80 * 2**30})) == 80 * 1024 / 8
+    assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 2**40})) == 16384.0  # capped
+    assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 2 * 2**30})) == 512.0  # floored
+    assert default_memory_budget_mb(Device("tpu", None)) == 512.0
+    assert default_memory_budget_mb(Device("gpu", RuntimeError("no stats"))) == 512.0

@@ -52,8 +52,9 @@ def _add_common(p: argparse.ArgumentParser, kernel_options: bool = True):
                    help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")
     if kernel_options:
         p.add_argument("--float64", action="store_true", help="compute kernels and solves in float64")
-        p.add_argument("--memory-budget-mb", type=POSITIVE, default=512.0,
-                       help="memory bound for one block of the kernel computation (default 512)")
+        p.add_argument("--memory-budget-mb", type=POSITIVE, default=None,
+                       help="memory bound for one block of the kernel computation (default 512 on a CPU; on "
+                            "a GPU an eighth of its memory, at most 16384)")
         _add_backend(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--json", action="store_true", help="also print the result record (results.json) as one JSON line")
@@ -358,9 +359,17 @@ def _default_get(args, spec) -> str:
 def _kernel_fn(args, spec):
     from kernel_distill.kernels import make_kernel_fn
 
+    return make_kernel_fn(spec, memory_budget_bytes=int(_memory_budget_mb(args) * 2**20))
+
+
+def _memory_budget_mb(args) -> float:
+    from kernel_distill.kernels import default_memory_budget_mb
+
+    if args.memory_budget_mb is None:
+        return default_memory_budget_mb()
     if args.memory_budget_mb <= 0:
         raise KernelDistillError("--memory-budget-mb must be positive")
-    return make_kernel_fn(spec, memory_budget_bytes=int(args.memory_budget_mb * 2**20))
+    return args.memory_budget_mb
 
 
 def _dtype(args):
@@ -749,12 +758,17 @@ def _cmd_report(args) -> int:
 def _kip_config_from_args(args, base=None):
     from kernel_distill.kip import KipConfig
 
+    budget = args.memory_budget_mb
+    if budget is None and base is None:  # a new run gets the device's default; a resumed one keeps its own
+        from kernel_distill.kernels import default_memory_budget_mb
+
+        budget = default_memory_budget_mb()
     base = base.to_dict() if base is not None else KipConfig().to_dict()
     overrides = dict(dataset=args.dataset, per_class=args.per_class, learn_labels=args.learn_labels, init=args.init,
                      target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,
                      zca_reg=args.zca_reg, seed=args.seed, steps=args.steps, eval_every=args.eval_every,
                      checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
-                     memory_budget_mb=args.memory_budget_mb, select_on=args.select_on, val_size=args.val_size,
+                     memory_budget_mb=budget, select_on=args.select_on, val_size=args.val_size,
                      float64=True if args.float64 else None,
                      rf_fixed_networks=True if args.rf_fixed_networks else None)
     base.update({k: v for k, v in overrides.items() if v is not None})

@@ -32,6 +32,32 @@ DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # On a CPU, small tiles win: the band arrays of a tile that fits the caches are read and written many
 # times per layer. Accelerators want tiles as large as the budget.
 CPU_TILE_BYTES = 16 * 2**20
+# Accelerator tiles: the lent H100 ran the 28x28 banded ConvNet kernel at 20,642 pairs/s with 2 GiB tiles and
+# 81,461 with 16 GiB (docs/BENCHMARKS.md): a GPU wants many pairs per launch.
+ACCELERATOR_BUDGET_SHARE = 1 / 8
+ACCELERATOR_BUDGET_CAP_MB = 16384.0
+
+
+def default_memory_budget_mb(device=None) -> float:
+    """The memory budget of one kernel tile when none is given, in MiB.
+
+    512 on a CPU (whose tiles are capped at cache size anyway). On an accelerator, an eighth of its memory
+    (``memory_stats()["bytes_limit"]``), between 512 and 16,384 MiB: a tile's forward and backward arrays
+    (about three budgets) then stay well inside what JAX holds.
+    """
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return DEFAULT_MEMORY_BUDGET_BYTES / 2**20
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # a backend without memory statistics
+        limit = None
+    if not limit:
+        return DEFAULT_MEMORY_BUDGET_BYTES / 2**20
+    share = limit * ACCELERATOR_BUDGET_SHARE / 2**20
+    return float(min(ACCELERATOR_BUDGET_CAP_MB, max(DEFAULT_MEMORY_BUDGET_BYTES / 2**20, share)))
+
+
 # Live arrays per image pair inside one block, forward or rematerialised backward (nngp, ntk, padded and
 # shifted copies, ReLU temporaries). A generous round number keeps the budget an upper bound.
 ARRAYS_PER_PAIR = 12
