@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = ["kernel-distill", *(sys.argv[1:] if argv is None else argv)]  # for results.json
+    from kernel_distill.results import capture_code_version
+
+    capture_code_version()
     try:
         if getattr(args, "float64", False):
             import jax

@@ -80,6 +80,12 @@ def _git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
+def capture_code_version() -> None:
+    """Read the checkout's commit now (it is cached): a command calls this when it starts, so that a record
+    written hours later names the code that ran, not a commit made meanwhile."""
+    _git_state()
+
+
 def provenance(dtype: str = "float32", wall_seconds: float | None = None, argv: list[str] | None = None) -> dict:
     """Where a number came from: versions, commit, device, dtype, command line, wall time and date (UTC)."""
     import jax
