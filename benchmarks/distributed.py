@@ -13,7 +13,7 @@ shared machine the other processes' load changes the numbers.
         --dataset mnist --per-class 1 --target-batch 20 --steps 3 --workers 1 2
 
 The local backend's XLA spreads one ConvNet kernel over every core of the machine (1.8 of this machine's 2
-cores, measured as process CPU time over wall time, recorded as ``local_cores_used``), so on a 2-core machine
+cores, measured as process CPU time over wall time, recorded as ``driver_cores_used``), so on a 2-core machine
 two workers have almost nothing left to add. ``--cores-per-process 1`` pins the local run and each Ray worker
 to its own single core (Linux CPU affinity of every thread), which measures how the work divides between
 workers, what a machine with a core (or a GPU) per worker gets:
@@ -61,10 +61,8 @@ def pin_workers(backend, cores_per_process: int) -> None:
 
     count = os.cpu_count()
 
-    def pin(actor, cores):
-        for tid in os.listdir("/proc/self/task"):
-            os.sched_setaffinity(int(tid), set(cores))
-        return sorted(os.sched_getaffinity(0))
+    def pin(actor, cores):  # runs inside the actor's process
+        pin_threads(cores)
 
     ray.get([actor.__ray_call__.remote(pin, [(i * cores_per_process + j) % count for j in range(cores_per_process)])
              for i, actor in enumerate(backend.actors)])

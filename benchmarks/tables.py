@@ -139,7 +139,7 @@ def render_kernel_throughput() -> str:
             c = r["config"]
             cells.setdefault((c["network"], c["input"], c["dtype"], *_throughput_version(r)), {})[c["impl"]] = r
         rows = []
-        for (net, shape, dtype, *version), impls in cells.items():
+        for (net, shape, dtype, *_), impls in cells.items():
             ours, nt = impls.get("ours"), impls.get("neural-tangents")
             om = ours["metrics"] if ours else {}
             nm = nt["metrics"] if nt else {}

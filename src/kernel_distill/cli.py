@@ -761,11 +761,8 @@ def _cmd_report(args) -> int:
 def _kip_config_from_args(args, base=None):
     from kernel_distill.kip import KipConfig
 
-    budget = args.memory_budget_mb
-    if budget is None and base is None:  # a new run gets the device's default; a resumed one keeps its own
-        from kernel_distill.kernels import default_memory_budget_mb
-
-        budget = default_memory_budget_mb()
+    # a new run gets the device's default; a resumed one keeps its own unless the option is given
+    budget = None if base is not None and args.memory_budget_mb is None else _memory_budget_mb(args)
     base = base.to_dict() if base is not None else KipConfig().to_dict()
     overrides = dict(dataset=args.dataset, per_class=args.per_class, learn_labels=args.learn_labels, init=args.init,
                      target_batch_size=args.target_batch, learning_rate=args.lr, reg=args.reg, zca=args.zca,

@@ -22,7 +22,7 @@ from kernel_distill.kernels.random_features import RandomFeatureKernelFn
 
 __all__ = [
     "ARCHITECTURES", "ARCHITECTURE_REGISTRY", "AvgPool", "CPU_TILE_BYTES", "Conv", "DEFAULT_MEMORY_BUDGET_BYTES",
-    "Dense", "Flatten", "KernelFn", "default_memory_budget_mb", "KernelSpec", "RandomFeatureKernelFn", "RandomFeatures", "Relu", "bytes_per_pair", "kernel_block", "kernel_block_vjp",
+    "Dense", "Flatten", "KernelFn", "KernelSpec", "RandomFeatureKernelFn", "RandomFeatures", "Relu", "bytes_per_pair", "default_memory_budget_mb", "kernel_block", "kernel_block_vjp",
     "kernel_block_from_partner", "kernel_matrix", "kernel_matrix_from_stats", "kernel_matrix_vjp", "layer_plan",
     "make_kernel_fn", "partner_arrays", "register_architecture", "self_stats", "self_stats_vjp",
     "tiled_self_stats", "tiled_self_stats_vjp",
