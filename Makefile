@@ -2,6 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Test processes: XLA compiles on one thread, so two processes keep a 2-core machine busy. Files stay whole
+# on one worker (module fixtures, one Ray cluster per file).
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install install-test clean
 
@@ -24,7 +27,7 @@ demo: $(VENV)/.installed
 	$(BIN)/kernel-distill demo --out runs/demo --overwrite
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

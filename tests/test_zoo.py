@@ -127,6 +127,27 @@ def test_zoo_add_measures_and_records(digits_zoo, tmp_path):
     assert 0 <= t["mean"] <= 1
 
 
+def test_zoo_add_transfer_only_replaces_just_the_transfer_field(digits_zoo, capsys):
+    import zoo_add
+
+    (before,) = zoo.read_index()
+    assert zoo_add.main(["--transfer-only", "--name", "digits-natural-3", "--transfer-model", "fc",
+                         "--transfer-steps", "2", "--transfer-seeds", "1", "--index", str(digits_zoo)]) == 0
+    (after,) = zoo.read_index()
+    assert after["transfer"]["steps"] == 2 and len(after["transfer"]["accuracies"]) == 1
+    assert after["transfer"]["date"].endswith("Z")
+    assert {k: v for k, v in after.items() if k != "transfer"} == {k: v for k, v in before.items() if k != "transfer"}
+    for argv, says in ((["--transfer-only", "--name", "no-such-set"], "no zoo set 'no-such-set'"),
+                       (["x.npz", "--transfer-only", "--name", "digits-natural-3"], "takes no source")):
+        with pytest.raises(SystemExit) as exit_:
+            zoo_add.main([*argv, "--index", str(digits_zoo)])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    (digits_zoo.parent / after["file"]).write_bytes(b"changed")
+    with pytest.raises(SystemExit):
+        zoo_add.main(["--transfer-only", "--name", "digits-natural-3", "--index", str(digits_zoo)])
+    assert "does not match the sha256" in capsys.readouterr().err
+
+
 def test_zoo_commands(digits_zoo, tmp_path, capsys):
     code, out, _ = run(capsys, "zoo", "list")
     assert code == 0 and "digits-natural-3" in out

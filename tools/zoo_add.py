@@ -17,6 +17,10 @@ and commit come from its ``results.json``; given an ``.npz``, ``--command`` is r
    protocol of docs/BENCHMARKS.md "Transfer to finite networks"; ``--no-transfer`` skips it;
 4. writes the entry into ``src/kernel_distill/zoo/index.json`` and regenerates the README's zoo table.
 
+``--transfer-only --name NAME`` (no source) measures step 3 alone for a set already in the zoo, on the file as
+shipped (its checksum verified first), and replaces only that entry's ``transfer`` field: everything else
+about the set, its command, date and validation selection included, stays as it was recorded.
+
 Published numbers known to the package (KIP-FC MNIST, Label Solve with the ConvNet kernel) are filled in
 from :data:`PUBLISHED`; ``--published``/``--published-what`` give another (e.g. for a CIFAR-10 set).
 """
@@ -115,12 +119,45 @@ def _transfer(npz: pathlib.Path, args) -> dict:
                 loss=config.loss, seeds=args.transfer_seeds, mean=m["test_accuracy"], std=m["test_accuracy_std"],
                 accuracies=m["test_accuracies"], num_test=m["num_test"],
                 train_seconds_per_seed=m["train_seconds"] / args.transfer_seeds,
-                wall_seconds=time.perf_counter() - start)
+                wall_seconds=time.perf_counter() - start,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs")
+
+
+def _update_transfer(args, zoo, parser) -> int:
+    """``--transfer-only``: measure the shipped file of zoo set ``args.name`` and rewrite its transfer field."""
+    from kernel_distill.atomic import atomic_write_text
+
+    import zoo_table
+
+    zoo_dir = pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR
+    index_file = zoo_dir / "index.json"
+    entries = zoo.read_index(index_file)
+    names = [e["name"] for e in entries]
+    if args.name not in names:
+        parser.error(f"no zoo set {args.name!r} in {index_file} (have: {', '.join(names)})")
+    entry = entries[names.index(args.name)]
+    target = zoo_dir / entry["file"]
+    if zoo.file_sha256(target) != entry["sha256"]:
+        parser.error(f"{target} does not match the sha256 in {index_file}: re-add the set instead")
+    transfer = _transfer(target, args)
+    print(f"transfer ({transfer['model']}, {transfer['steps']} steps, {transfer['seeds']} seeds): "
+          f"{100 * transfer['mean']:.2f} +- {100 * transfer['std']:.2f}% ({transfer['wall_seconds']:.0f} s)",
+          flush=True)
+    # Re-read: another --transfer-only may have finished while this one trained.
+    entries = zoo.read_index(index_file)
+    entries[[e["name"] for e in entries].index(args.name)]["transfer"] = transfer
+    atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
+    print(f"transfer of {args.name} written to {index_file}")
+    if args.index is None:
+        zoo_table.write()
+        print("README zoo table regenerated")
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", help="a run folder (with results.json) or a distilled-set .npz")
+    parser.add_argument("source", nargs="?", help="a run folder (with results.json) or a distilled-set .npz")
     parser.add_argument("--name", required=True, help="zoo name, e.g. mnist-kip-fc-10 (lowercase, digits, -)")
     parser.add_argument("--command", default=None, help="the exact command that made the set (default: the run's)")
     parser.add_argument("--wall-seconds", type=float, default=None, help="what making it took (default: the run's)")
@@ -129,6 +166,8 @@ def main(argv=None) -> int:
     parser.add_argument("--published", type=float, default=None, help="published accuracy in %% to show beside")
     parser.add_argument("--published-what", default=None, help="what the published number is, and its source")
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer measurement")
+    parser.add_argument("--transfer-only", action="store_true",
+                        help="measure transfer for the zoo set --name as shipped and update only its transfer field")
     parser.add_argument("--zca-float16", action="store_true",
                         help="store the ZCA matrix in float16 (half the bytes: 19 MB instead of 38 for CIFAR-10); "
                              "every number is then measured on the file as shipped")
@@ -150,6 +189,12 @@ def main(argv=None) -> int:
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
+    if args.transfer_only:
+        if args.source is not None or args.no_transfer:
+            parser.error("--transfer-only takes no source and no --no-transfer: it measures a set already in the zoo")
+        return _update_transfer(args, zoo, parser)
+    if args.source is None:
+        parser.error("give a run folder or an .npz (or --transfer-only for a set already in the zoo)")
     npz, record = _source(pathlib.Path(args.source))
     if record is None and not args.command:
         parser.error("an .npz source needs --command (the exact command that made it)")
