@@ -146,6 +146,26 @@ def test_natural_transfer_support_is_drawn_outside_the_validation_split():
         assert np.any(np.all(rest == image, axis=1))
 
 
+def test_a_released_file_with_validation_reads_the_training_set_once(monkeypatch):
+    """A file without preprocessing gets it fitted on the whole training split, the one already loaded."""
+    from kernel_distill import experiments
+    from kernel_distill.io import DistilledSet
+    from kernel_distill.preprocess import fit_preprocessor
+
+    reads = []
+    original = experiments.load_dataset
+    monkeypatch.setattr(experiments, "load_dataset", lambda *a, **k: reads.append(a[:2]) or original(*a, **k))
+    x_raw, y_raw = load_dataset("digits", "train")
+    released = DistilledSet(images=np.zeros((10, 8, 8, 1), np.float32), labels=np.eye(10, dtype=np.float32))
+    support = transfer_support(released, "kip.npz", "digits", None, val_size=100, progress=False, log=lambda *_: None)
+    assert reads == [("digits", "train")]
+    expected = fit_preprocessor(x_raw)
+    np.testing.assert_array_equal(support["preprocessor"].mean, expected.mean)
+    np.testing.assert_array_equal(support["preprocessor"].std, expected.std)
+    _, val_idx = validation_split(y_raw, 100, 10)
+    np.testing.assert_allclose(support["x_val"], expected.apply(x_raw[val_idx]))
+
+
 def test_cli_transfer_tunes_the_protocol_on_validation(tmp_path, capsys):
     out = tmp_path / "tuned"
     assert main(["transfer", "--natural-per-class", "10", "--dataset", "digits", "--model", "fc", "--width", "64",

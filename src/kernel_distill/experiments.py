@@ -39,14 +39,16 @@ def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: d
 
 
 def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_dir=None, zca: bool = False,
-                      zca_reg: float = 0.1, progress: bool = True, log: Callable = print) -> Preprocessor:
+                      zca_reg: float = 0.1, progress: bool = True, log: Callable = print,
+                      x_train=None) -> Preprocessor:
     """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
 
     The file's own preprocessing is used when it has one (a contradicting ``zca`` is refused), and a file
     made on another dataset is refused (:func:`kernel_distill.io.dataset_of`).
 
     A file without preprocessing (a released KIP file) gets it fitted on the training set (``zca`` and
-    ``zca_reg`` say how). ``source`` names the file in messages.
+    ``zca_reg`` say how): ``x_train`` (uint8 ``(n, H, W, C)``, the whole training split) when the caller
+    has it loaded already, else read from ``data_dir``. ``source`` names the file in messages.
     """
     dataset = dataset_of(distilled, source, dataset)  # a set made on another dataset is refused
     check_preprocessing_request(distilled, source, zca)
@@ -60,7 +62,8 @@ def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_d
     preprocessor = distilled.preprocessor
     if preprocessor is None:
         # A released KIP file: its images live in KIP's space, which we rebuild from the training set.
-        x_train, _ = load_dataset(dataset, "train", data_dir, progress=progress)
+        if x_train is None:
+            x_train, _ = load_dataset(dataset, "train", data_dir, progress=progress)
         preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
         log(f"{source} carries no preprocessing; fitted "
             f"{'standardisation + ZCA' if zca else 'standardisation'} on the {dataset} training set")
@@ -181,7 +184,8 @@ def transfer_support(file_set: DistilledSet | None, source: str | None, dataset:
         x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
         train_idx, val_idx = validation_split(y_raw, val_size, info.num_classes)
     if file_set is not None:
-        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log)
+        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log,
+                                         x_train=x_raw)
         support = dict(x=file_set.images, y=file_set.labels, source=source)
     else:
         preprocessor = fit_preprocessor(x_raw[train_idx], zca=zca, zca_reg=zca_reg)
