@@ -324,6 +324,33 @@ def render_transfer_tuned() -> str:
     return table(header, rows) + footer("transfer_tuned", records)
 
 
+def _protocol_text(train: dict) -> str:
+    return (f"{train['steps']} steps, {train['optimizer']} lr {train['learning_rate']:g}, {train['loss']}, "
+            f"augment {train['augment']}, batch {train['batch_size']}, wd {train['weight_decay']:g}")
+
+
+def render_transfer_protocol() -> str:
+    """``kernel-distill transfer`` records with a protocol fixed in advance (no tuning); copy a run's
+    results.json line into transfer_protocol.jsonl."""
+    records = list(newest(load("transfer_protocol"), lambda r: (
+        r["dataset"]["name"], r["config"]["source"], r["config"]["model"],
+        _protocol_text(r["config"]["train"]))).values())
+    records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["model"],
+                                _protocol_text(r["config"]["train"]), r["config"]["natural_per_class"] is not None))
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        source_name = c["source"] if c.get("natural_per_class") else pathlib.Path(c["source"]).name
+        rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), source_name, c["model"],
+                     _protocol_text(dict(c["train"], batch_size=min(c["train"]["batch_size"], m["support_size"]))),
+                     pct(m["test_accuracy"], m["test_accuracy_std"] if len(m["test_accuracies"]) > 1 else None),
+                     len(m["test_accuracies"]), m["num_test"], f"{m['train_seconds'] / len(m['test_accuracies']):.0f}",
+                     machine(r), source(r)])
+    header = ["dataset", "support", "model", "protocol (fixed in advance)", "test % (mean +- std)", "seeds",
+              "test images", "train s / seed", "machine", "record"]
+    return table(header, rows) + footer("transfer_protocol", records)
+
+
 RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
@@ -338,6 +365,7 @@ RENDERERS = {
     "random_features": render_random_features,
     "rf_distillation": render_rf_distillation,
     "transfer_tuned": render_transfer_tuned,
+    "transfer_protocol": render_transfer_protocol,
 }
 
 
