@@ -126,10 +126,6 @@ def _transfer(npz: pathlib.Path, args) -> dict:
 
 def _update_transfer(args, zoo, parser) -> int:
     """``--transfer-only``: measure the shipped file of zoo set ``args.name`` and rewrite its transfer field."""
-    from kernel_distill.atomic import atomic_write_text
-
-    import zoo_table
-
     zoo_dir = pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR
     index_file = zoo_dir / "index.json"
     entries = zoo.read_index(index_file)
@@ -147,12 +143,20 @@ def _update_transfer(args, zoo, parser) -> int:
     # Re-read: another --transfer-only may have finished while this one trained.
     entries = zoo.read_index(index_file)
     entries[[e["name"] for e in entries].index(args.name)]["transfer"] = transfer
-    atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
     print(f"transfer of {args.name} written to {index_file}")
-    if args.index is None:
+    return 0
+
+
+def _write_index(index_file: pathlib.Path, entries: list, regenerate_readme: bool) -> None:
+    from kernel_distill.atomic import atomic_write_text
+
+    import zoo_table
+
+    atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
+    if regenerate_readme:
         zoo_table.write()
         print("README zoo table regenerated")
-    return 0
 
 
 def main(argv=None) -> int:
@@ -182,10 +186,7 @@ def main(argv=None) -> int:
     import re
 
     from kernel_distill import zoo
-    from kernel_distill.atomic import atomic_write_text
     from kernel_distill.io import load_distilled
-
-    import zoo_table
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
@@ -253,11 +254,8 @@ def main(argv=None) -> int:
         entries[names.index(args.name)] = entry
     else:
         entries.append(entry)
-    atomic_write_text(index_file, json.dumps(dict(format=1, sets=entries), indent=1) + "\n")
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
     print(f"index entry {args.name} written to {index_file}")
-    if args.index is None:
-        zoo_table.write()
-        print("README zoo table regenerated")
     return 0
 
 
