@@ -340,7 +340,8 @@ def render_transfer_protocol() -> str:
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
-        source_name = c["source"] if c.get("natural_per_class") else pathlib.Path(c["source"]).name
+        # A run's file is named by its folder too: many runs write distilled_best.npz.
+        source_name = c["source"] if c.get("natural_per_class") else "/".join(pathlib.Path(c["source"]).parts[-2:])
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), source_name, c["model"],
                      _protocol_text(dict(c["train"], batch_size=min(c["train"]["batch_size"], m["support_size"]))),
                      pct(m["test_accuracy"], m["test_accuracy_std"] if len(m["test_accuracies"]) > 1 else None),
