@@ -114,19 +114,27 @@ def _transfer(npz: pathlib.Path, args) -> dict:
                                            log=lambda *_: None)
     result = experiments.transfer(support, args.transfer_model, config, args.transfer_seeds, progress=False)
     m = result["metrics"]
-    return dict(model=args.transfer_model, steps=config.steps, optimizer="sgd, momentum 0.9, cosine decay",
-                learning_rate=config.learning_rate, batch_size=config.batch_size, weight_decay=config.weight_decay,
-                loss=config.loss, seeds=args.transfer_seeds, mean=m["test_accuracy"], std=m["test_accuracy_std"],
-                accuracies=m["test_accuracies"], num_test=m["num_test"],
-                train_seconds_per_seed=m["train_seconds"] / args.transfer_seeds,
-                wall_seconds=time.perf_counter() - start,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs")
+    transfer = dict(model=args.transfer_model, steps=config.steps, optimizer="sgd, momentum 0.9, cosine decay",
+                    learning_rate=config.learning_rate, batch_size=config.batch_size, weight_decay=config.weight_decay,
+                    loss=config.loss, seeds=args.transfer_seeds, mean=m["test_accuracy"], std=m["test_accuracy_std"],
+                    accuracies=m["test_accuracies"], num_test=m["num_test"],
+                    train_seconds_per_seed=m["train_seconds"] / args.transfer_seeds,
+                    wall_seconds=time.perf_counter() - start,
+                    date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs")
+    print(f"transfer ({transfer['model']}, {transfer['steps']} steps, {transfer['seeds']} seeds): "
+          f"{100 * transfer['mean']:.2f} +- {100 * transfer['std']:.2f}% ({transfer['wall_seconds']:.0f} s)",
+          flush=True)
+    return transfer
+
+
+def _zoo_dir(args, zoo) -> pathlib.Path:
+    return pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR  # --index: the tests' own zoo
 
 
 def _update_transfer(args, zoo, parser) -> int:
     """``--transfer-only``: measure the shipped file of zoo set ``args.name`` and rewrite its transfer field."""
-    zoo_dir = pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR
+    zoo_dir = _zoo_dir(args, zoo)
     index_file = zoo_dir / "index.json"
     entries = zoo.read_index(index_file)
     names = [e["name"] for e in entries]
@@ -137,9 +145,6 @@ def _update_transfer(args, zoo, parser) -> int:
     if zoo.file_sha256(target) != entry["sha256"]:
         parser.error(f"{target} does not match the sha256 in {index_file}: re-add the set instead")
     transfer = _transfer(target, args)
-    print(f"transfer ({transfer['model']}, {transfer['steps']} steps, {transfer['seeds']} seeds): "
-          f"{100 * transfer['mean']:.2f} +- {100 * transfer['std']:.2f}% ({transfer['wall_seconds']:.0f} s)",
-          flush=True)
     # Re-read: another --transfer-only may have finished while this one trained.
     entries = zoo.read_index(index_file)
     entries[[e["name"] for e in entries].index(args.name)]["transfer"] = transfer
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
     distilled = load_distilled(npz)
     meta = distilled.metadata
     prov = record["provenance"] if record else {}
-    zoo_dir = pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR
+    zoo_dir = _zoo_dir(args, zoo)
     index_file = zoo_dir / "index.json"
 
     target = zoo_dir / "sets" / f"{args.name}.npz"
@@ -219,9 +224,6 @@ def main(argv=None) -> int:
     transfer = None
     if not args.no_transfer:
         transfer = _transfer(target, args)
-        print(f"transfer ({transfer['model']}, {transfer['steps']} steps, {transfer['seeds']} seeds): "
-              f"{100 * transfer['mean']:.2f} +- {100 * transfer['std']:.2f}% ({transfer['wall_seconds']:.0f} s)",
-              flush=True)
 
     size = len(distilled.images)
     method = meta.get("method", "file")
