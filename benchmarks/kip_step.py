@@ -35,7 +35,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", choices=sorted(CASES), required=True)
     parser.add_argument("--label", required=True, help="e.g. 'before' or 'after': which code is timed")
-    parser.add_argument("--steps", type=int, default=2, help="steady-state steps timed after the first")
+    parser.add_argument("--steps", type=int, default=2,
+                    help="steady-state steps timed after the first (0: only the first, for steps that take an hour)")
     parser.add_argument("--architecture", default="convnet")
     parser.add_argument("--data-dir", default=os.environ.get("KERNEL_DISTILL_DATA", "../shared/data"))
     parser.add_argument("--results", default=str(RESULTS))
@@ -57,8 +58,9 @@ def main():
     if proc.returncode != 0 or not lines:
         raise SystemExit(f"worker failed (exit {proc.returncode}); its messages are above")
     r = json.loads(lines[-1])
-    print(f"{args.case} {args.label} ({r['code']}): first step {r['first']:.1f} s, then {r['seconds']:.1f} s per "
-          f"step (mean of {r['steps']}), loss {r['loss']:.4g}, load average {r['load']:.1f}")
+    steady = f"then {r['seconds']:.1f} s per step (mean of {r['steps']})" if r["steps"] else "no steady-state step timed"
+    print(f"{args.case} {args.label} ({r['code']}): first step {r['first']:.1f} s, {steady}, loss {r['loss']:.4g}, "
+          f"load average {r['load']:.1f}")
     from kernel_distill.results import append_record, make_record
 
     record = make_record(
@@ -68,7 +70,7 @@ def main():
         dict(case=args.case, label=args.label, architecture=args.architecture, per_class=r["per_class"],
              support=r["support"], target_batch=r["targets"], learn_labels=True, code=args.code or "this checkout",
              code_commit=r["commit"]),
-        wall_seconds=r["first"] + r["seconds"] * r["steps"])
+        wall_seconds=r["first"] + (r["seconds"] * r["steps"] if r["steps"] else 0.0))
     append_record(args.results, record)
 
 
@@ -120,7 +122,7 @@ def time_steps(args) -> dict:
         print(f"step {i + 2}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                             cwd=pathlib.Path(kernel_distill.__file__).parent).stdout.strip()
-    return dict(seconds=float(np.mean(times)), first=first, steps=len(times), loss=loss, load=os.getloadavg()[0],
+    return dict(seconds=float(np.mean(times)) if times else None, first=first, steps=len(times), loss=loss, load=os.getloadavg()[0],
                 dataset=dataset, per_class=per_class, support=per_class * num_classes, targets=target_batch,
                 code=str(pathlib.Path(kernel_distill.__file__).parent), commit=commit)
 

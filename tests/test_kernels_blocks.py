@@ -67,6 +67,28 @@ def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):
     np.testing.assert_allclose(np.asarray(none1[2]), np.asarray(dx2), rtol=1e-12)
 
 
+@pytest.mark.parametrize("size", [(7, 6), (8, 8)])
+def test_hand_written_vjps_of_the_band_operators_are_their_adjoints(x64, rng, size):
+    """The 3x3 box filter and the 2x2 pool are linear: their VJPs must satisfy <g, A k> = <A^T g, k>
+    (odd sizes included, where VALID pooling drops the last row)."""
+    from kernel_distill.kernels import exact
+
+    h, w = size
+    out_plan = (h // 2, w // 2, 1, 1)
+    for name, op, shape in [("box3", exact._box3, (2, 5, 3, h, w)),
+                            ("pool", lambda k: exact._pool(k, out_plan), (2, 7, 5, h, w))]:
+        k = rng.standard_normal(shape)
+        out, vjp = jax.vjp(op, k)
+        g = rng.standard_normal(out.shape)
+        (adjoint_g,) = vjp(g)
+        assert adjoint_g.shape == k.shape, name
+        np.testing.assert_allclose(float(jnp.vdot(adjoint_g, k)), float(jnp.vdot(g, out)), rtol=1e-12, err_msg=name)
+        # and A^T is the adjoint for every k, not one: check a second direction
+        k2 = rng.standard_normal(shape)
+        np.testing.assert_allclose(float(jnp.vdot(adjoint_g, k2)), float(jnp.vdot(g, op(k2))), rtol=1e-12,
+                                   err_msg=name)
+
+
 def test_band_radii_follow_the_pools():
     """Offsets |d| <= 7 at full resolution, 3 after the first pool, 1 after the second, 0 at the readout."""
     plan = kernels.layer_plan(KernelSpec("convnet", 3).layers, 32, 32)

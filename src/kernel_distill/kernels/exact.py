@@ -101,15 +101,21 @@ def band_gather(v, rh: int, rw: int):
     return jnp.stack([rows[..., j:j + w] for j in range(2 * rw + 1)], axis=-3)  # (..., Rh, Rw, H, W)
 
 
+@jax.custom_vjp
 def _box3(k):
     """3x3 SAME average over the position axes of a band array (zero padding); offsets unchanged.
 
     One padded copy and nine shifted slices summed in one fused pass: 1.7x faster on a CPU than two
-    separable passes, each with its own padded copy.
+    separable passes, each with its own padded copy. The filter is its own adjoint (a symmetric stencil
+    with zero padding), so its VJP is the same pass over the cotangent, instead of autodiff's nine
+    padded copies of it.
     """
     h, w = k.shape[-2:]
     padded = jnp.pad(k, [(0, 0)] * (k.ndim - 2) + [(1, 1), (1, 1)])
     return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) * (1.0 / 9.0)
+
+
+_box3.defvjp(lambda k: (_box3(k), None), lambda _, g: (_box3(g),))
 
 
 def _resize_offsets(k, axis: int, radius: int):
@@ -126,9 +132,15 @@ def _resize_offsets(k, axis: int, radius: int):
 
 def _pool_axis(k, pos_axis: int, off_axis: int, out_radius: int):
     """2x2/stride-2 VALID average along one spatial axis of a band array (half of the 2-D pool)."""
-    k = _resize_offsets(k, off_axis, 2 * out_radius + 1)
+    return _pool_axis_core(_resize_offsets(k, off_axis, 2 * out_radius + 1), pos_axis, off_axis, k.shape[pos_axis])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def _pool_axis_core(k, pos_axis: int, off_axis: int, n_in: int):
+    """:func:`_pool_axis` of a band array whose offset axis is already ``2 (2 r_out + 1) + 1`` long;
+    ``n_in = k.shape[pos_axis]`` (static, for the VJP)."""
     n_out = k.shape[pos_axis] // 2
-    r_out = 2 * out_radius + 1
+    r_out = (k.shape[off_axis] - 1) // 2
     even = jax.lax.slice_in_dim(k, 0, 2 * n_out, stride=2, axis=pos_axis)
     odd = jax.lax.slice_in_dim(k, 1, 2 * n_out, stride=2, axis=pos_axis)
 
@@ -136,6 +148,33 @@ def _pool_axis(k, pos_axis: int, off_axis: int, out_radius: int):
         return jax.lax.slice_in_dim(a, start, start + 2 * r_out - 1, stride=2, axis=off_axis)
 
     return (offsets(even, 1) + offsets(even, 2) + offsets(odd, 0) + offsets(odd, 1)) / 4.0
+
+
+def _pool_axis_core_fwd(k, pos_axis, off_axis, n_in):
+    return _pool_axis_core(k, pos_axis, off_axis, n_in), None
+
+
+def _pool_axis_core_bwd(pos_axis, off_axis, n_in, _, g):
+    """The pool's adjoint written as one interleaving pass: an even input row ``2P`` receives ``g[P, j] / 4``
+    at offsets ``2j + 1`` and ``2j + 2``, an odd row ``2P + 1`` at ``2j`` and ``2j + 1`` (autodiff's four
+    strided scatters cost 1.5x more on a CPU)."""
+    g = g / 4.0
+    twice = jnp.repeat(g, 2, axis=off_axis)
+    zero = jnp.zeros_like(jax.lax.slice_in_dim(g, 0, 1, axis=off_axis))
+    even = jnp.concatenate([zero, twice], axis=off_axis)
+    odd = jnp.concatenate([twice, zero], axis=off_axis)
+    rows = jnp.stack([even, odd], axis=pos_axis + 1)
+    shape = list(even.shape)
+    shape[pos_axis] *= 2
+    grad = rows.reshape(shape)
+    if n_in > shape[pos_axis]:  # an odd size: VALID pooling drops the last row
+        pad = [(0, 0)] * grad.ndim
+        pad[pos_axis] = (0, n_in - shape[pos_axis])
+        grad = jnp.pad(grad, pad)
+    return (grad,)
+
+
+_pool_axis_core.defvjp(_pool_axis_core_fwd, _pool_axis_core_bwd)
 
 
 def _pool(k, out_plan):
