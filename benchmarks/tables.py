@@ -243,7 +243,8 @@ def _transfer(model: str, loss: str, with_krr: bool, extra=()) -> str:
 
 def render_kip_step() -> str:
     records = list(newest(load("kip_step"), lambda r: (machine(r), r["config"]["case"], r["config"]["label"],
-                                                       r["config"]["architecture"])).values())
+                                                       r["config"]["architecture"],
+                                                       r["config"].get("code_commit"))).values())
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
@@ -253,6 +254,23 @@ def render_kip_step() -> str:
                      f"{m['load_average']:.1f}", (c.get("code_commit") or "?")[:7], machine(r), source(r)])
     return table(["case", "code", "kernel", "support", "targets", "s / step", "first step s (compile)",
                   "steps timed", "load avg", "code commit", "machine", "record"], rows) + footer("kip_step", records)
+
+
+def render_kernel_ablation() -> str:
+    records = list(newest(load("kernel_ablation"), lambda r: (
+        machine(r), r["config"]["shape"], r["provenance"]["dtype"], r["config"]["variant"],
+        r["provenance"].get("git_commit"))).values())
+    base = {(machine(r), r["config"]["shape"], r["provenance"]["dtype"], r["provenance"].get("git_commit")):
+            r["metrics"]["pairs_per_second"] for r in records if r["config"]["variant"] == "forward"}
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        ref = base.get((machine(r), c["shape"], r["provenance"]["dtype"], r["provenance"].get("git_commit")))
+        rows.append([c["shape"], r["provenance"]["dtype"], c["variant"], f"{c['n1']} x {c['n2']}",
+                     f"{m['pairs_per_second']:,.1f}", "-" if ref is None else f"{m['pairs_per_second'] / ref:.2f}",
+                     f"{m['load_average']:.1f}", machine(r), source(r)])
+    return table(["input", "dtype", "variant", "pairs", "pairs/s", "relative to forward", "load avg", "machine",
+                  "record"], rows) + footer("kernel_ablation", records)
 
 
 def render_random_features() -> str:
@@ -357,6 +375,7 @@ RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
     "kip_step": render_kip_step,
+    "kernel_ablation": render_kernel_ablation,
     "kip_fc": render_kip_fc,
     "label_solve": render_label_solve,
     "transfer_evalnet_mse": lambda: _transfer("evalnet", "mse", with_krr=True),
