@@ -26,7 +26,11 @@ import pathlib
 import time
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "kernel_ablation.jsonl"
-SHAPES = {"28x28x1": (28, 28, 1), "32x32x3": (32, 32, 3)}
+# 14x14 and 20x20: the same network on smaller band arrays (0.35 and 0.72 MB per float64 array, against 1.4 MB
+# at 28x28), to see whether the cache size sets the rate per band entry.
+SHAPES = {"14x14x1": (14, 14, 1), "20x20x1": (20, 20, 1), "28x28x1": (28, 28, 1), "32x32x3": (32, 32, 3)}
+VARIANTS = ["forward", "forward, ReLU -> scale", "forward, box filter -> identity", "forward, pool -> slice",
+            "VJP x1", "VJP x2"]
 
 
 def main():
@@ -35,6 +39,7 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--pairs", default="8,16", help="n1,n2 images (default 8,16, as kernel_throughput)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -46,7 +51,7 @@ def main():
     import numpy as np
 
     from kernel_distill import kernels
-    from kernel_distill.kernels import KernelSpec, exact, make_kernel_fn
+    from kernel_distill.kernels import KernelSpec, exact, layer_plan, make_kernel_fn
     from kernel_distill.results import append_record, make_record
 
     n1, n2 = (int(v) for v in args.pairs.split(","))
@@ -84,6 +89,14 @@ def main():
     }
     variants = [(name, forward, patch) for name, patch in replacements.items()]
     variants += [("VJP x1", lambda: vjp(1), {}), ("VJP x2", lambda: vjp(2), {})]
+    wanted = args.variants.split(",")
+    unknown = sorted(set(wanted) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    variants = [v for v in variants if v[0] in wanted]
+    # entries of every band state one pair passes through (summed over the layers' plans)
+    band_entries = sum(h * w * (2 * rh + 1) * (2 * rw + 1)
+                       for h, w, rh, rw in filter(None, layer_plan(spec.layers, *SHAPES[args.shape][:2])))
     for name, build, patch in variants:
         saved = {attr: getattr(exact, attr) for attr in patch}
         try:
@@ -104,7 +117,8 @@ def main():
         print(f"{args.shape} {args.dtype} {name}: {n1 * n2 / seconds:,.1f} pairs/s (load {load:.1f})", flush=True)
         record = make_record(
             "benchmark/kernel_ablation", "kernel_ablation", dict(name="synthetic", checksums={}),
-            dict(pairs_per_second=n1 * n2 / seconds, seconds=seconds, load_average=load),
+            dict(pairs_per_second=n1 * n2 / seconds, seconds=seconds, load_average=load,
+                 band_entries_per_pair=band_entries),
             dict(variant=name, architecture="convnet", depth=3, shape=args.shape, n1=n1, n2=n2,
                  repeats=args.repeats, tile_budget_bytes=budget),
             dtype=args.dtype, wall_seconds=sum(times))

@@ -268,8 +268,10 @@ def render_kernel_ablation() -> str:
         ref = base.get((machine(r), c["shape"], r["provenance"]["dtype"], r["provenance"].get("git_commit")))
         rows.append([c["shape"], r["provenance"]["dtype"], c["variant"], f"{c['n1']} x {c['n2']}",
                      f"{m['pairs_per_second']:,.1f}", "-" if ref is None else f"{m['pairs_per_second'] / ref:.2f}",
+                     "-" if "band_entries_per_pair" not in m else f"{m['pairs_per_second'] * m['band_entries_per_pair'] / 1e6:.1f}",
                      f"{m['load_average']:.1f}", machine(r), source(r)])
-    return table(["input", "dtype", "variant", "pairs", "pairs/s", "relative to forward", "load avg", "machine",
+    return table(["input", "dtype", "variant", "pairs", "pairs/s", "relative to forward",
+                  "M band entries/s", "load avg", "machine",
                   "record"], rows) + footer("kernel_ablation", records)
 
 
