@@ -158,3 +158,39 @@ def test_sigterm_stops_a_cli_run_like_ctrl_c(tmp_path):
     _, state = load_checkpoint(out)
     assert 0 < state.step < 100000
     assert load_distilled(out / "distilled.npz").images.shape == (20, 8, 8, 1)
+
+
+def test_a_warm_start_continues_from_a_distilled_set(tmp_path, digits):
+    """--init-from: step 0 of the new run is the given set (same accuracy), and it goes on learning."""
+    first = run_kip(_config(steps=10), digits, tmp_path / "first", progress=False)
+    source = tmp_path / "first" / "distilled.npz"
+    config = _config(steps=10, init="file", init_file=str(source), init_sha256=kip.file_sha256(source), seed=1)
+    run_kip(config, digits, tmp_path / "warm", progress=False)
+    records = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
+    step0 = next(r for r in records if r["step"] == 0 and "test_accuracy" in r)
+    assert step0["test_accuracy"] == pytest.approx(first["last_accuracy"], abs=1e-6)
+    assert step0["val_accuracy"] == pytest.approx(first["last_val_accuracy"], abs=1e-6)
+    warm = load_distilled(tmp_path / "warm" / "distilled.npz")
+    assert not np.allclose(warm.images, load_distilled(source).images)  # it kept distilling
+    assert json.loads((tmp_path / "warm" / "config.json").read_text())["init_file"] == str(source)
+
+
+def test_a_warm_start_refuses_a_set_that_does_not_fit(tmp_path, digits):
+    run_kip(_config(steps=5, eval_every=5), digits, tmp_path / "first", progress=False)
+    source = tmp_path / "first" / "distilled.npz"
+    with pytest.raises(KernelDistillError, match="per class"):
+        kip.warm_start_support(_config(per_class=3, init="file", init_file=str(source)), digits)
+    with pytest.raises(KernelDistillError, match="preprocessed differently"):
+        zca_digits = prepare_dataset("digits", progress=False, val_size=200, zca=True)
+        kip.warm_start_support(_config(zca=True, init="file", init_file=str(source)), zca_digits)
+    with pytest.raises(KernelDistillError, match="sha256"):
+        kip.warm_start_support(_config(init="file", init_file=str(source), init_sha256="0" * 64), digits)
+    with pytest.raises(KernelDistillError, match="init_file"):
+        _config(init="file")
+
+
+def test_cli_init_from_conflicts_with_init(tmp_path, capsys):
+    code = main(["kip", "--dataset", "digits", "--init", "noise", "--init-from", str(tmp_path / "x.npz"),
+                 "--out", str(tmp_path / "run"), "--no-progress"])
+    assert code == 2
+    assert "--init and --init-from" in capsys.readouterr().err

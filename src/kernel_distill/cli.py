@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "each step, drawn from the run's key)")
     p.add_argument("--init", choices=("real", "noise"), default=None,
                    help="support initialisation: random real training images (default) or Gaussian noise")
+    p.add_argument("--init-from", default=None, metavar="FILE",
+                   help="start from this distilled set's images and labels (.npz or zoo:NAME) and go on distilling "
+                        "it; same dataset, images per class and preprocessing as this run")
     p.add_argument("--target-batch", type=int, default=None,
                    help="class-balanced target images per step (default 5000, capped by the smallest class)")
     p.add_argument("--lr", type=POSITIVE, default=None, help="Adam learning rate (default 0.01)")
@@ -772,6 +775,15 @@ def _kip_config_from_args(args, base=None):
                      float64=True if args.float64 else None,
                      rf_fixed_networks=True if args.rf_fixed_networks else None)
     base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.init_from is not None:
+        from kernel_distill.kip import file_sha256
+
+        if args.init is not None:
+            raise KernelDistillError("--init and --init-from are alternatives: give one")
+        init_file = str(pathlib.Path(_distilled_path(args.init_from, args)).resolve())
+        if not pathlib.Path(init_file).is_file():
+            raise KernelDistillError(f"--init-from: {args.init_from}: no such file")
+        base.update(init="file", init_file=init_file, init_sha256=file_sha256(init_file))
     kernel_options = (args.kernel, args.depth, args.W_std, args.b_std, args.rf_models, args.rf_width, args.rf_seed)
     if any(v is not None for v in kernel_options):
         spec = _spec_from_args(args, base["kernel"])

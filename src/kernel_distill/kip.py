@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -56,7 +57,9 @@ class KipConfig:
       per_class: support images per class.
       kernel: the infinite network; ``get``: ``"ntk"`` or ``"nngp"``.
       learn_labels: also optimise the support labels.
-      init: ``"real"`` (class-balanced random training images) or ``"noise"`` (standard normal).
+      init: ``"real"`` (class-balanced random training images), ``"noise"`` (standard normal) or ``"file"``
+        (the images and labels of the distilled set ``init_file``, to continue distilling it: a warm start).
+      init_file, init_sha256: with ``init="file"``, the distilled-set file and its sha256 (checked when read).
       target_batch_size: target points per step, drawn class-balanced (rounded down to a multiple of the
         number of classes); ``None``: 5,000, or the whole class-balanced training set if smaller.
       learning_rate: Adam step size. reg: KRR regulariser relative to ``trace(K_ss)/n``.
@@ -82,6 +85,8 @@ class KipConfig:
     get: str = "ntk"
     learn_labels: bool = False
     init: str = "real"
+    init_file: str | None = None
+    init_sha256: str | None = None
     target_batch_size: int | None = None
     learning_rate: float = 0.01
     reg: float = DEFAULT_REG
@@ -128,8 +133,14 @@ class KipConfig:
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise KernelDistillError(f"{name} must be a positive integer, got {value!r}")
-        if self.init not in ("real", "noise"):
-            raise KernelDistillError(f"init must be 'real' or 'noise', got {self.init!r}")
+        if self.init not in ("real", "noise", "file"):
+            raise KernelDistillError(f"init must be 'real', 'noise' or 'file', got {self.init!r}")
+        if (self.init == "file") != (self.init_file is not None):
+            raise KernelDistillError("init 'file' needs init_file (the distilled set to start from), and init_file "
+                                     "needs init 'file'")
+        for name in ("init_file", "init_sha256"):
+            if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
+                raise KernelDistillError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.get not in ("ntk", "nngp"):
             raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {self.get!r}")
         if self.kernel.random_features is not None and self.get != "nngp":
@@ -197,7 +208,8 @@ CONFIG_FLAGS = {"target_batch_size": "--target-batch", "learning_rate": "--lr", 
                 "kernel.depth": "--depth", "kernel.W_std": "--W-std", "kernel.b_std": "--b-std",
                 "kernel.parameterization": "--kernel", "kernel.random_features": "--kernel",
                 "kernel.random_features.models": "--rf-models", "kernel.random_features.width": "--rf-width",
-                "kernel.random_features.seed": "--rf-seed"}
+                "kernel.random_features.seed": "--rf-seed", "init_file": "--init-from",
+                "init_sha256": "--init-from"}
 
 
 def config_flag(name: str) -> str:
@@ -438,16 +450,66 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
 
     key = jax.random.PRNGKey(config.seed)
     key, init_key = jax.random.split(key)
-    idx = class_balanced_indices(data.y_train, config.per_class, data.num_classes, init_key)
-    labels = centered_one_hot(data.y_train[idx], data.num_classes).astype(config.dtype)
-    if config.init == "real":
-        images = data.x_train[idx].astype(config.dtype)
+    if config.init == "file":
+        images, labels = warm_start_support(config, data)
     else:
-        images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), config.dtype)
+        idx = class_balanced_indices(data.y_train, config.per_class, data.num_classes, init_key)
+        labels = centered_one_hot(data.y_train[idx], data.num_classes).astype(config.dtype)
+        if config.init == "real":
+            images = data.x_train[idx].astype(config.dtype)
+        else:
+            images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), config.dtype)
     opt_state = optimizer.init(_params(jnp.asarray(images), jnp.asarray(labels), config.learn_labels))
     return KipState(step=0, images=images, labels=labels, opt_leaves=[np.asarray(x) for x in
                                                                       jax.tree_util.tree_leaves(opt_state)],
                     key=np.asarray(key), best_images=images.copy(), best_labels=labels.copy())
+
+
+def file_sha256(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels of ``config.init_file``, checked to fit the run: ``(n, H, W, C)``, ``(n, C)``.
+
+    The set must be of the run's dataset, hold ``per_class`` images per class, and have been preprocessed
+    exactly as the run preprocesses (same channel statistics, same ZCA or none: the same validation split
+    and ``--zca`` settings), since its images live in that space. Anything else is refused with one line.
+    """
+    from kernel_distill.io import dataset_of, load_distilled
+
+    source = config.init_file
+    if config.init_sha256 is not None and file_sha256(source) != config.init_sha256:
+        raise KernelDistillError(f"{source}: its sha256 is not the one this run recorded ({config.init_sha256[:12]}...): "
+                                 f"the file changed since the run started")
+    distilled = load_distilled(source)
+    dataset_of(distilled, source, data.name)
+    want = config.per_class * data.num_classes
+    if distilled.images.shape[1:] != data.x_train.shape[1:] or distilled.num_classes != data.num_classes:
+        raise KernelDistillError(f"{source}: images {distilled.images.shape[1:]} with {distilled.num_classes} classes "
+                                 f"do not fit {data.name} ({data.x_train.shape[1:]}, {data.num_classes} classes)")
+    if len(distilled.images) != want:
+        raise KernelDistillError(f"{source} holds {len(distilled.images)} images, not {config.per_class} per class "
+                                 f"({want}): set --per-class {len(distilled.images) / data.num_classes:g}")
+    mine, theirs = data.preprocessor, distilled.preprocessor
+    if theirs is None:
+        raise KernelDistillError(f"{source} does not record its preprocessing (a released KIP file?): its images "
+                                 f"cannot be placed in this run's input space")
+    # The zoo stores large ZCA matrices in float16, hence the looser tolerance for them.
+    same = (np.allclose(mine.mean, theirs.mean, rtol=1e-5, atol=1e-7)
+            and np.allclose(mine.std, theirs.std, rtol=1e-5, atol=1e-7)
+            and mine.uses_zca == theirs.uses_zca
+            and (not mine.uses_zca or (mine.zca_layer_norm == theirs.zca_layer_norm and np.allclose(
+                mine.zca_matrix, theirs.zca_matrix, rtol=1e-2, atol=1e-3 * float(np.abs(mine.zca_matrix).max())))))
+    if not same:
+        raise KernelDistillError(
+            f"{source} was preprocessed differently from this run (channel statistics or ZCA); a warm start needs "
+            f"the same --zca/--zca-reg and --val-size as the run that made it")
+    return distilled.images.astype(config.dtype), distilled.labels.astype(config.dtype)
 
 
 DEFAULT_TARGET_BATCH = 5000
@@ -703,7 +765,8 @@ def write_outputs(config: KipConfig, data: PreparedData, state: KipState, record
     save_distilled(out_dir / "distilled_best.npz",
                    DistilledSet(state.best_images, state.best_labels, data.preprocessor, best_meta))
     viewable = data.preprocessor.to_viewable(state.images)
-    original = np.repeat(np.arange(data.num_classes), config.per_class)  # initial_state draws class by class
+    # initial_state draws class by class; a warm-started support's classes are its labels' (None)
+    original = None if config.init == "file" else np.repeat(np.arange(data.num_classes), config.per_class)
     plots.save_figure(out_dir / "grid.png", plots.image_grid_figure(
         viewable, state.labels, data.num_classes, data.class_names,
         title=f"KIP {data.name}, {config.per_class}/class, step {state.step}", original_classes=original))
