@@ -67,6 +67,23 @@ def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):
     np.testing.assert_allclose(np.asarray(none1[2]), np.asarray(dx2), rtol=1e-12)
 
 
+def test_matrix_vjp_of_one_side_equals_that_side_of_both(x64, rng):
+    """A VJP for x2 alone runs through the transposed matrix; it must equal the x2 part of the two-sided VJP
+    (tiles of 1 x 1 pairs on 2 x 3 images, so both paths run several blocks)."""
+    spec = KernelSpec("convnet", 1)
+    x1, x2 = rng.standard_normal((2, 8, 8, 1)), rng.standard_normal((3, 8, 8, 1))
+    s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
+    ct = rng.standard_normal((2, 3))
+    budget = kernels.bytes_per_pair(spec, (8, 8, 1), 8)
+    both = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (True, True))
+    only2 = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (False, True))
+    only1 = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (True, False))
+    assert only2[0] is None and only2[1] is None and only1[2] is None and only1[3] is None
+    for got, want in [(only2[2], both[2]), (only1[0], both[0])] + list(zip(only2[3], both[3])):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-15)
+    assert kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (False, False)) == (None,) * 4
+
+
 @pytest.mark.parametrize("size", [(7, 6), (8, 8)])
 def test_hand_written_vjps_of_the_band_operators_are_their_adjoints(x64, rng, size):
     """The 3x3 box filter and the 2x2 pool are linear: their VJPs must satisfy <g, A k> = <A^T g, k>

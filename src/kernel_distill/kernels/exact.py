@@ -156,8 +156,8 @@ def _pool_axis_core_fwd(k, pos_axis, off_axis, n_in):
 
 def _pool_axis_core_bwd(pos_axis, off_axis, n_in, _, g):
     """The pool's adjoint written as one interleaving pass: an even input row ``2P`` receives ``g[P, j] / 4``
-    at offsets ``2j + 1`` and ``2j + 2``, an odd row ``2P + 1`` at ``2j`` and ``2j + 1`` (autodiff's four
-    strided scatters cost 1.5x more on a CPU)."""
+    at offsets ``2j + 1`` and ``2j + 2``, an odd row ``2P + 1`` at ``2j`` and ``2j + 1``. With autodiff's four
+    strided scatters instead, the whole 28x28 float64 kernel VJP took 1.5x as long on a CPU."""
     g = g / 4.0
     twice = jnp.repeat(g, 2, axis=off_axis)
     zero = jnp.zeros_like(jax.lax.slice_in_dim(g, 0, 1, axis=off_axis))
