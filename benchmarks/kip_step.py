@@ -109,6 +109,9 @@ def time_steps(args) -> dict:
         jax.block_until_ready(params)
         return (params, opt_state, key), float(loss)
 
+    # the code being timed: read now, as a run of an hour may outlive the commit it started on
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=pathlib.Path(kernel_distill.__file__).parent).stdout.strip()
     start = time.perf_counter()
     state, loss = one_step(state)
     first = time.perf_counter() - start
@@ -120,8 +123,6 @@ def time_steps(args) -> dict:
         state, loss = one_step(state)
         times.append(time.perf_counter() - start)
         print(f"step {i + 2}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=pathlib.Path(kernel_distill.__file__).parent).stdout.strip()
     return dict(seconds=float(np.mean(times)) if times else None, first=first, steps=len(times), loss=loss, load=os.getloadavg()[0],
                 dataset=dataset, per_class=per_class, support=per_class * num_classes, targets=target_batch,
                 code=str(pathlib.Path(kernel_distill.__file__).parent), commit=commit)

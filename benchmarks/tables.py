@@ -249,7 +249,7 @@ def render_kip_step() -> str:
     for r in records:
         c, m = r["config"], r["metrics"]
         rows.append([c["case"], c["label"], c["architecture"], c["support"], c["target_batch"],
-                     "-" if m["seconds_per_step"] is None else f"{m['seconds_per_step']:.3g}",
+                     "-" if m["seconds_per_step"] is None else f"{m['seconds_per_step']:.4g}",
                      f"{m['first_step_seconds']:.1f}", m["steps_timed"],
                      f"{m['load_average']:.1f}", (c.get("code_commit") or "?")[:7], machine(r), source(r)])
     return table(["case", "code", "kernel", "support", "targets", "s / step", "first step s (compile)",
