@@ -14,6 +14,7 @@ from kernel_distill.io import load_distilled
 from kernel_distill.kernels import KernelSpec
 from kernel_distill.kip import KipConfig, load_checkpoint, run_kip
 from kernel_distill.data import prepare_dataset
+from kernel_distill.zoo import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_a_warm_start_continues_from_a_distilled_set(tmp_path, digits):
     """--init-from: step 0 of the new run is the given set (same accuracy), and it goes on learning."""
     first = run_kip(_config(steps=10), digits, tmp_path / "first", progress=False)
     source = tmp_path / "first" / "distilled.npz"
-    config = _config(steps=10, init="file", init_file=str(source), init_sha256=kip.file_sha256(source), seed=1)
+    config = _config(steps=10, init="file", init_file=str(source), init_sha256=file_sha256(source), seed=1)
     run_kip(config, digits, tmp_path / "warm", progress=False)
     records = [json.loads(line) for line in (tmp_path / "warm" / "metrics.jsonl").read_text().splitlines()]
     step0 = next(r for r in records if r["step"] == 0 and "test_accuracy" in r)

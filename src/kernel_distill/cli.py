@@ -776,7 +776,7 @@ def _kip_config_from_args(args, base=None):
                      rf_fixed_networks=True if args.rf_fixed_networks else None)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.init_from is not None:
-        from kernel_distill.kip import file_sha256
+        from kernel_distill.zoo import file_sha256
 
         if args.init is not None:
             raise KernelDistillError("--init and --init-from are alternatives: give one")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -465,14 +464,6 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
                     key=np.asarray(key), best_images=images.copy(), best_labels=labels.copy())
 
 
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
     """The images and labels of ``config.init_file``, checked to fit the run: ``(n, H, W, C)``, ``(n, C)``.
 
@@ -481,6 +472,7 @@ def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarra
     and ``--zca`` settings), since its images live in that space. Anything else is refused with one line.
     """
     from kernel_distill.io import dataset_of, load_distilled
+    from kernel_distill.zoo import file_sha256
 
     source = config.init_file
     if config.init_sha256 is not None and file_sha256(source) != config.init_sha256:
