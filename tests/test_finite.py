@@ -13,7 +13,8 @@ from kernel_distill.cli import main
 from kernel_distill.results import read_results
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.experiments import transfer_support, tuning_candidates
-from kernel_distill.finite import TrainConfig, augment_batch, build_model, count_parameters, train
+from kernel_distill.finite import (DSA_TRANSFORMS, TrainConfig, affine_resample, augment_batch, build_model,
+                                  count_parameters, train)
 from kernel_distill.data import load_dataset, prepare_dataset, validation_split
 from kernel_distill.preprocess import centered_one_hot
 
@@ -57,6 +58,58 @@ def test_training_on_ten_images_per_class_beats_chance_on_held_out_digits(digits
     assert result["test_accuracy"] > 0.5  # chance is 0.1
     assert [step for step, _ in result["curve"]] == [100, 200]
     assert 0 < result["eval_seconds"] < result["seconds"]
+
+
+def test_affine_resample_matches_numpy_for_identity_and_quarter_turn(rng):
+    x = rng.normal(size=(3, 7, 7, 2)).astype(np.float32)
+    identity = np.tile(np.eye(2, dtype=np.float32), (3, 1, 1))
+    np.testing.assert_allclose(affine_resample(jnp.asarray(x), jnp.asarray(identity)), x, atol=1e-4)
+    # output (x, y) reads input (y, -x): a clockwise quarter turn of the (row, column) array
+    quarter = np.tile(np.array([[0.0, 1.0], [-1.0, 0.0]], np.float32), (3, 1, 1))
+    np.testing.assert_allclose(affine_resample(jnp.asarray(x), jnp.asarray(quarter)), np.rot90(x, -1, axes=(1, 2)),
+                               atol=1e-4)
+
+
+def test_dsa_transforms_do_what_dsa_does(rng):
+    x = rng.normal(size=(16, 9, 9, 1)).astype(np.float32)
+    key = jax.random.PRNGKey(3)
+    flipped = np.asarray(DSA_TRANSFORMS["flip"](jnp.asarray(x), key))
+    mirrored = [np.array_equal(f, m[:, ::-1]) for f, m in zip(flipped, x)]
+    assert all(np.array_equal(f, m) or mi for f, m, mi in zip(flipped, x, mirrored)) and 0 < sum(mirrored) < 16
+    cut = np.asarray(DSA_TRANSFORMS["cutout"](jnp.asarray(x), key))
+    for image, original in zip(cut, x):  # one zeroed square of side 5 (half of 9, rounded), clipped at the edges
+        rows, cols = np.nonzero(image[..., 0] != original[..., 0])
+        assert np.all(image[rows, cols] == 0) and np.ptp(rows) < 5 and np.ptp(cols) < 5
+    assert sum(np.count_nonzero(c != o) for c, o in zip(cut, x)) > 16 * 5  # most squares lie mostly inside
+    # one channel: saturation does nothing, so colour is x -> slope * (x - mean) + mean + shift per image,
+    # slope (contrast) in [0.5, 1.5) and shift (brightness) in [-0.5, 0.5)
+    colour = np.asarray(DSA_TRANSFORMS["color"](jnp.asarray(x), key))
+    for image, original in zip(colour, x):
+        slope, intercept = np.polyfit(original.ravel(), image.ravel(), 1)
+        np.testing.assert_allclose(slope * original + intercept, image, atol=1e-5)
+        assert 0.5 <= slope < 1.5 and -0.5 <= image.mean() - original.mean() < 0.5
+    for name in ("scale", "rotate"):  # about the centre: the centre pixel of an odd-sized image stays
+        moved = np.asarray(DSA_TRANSFORMS[name](jnp.asarray(x), key))
+        np.testing.assert_allclose(moved[:, 4, 4], x[:, 4, 4], atol=1e-5)
+        assert not np.allclose(moved, x, atol=1e-3)
+
+
+def test_dsa_augmentation_applies_one_transform_per_batch_and_trains(digits, rng):
+    x = jnp.asarray(rng.normal(size=(8, 12, 12, 3)).astype(np.float32))
+    chosen = set()
+    for seed in range(24):
+        key = jax.random.PRNGKey(seed)
+        out = np.asarray(augment_batch(x, key, "dsa"))
+        _, parameter_key = jax.random.split(key)
+        names = [n for n, fn in DSA_TRANSFORMS.items() if np.allclose(fn(x, parameter_key), out, atol=1e-5)]
+        assert len(names) >= 1 and out.shape == x.shape and out.dtype == np.float32
+        chosen.add(names[0])
+    assert len(chosen) >= 4
+    idx = np.concatenate([np.flatnonzero(digits.y_train == c)[:10] for c in range(10)])
+    result = train(build_model("fc", 10, 64), digits.x_train[idx], centered_one_hot(digits.y_train[idx], 10),
+                   digits.x_test, digits.y_test, TrainConfig(steps=100, eval_every=100, augment="dsa"),
+                   jax.random.PRNGKey(0), progress=False)
+    assert result["test_accuracy"] > 0.3  # chance is 0.1
 
 
 def test_cli_transfer(tmp_path, capsys):

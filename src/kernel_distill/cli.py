@@ -227,9 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--augment", choices=("none", "crop", "flip-crop"), default="none",
+    p.add_argument("--augment", choices=("none", "crop", "flip-crop", "dsa"), default="none",
                    help="random translations of up to 4 pixels (crop), and left-right flips (flip-crop, for "
-                        "natural images) of each batch")
+                        "natural images) of each batch; or DSA's evaluation augmentation (dsa: per batch one "
+                        "of colour, crop, cutout, flip, scale, rotation)")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--val-size", type=int, default=None,
                    help="class-balanced training images held out as a validation split (the one kip holds "

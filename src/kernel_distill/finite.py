@@ -11,9 +11,9 @@ Models:
 Training: full-batch (distilled sets are small) SGD with momentum 0.9 and a cosine schedule, or Adam;
 L2 weight decay coupled to the gradient (``weight_decay * params`` is added to the gradient before
 momentum or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly
-learned, dense) labels or cross-entropy on their argmax. Optional augmentation of each batch (random
-translations of up to 4 pixels, and horizontal flips for natural images), the DSA-style protocol the field
-evaluates distilled sets with. :func:`train` can also score a validation split, which
+learned, dense) labels or cross-entropy on their argmax. Optional augmentation of each batch: random
+translations of up to 4 pixels and horizontal flips for natural images, or DSA's (colour, crop, cutout,
+flip, scale, rotation), with which the field evaluates distilled sets. :func:`train` can also score a validation split, which
 :func:`kernel_distill.experiments.tune_transfer` uses to choose the protocol without the test set.
 """
 
@@ -35,8 +35,98 @@ from kernel_distill.kernels import spec as spec_layers
 
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 _DEFAULT_WIDTHS = {"convnet": 128, "convnet3": 128, "fc": 1024}
-AUGMENTATIONS = ("none", "crop", "flip-crop")
+AUGMENTATIONS = ("none", "crop", "flip-crop", "dsa")
 MAX_SHIFT = 4  # pixels: the "pad 4 and crop" translation of CIFAR training (DSA's crop is similar)
+# Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021), the parameters of its reference code
+# (ParamDiffAug), which MTT, FRePo and later dataset-distillation papers evaluate their sets with.
+DSA_SCALE = 1.2  # each axis scaled by a factor in [1/1.2, 1.2]
+DSA_ROTATE_DEGREES = 15.0
+DSA_CROP_RATIO = 0.125  # translation of up to 0.125 of the side (4 pixels at 28 and 32)
+DSA_CUTOUT_RATIO = 0.5  # a zeroed square of half the side
+DSA_BRIGHTNESS, DSA_SATURATION, DSA_CONTRAST = 1.0, 2.0, 0.5
+
+
+def _translate(images, key, max_shift: int):
+    """Each image shifted by an independent integer offset in ``[-max_shift, max_shift]`` per axis, 0 fill."""
+    n, h, w, c = images.shape
+    shifts = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
+    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)))
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, c))
+
+    return jax.vmap(crop)(padded, shifts)
+
+
+def _mirror(images, key):
+    flip = jax.random.bernoulli(key, 0.5, (images.shape[0], 1, 1, 1))
+    return jnp.where(flip, images[:, :, ::-1, :], images)
+
+
+def affine_resample(images, matrices):
+    """Resample ``(n, H, W, C)`` images through per-image 2x2 ``matrices`` ``(n, 2, 2)``; same shape.
+
+    Output pixel at normalised coordinates ``p = (x, y)`` in ``[-1, 1]^2`` (corner pixel centres at +-1)
+    reads the input at ``matrix @ p``, bilinearly, 0 outside: PyTorch's ``affine_grid`` + ``grid_sample``
+    with ``align_corners=True``, as DSA's scale and rotation use them.
+    """
+    n, h, w, c = images.shape
+    ys, xs = jnp.meshgrid(jnp.linspace(-1.0, 1.0, h), jnp.linspace(-1.0, 1.0, w), indexing="ij")
+    grid = jnp.stack([xs.ravel(), ys.ravel()]).astype(images.dtype)  # (2, H*W), rows x then y
+
+    def one(image, matrix):
+        source = matrix @ grid
+        coords = [(source[1] + 1) / 2 * (h - 1), (source[0] + 1) / 2 * (w - 1)]  # row, column
+
+        def channel(plane):
+            return jax.scipy.ndimage.map_coordinates(plane, coords, order=1, mode="constant", cval=0.0)
+
+        return jax.vmap(channel, in_axes=2, out_axes=1)(image).reshape(h, w, c)
+
+    return jax.vmap(one)(images, matrices.astype(images.dtype))
+
+
+def _dsa_color(images, key):
+    n = images.shape[0]
+    k1, k2, k3 = jax.random.split(key, 3)
+    out = images + (jax.random.uniform(k1, (n, 1, 1, 1)) - 0.5) * DSA_BRIGHTNESS
+    mean = out.mean(axis=3, keepdims=True)
+    out = (out - mean) * (jax.random.uniform(k2, (n, 1, 1, 1)) * DSA_SATURATION) + mean
+    mean = out.mean(axis=(1, 2, 3), keepdims=True)
+    return (out - mean) * (jax.random.uniform(k3, (n, 1, 1, 1)) + DSA_CONTRAST) + mean
+
+
+def _dsa_crop(images, key):
+    return _translate(images, key, int(images.shape[1] * DSA_CROP_RATIO + 0.5))
+
+
+def _dsa_cutout(images, key):
+    n, h, w, _ = images.shape
+    size = int(h * DSA_CUTOUT_RATIO + 0.5)
+    ky, kx = jax.random.split(key)
+    top = jax.random.randint(ky, (n, 1, 1, 1), 0, h + (1 - size % 2)) - size // 2
+    left = jax.random.randint(kx, (n, 1, 1, 1), 0, w + (1 - size % 2)) - size // 2
+    rows = jnp.arange(h)[None, :, None, None]
+    cols = jnp.arange(w)[None, None, :, None]
+    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    return jnp.where(inside, jnp.zeros_like(images), images)
+
+
+def _dsa_scale(images, key):
+    n = images.shape[0]
+    factors = jax.random.uniform(key, (n, 2)) * (DSA_SCALE - 1 / DSA_SCALE) + 1 / DSA_SCALE
+    return affine_resample(images, jax.vmap(jnp.diag)(factors))
+
+
+def _dsa_rotate(images, key):
+    angle = (jax.random.uniform(key, (images.shape[0],)) - 0.5) * 2 * DSA_ROTATE_DEGREES / 180 * math.pi
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    return affine_resample(images, jnp.stack([jnp.stack([cos, sin], -1), jnp.stack([-sin, cos], -1)], -2))
+
+
+# DSA's evaluation mode ("S"): one of these per batch, chosen at random, with per-image parameters
+DSA_TRANSFORMS = {"color": _dsa_color, "crop": _dsa_crop, "cutout": _dsa_cutout, "flip": _mirror,
+                  "scale": _dsa_scale, "rotate": _dsa_rotate}
 
 
 def augment_batch(images, key, kind: str):
@@ -44,22 +134,20 @@ def augment_batch(images, key, kind: str):
 
     ``"none"``: unchanged. ``"crop"``: each image translated by an independent integer offset in
     ``[-4, 4]`` per axis, the uncovered border filled with 0 (the preprocessed mean). ``"flip-crop"``: also
-    mirrored left-right with probability 1/2 (for natural images; not for digits).
+    mirrored left-right with probability 1/2 (for natural images; not for digits). ``"dsa"``: DSA's
+    evaluation augmentation: per batch one of :data:`DSA_TRANSFORMS` (colour: brightness, saturation and
+    contrast; crop; cutout; flip; scale; rotation), each image with its own parameters.
     """
     if kind == "none":
         return images
-    n, h, w, _ = images.shape
+    if kind == "dsa":
+        choice_key, parameter_key = jax.random.split(key)
+        branches = [lambda x, fn=fn: fn(x, parameter_key).astype(x.dtype) for fn in DSA_TRANSFORMS.values()]
+        return jax.lax.switch(jax.random.randint(choice_key, (), 0, len(branches)), branches, images)
     shift_key, flip_key = jax.random.split(key)
-    shifts = jax.random.randint(shift_key, (n, 2), 0, 2 * MAX_SHIFT + 1)
-    padded = jnp.pad(images, ((0, 0), (MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT), (0, 0)))
-
-    def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
-
-    out = jax.vmap(crop)(padded, shifts)
+    out = _translate(images, shift_key, MAX_SHIFT)
     if kind == "flip-crop":
-        flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
-        out = jnp.where(flip, out[:, :, ::-1, :], out)
+        out = _mirror(out, flip_key)
     return out
 
 
