@@ -77,10 +77,14 @@ def test_dsa_transforms_do_what_dsa_does(rng):
     mirrored = [np.array_equal(f, m[:, ::-1]) for f, m in zip(flipped, x)]
     assert all(np.array_equal(f, m) or mi for f, m, mi in zip(flipped, x, mirrored)) and 0 < sum(mirrored) < 16
     cut = np.asarray(DSA_TRANSFORMS["cutout"](jnp.asarray(x), key))
-    for image, original in zip(cut, x):  # one zeroed square of side 5 (half of 9, rounded), clipped at the edges
+    for image, original in zip(cut, x):  # one zeroed 5 x 5 square (half of 9, rounded), clipped at the edges
         rows, cols = np.nonzero(image[..., 0] != original[..., 0])
         assert np.all(image[rows, cols] == 0) and np.ptp(rows) < 5 and np.ptp(cols) < 5
     assert sum(np.count_nonzero(c != o) for c, o in zip(cut, x)) > 16 * 5  # most squares lie mostly inside
+    wide = rng.normal(size=(16, 8, 12, 1)).astype(np.float32)  # not square: a 4 x 6 rectangle, as DSA cuts
+    extents = [(np.ptp(r), np.ptp(c)) for r, c in (np.nonzero(a[..., 0] != b[..., 0]) for a, b in
+               zip(np.asarray(DSA_TRANSFORMS["cutout"](jnp.asarray(wide), key)), wide))]
+    assert max(e[0] for e in extents) == 3 and max(e[1] for e in extents) == 5
     # one channel: saturation does nothing, so colour is x -> slope * (x - mean) + mean + shift per image,
     # slope (contrast) in [0.5, 1.5) and shift (brightness) in [-0.5, 0.5)
     colour = np.asarray(DSA_TRANSFORMS["color"](jnp.asarray(x), key))
@@ -92,6 +96,16 @@ def test_dsa_transforms_do_what_dsa_does(rng):
         moved = np.asarray(DSA_TRANSFORMS[name](jnp.asarray(x), key))
         np.testing.assert_allclose(moved[:, 4, 4], x[:, 4, 4], atol=1e-5)
         assert not np.allclose(moved, x, atol=1e-3)
+
+
+def test_cli_transfer_choices_are_the_library_s():
+    """The CLI spells its choices out (it imports no JAX to parse): they must not drift from finite's."""
+    from kernel_distill import finite
+    from kernel_distill.cli import build_parser
+
+    transfer = build_parser()._subparsers._group_actions[0].choices["transfer"]
+    choices = {a.dest: tuple(a.choices) for a in transfer._actions if a.choices}
+    assert choices["augment"] == finite.AUGMENTATIONS and choices["model"] == finite.MODELS
 
 
 def test_dsa_augmentation_applies_one_transform_per_batch_and_trains(digits, rng):

@@ -13,8 +13,9 @@ L2 weight decay coupled to the gradient (``weight_decay * params`` is added to t
 momentum or Adam, like PyTorch's ``weight_decay``; not AdamW's decoupled decay); MSE on the (possibly
 learned, dense) labels or cross-entropy on their argmax. Optional augmentation of each batch: random
 translations of up to 4 pixels and horizontal flips for natural images, or DSA's (colour, crop, cutout,
-flip, scale, rotation), with which the field evaluates distilled sets. :func:`train` can also score a validation split, which
-:func:`kernel_distill.experiments.tune_transfer` uses to choose the protocol without the test set.
+flip, scale, rotation), with which the field evaluates distilled sets. :func:`train` can also score a
+validation split, which :func:`kernel_distill.experiments.tune_transfer` uses to choose the protocol
+without the test set.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ MAX_SHIFT = 4  # pixels: the "pad 4 and crop" translation of CIFAR training (DSA
 DSA_SCALE = 1.2  # each axis scaled by a factor in [1/1.2, 1.2]
 DSA_ROTATE_DEGREES = 15.0
 DSA_CROP_RATIO = 0.125  # translation of up to 0.125 of the side (4 pixels at 28 and 32)
-DSA_CUTOUT_RATIO = 0.5  # a zeroed square of half the side
+DSA_CUTOUT_RATIO = 0.5  # a zeroed rectangle of half the height and half the width
 DSA_BRIGHTNESS, DSA_SATURATION, DSA_CONTRAST = 1.0, 2.0, 0.5
 
 
@@ -102,13 +103,13 @@ def _dsa_crop(images, key):
 
 def _dsa_cutout(images, key):
     n, h, w, _ = images.shape
-    size = int(h * DSA_CUTOUT_RATIO + 0.5)
+    height, width = int(h * DSA_CUTOUT_RATIO + 0.5), int(w * DSA_CUTOUT_RATIO + 0.5)
     ky, kx = jax.random.split(key)
-    top = jax.random.randint(ky, (n, 1, 1, 1), 0, h + (1 - size % 2)) - size // 2
-    left = jax.random.randint(kx, (n, 1, 1, 1), 0, w + (1 - size % 2)) - size // 2
+    top = jax.random.randint(ky, (n, 1, 1, 1), 0, h + (1 - height % 2)) - height // 2
+    left = jax.random.randint(kx, (n, 1, 1, 1), 0, w + (1 - width % 2)) - width // 2
     rows = jnp.arange(h)[None, :, None, None]
     cols = jnp.arange(w)[None, None, :, None]
-    inside = (rows >= top) & (rows < top + size) & (cols >= left) & (cols < left + size)
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
     return jnp.where(inside, jnp.zeros_like(images), images)
 
 
