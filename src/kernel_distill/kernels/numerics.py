@@ -86,10 +86,14 @@ def _asin_small(a):
     ``atan2`` was 60% of the ConvNet kernel's time on a CPU)."""
     degree = 18 if jnp.result_type(a) == jnp.float64 else 8
     u = a * a
-    acc = 0.0
-    for c in reversed(_asin_correction_coefficients(degree)):
-        acc = acc * u + c
-    return a + a * u * acc
+    # Estrin's scheme: pairs of terms, then pairs of pairs, with u, u^2, u^4, ...: a dependency chain of
+    # log2(degree) multiply-adds instead of Horner's ``degree``, so the CPU overlaps more of them.
+    terms, power = list(_asin_correction_coefficients(degree)), u
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] * power if i + 1 < len(terms) else terms[i]
+                 for i in range(0, len(terms), 2)]
+        power = power * power
+    return a + a * u * terms[0]
 
 
 @jax.custom_jvp
