@@ -39,7 +39,8 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     parser.add_argument("--pairs", default="8,16", help="n1,n2 images (default 8,16, as kernel_throughput)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS, metavar="VARIANT",
+                        help="a subset of (quote each): " + "; ".join(VARIANTS))
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
 
@@ -89,10 +90,7 @@ def main():
     }
     variants = [(name, forward, patch) for name, patch in replacements.items()]
     variants += [("VJP x1", lambda: vjp(1), {}), ("VJP x2", lambda: vjp(2), {})]
-    wanted = args.variants.split(",")
-    unknown = sorted(set(wanted) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {VARIANTS}")
+    wanted = args.variants
     variants = [v for v in variants if v[0] in wanted]
     # entries of every band state one pair passes through (summed over the layers' plans)
     band_entries = sum(h * w * (2 * rh + 1) * (2 * rw + 1)

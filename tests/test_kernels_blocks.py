@@ -106,6 +106,18 @@ def test_hand_written_vjps_of_the_band_operators_are_their_adjoints(x64, rng, si
                                    err_msg=name)
 
 
+@pytest.mark.parametrize("implementation", ["_box3_conv", "_box3_slices"])
+def test_both_box_filters_equal_a_numpy_3x3_average(x64, rng, implementation):
+    """The CPU's convolution and the accelerators' nine slices: each against loops over a zero-padded copy."""
+    from kernel_distill.kernels import exact
+
+    k = rng.standard_normal((2, 3, 5, 7, 6))
+    padded = np.pad(k, [(0, 0)] * 3 + [(1, 1), (1, 1)])
+    want = sum(padded[..., i:i + 7, j:j + 6] for i in range(3) for j in range(3)) / 9.0
+    got = jax.jit(getattr(exact, implementation))(jnp.asarray(k))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-13, atol=1e-15)
+
+
 def test_band_radii_follow_the_pools():
     """Offsets |d| <= 7 at full resolution, 3 after the first pool, 1 after the second, 0 at the readout."""
     plan = kernels.layer_plan(KernelSpec("convnet", 3).layers, 32, 32)

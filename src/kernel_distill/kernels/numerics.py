@@ -96,27 +96,6 @@ def _asin_small(a):
     return a + a * u * terms[0]
 
 
-@jax.custom_jvp
-def stored_once(x):
-    """``x`` for ``x >= 0`` (exactly, for ``x >= sqrt(tiny)``; smaller values become ``sqrt(tiny)``), computed
-    once and stored, where XLA would recompute it in every consumer.
-
-    XLA's CPU compiler copies cheap elementwise producers into each of their consumer loops and strips
-    ``lax.optimization_barrier`` before fusing, so the ReLU's angle (an 18-term polynomial) was evaluated
-    seven times per band entry for the two the maths needs. A square root counts as expensive, so XLA
-    evaluates its operand once and stores the result. ``sqrt(fl(x * x)) == x`` exactly in binary floating
-    point with round-to-nearest (no overflow or underflow); the ``max`` keeps the argument normal and stops
-    the simplifier from folding ``sqrt(x * x)`` to ``|x|``. The derivative is the identity's.
-    """
-    tiny = jnp.finfo(jnp.result_type(x)).tiny
-    return jnp.sqrt(jnp.maximum(x * x, tiny))
-
-
-@stored_once.defjvp
-def _stored_once_jvp(primals, tangents):
-    return stored_once(primals[0]), tangents[0]
-
-
 def std_and_inverse(variance):
     """``(sqrt(v), 1 / sqrt(v))`` per position, both 0 where ``v`` is 0 (a zero-padded or dead position)."""
     tiny = jnp.finfo(jnp.result_type(variance)).tiny
@@ -125,7 +104,7 @@ def std_and_inverse(variance):
     return jnp.where(alive, std, 0.0), jnp.where(alive, 1.0 / std, 0.0)
 
 
-def relu_kernels(cov, std1, inv1, std2, inv2, ntk, store_angle: bool = False):
+def relu_kernels(cov, std1, inv1, std2, inv2, ntk):
     """Arc-cosine kernel of order 1 (ReLU) and its derivative kernel.
 
     Args:
@@ -133,9 +112,6 @@ def relu_kernels(cov, std1, inv1, std2, inv2, ntk, store_angle: bool = False):
       std1, inv1, std2, inv2: their standard deviations and inverses (:func:`std_and_inverse`),
         broadcastable to ``cov``; zero (a zero-padded position) gives a zero kernel.
       ntk: NTK entering the ReLU (same shape as ``cov``) or ``None``.
-      store_angle: compute ``(pi - theta) / (2 pi)`` once and store it (:func:`stored_once`) instead of
-        letting the compiler recompute it in every consumer: 1.9x faster for the float64 ConvNet kernel on a
-        CPU; on a GPU, where the kernel is bound by memory traffic, recomputing is cheaper than storing.
     Returns:
       ``(nngp, ntk)`` after the ReLU; ``ntk`` is ``None`` when the input was.
 
@@ -152,8 +128,6 @@ def relu_kernels(cov, std1, inv1, std2, inv2, ntk, store_angle: bool = False):
                       jnp.where(rho > 0, alpha, jnp.pi - alpha))
     # Multiplications by 1 / (2 pi), not divisions: a vector division costs as much as 20 multiply-adds.
     dot_sigma = (jnp.pi - theta) * _INV_TWO_PI
-    if store_angle:
-        dot_sigma = stored_once(dot_sigma)
     nngp = (std1 * std2) * s * _INV_TWO_PI + dot_sigma * cov
     return nngp, (None if ntk is None else ntk * dot_sigma)
 
