@@ -125,9 +125,9 @@ def _box3(k):
     filter (the input band, the ReLU's outputs) is computed once and stored. Written as nine slices of a
     padded copy, XLA folds the centre slice back into the unpadded producer and recomputes that producer in
     every consumer loop: the ReLU's asin polynomial seven times per band entry for the two the maths needs,
-    and a 3-channel input band re-read from memory six times per pair. The convolution made the kernel 2.2x
-    faster in float64 and 3.8x in float32 (32x32x3, CPU). Accelerators keep the slices, fused into one
-    pass with their producers, which is what the H100 tables measured.
+    and a 3-channel input band re-read from memory six times per pair. With the convolution the CPU kernel
+    runs 2-4x faster (docs/KERNELS.md). Accelerators keep the slices, fused into one pass with their
+    producers: that is what the H100 tables measured.
 
     The filter is its own adjoint (a symmetric stencil with zero padding), so its VJP is the same operation
     on the cotangent.
