@@ -125,8 +125,8 @@ def _box3(k):
     filter (the input band, the ReLU's outputs) is computed once and stored. Written as nine slices of a
     padded copy, XLA folds the centre slice back into the unpadded producer and recomputes that producer in
     every consumer loop: the ReLU's asin polynomial seven times per band entry for the two the maths needs,
-    and a 3-channel input band re-read from memory six times per pair. With the convolution the CPU kernel
-    runs 2-4x faster (docs/KERNELS.md). Accelerators keep the slices, fused into one pass with their
+    and a 3-channel input band re-read from memory six times per pair. The convolution runs the CPU kernel
+    2.7-9.1x faster (docs/KERNELS.md). Accelerators keep the slices, fused into one pass with their
     producers: that is what the H100 tables measured.
 
     The filter is its own adjoint (a symmetric stencil with zero padding), so its VJP is the same operation
