@@ -83,7 +83,7 @@ def main():
 
     replacements = {
         "forward": {},
-        "forward, ReLU -> scale": {"relu_kernels": lambda c, s1, i1, s2, i2, ntk, **_: (
+        "forward, ReLU -> scale": {"relu_kernels": lambda c, s1, i1, s2, i2, ntk: (
             c * 0.5, None if ntk is None else ntk * 0.5)},
         "forward, box filter -> identity": {"_box3": lambda k: k},
         "forward, pool -> slice": {"_pool": pool_slice},
