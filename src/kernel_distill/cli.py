@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-batch", type=int, default=None,
                    help="class-balanced target images per step (default 5000, capped by the smallest class)")
     p.add_argument("--lr", type=POSITIVE, default=None, help="Adam learning rate (default 0.01)")
+    p.add_argument("--loss", choices=("mse", "platt"), default=None,
+                   help="KIP objective: mse (KIP's squared error, default) or platt (RFAD's cross-entropy of the KRR "
+                        "predictions times a learned scale)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="total steps (default 1000; with --resume: new total)")
     p.add_argument("--eval-every", type=int, default=None,
@@ -774,7 +777,7 @@ def _kip_config_from_args(args, base=None):
                      checkpoint_every=args.checkpoint_every, get=args.get, test_limit=args.test_limit,
                      memory_budget_mb=budget, select_on=args.select_on, val_size=args.val_size,
                      float64=True if args.float64 else None,
-                     rf_fixed_networks=True if args.rf_fixed_networks else None)
+                     rf_fixed_networks=True if args.rf_fixed_networks else None, loss=args.loss)
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.init_from is not None:
         from kernel_distill.zoo import file_sha256

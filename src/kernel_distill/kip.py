@@ -5,7 +5,9 @@ one Adam step on the support images (and, with ``learn_labels``, the support lab
 
     loss = 0.5 * mean((K_ts (K_ss + reg * tr(K_ss)/n I)^-1 y_s - y_t)^2)
 
-(Nguyen, Chen & Lee, ICLR 2021; Nguyen, Novak, Xiao & Lee, NeurIPS 2021). The target batches come from
+(Nguyen, Chen & Lee, ICLR 2021; Nguyen, Novak, Xiao & Lee, NeurIPS 2021), or with ``loss="platt"`` RFAD's
+cross-entropy of the predictions scaled by a learned ``exp(log_scale)`` (Loo et al., NeurIPS 2022; see
+:func:`kernel_distill.krr.krr_platt_loss`). The target batches come from
 the training split *minus* a class-balanced validation set. Every ``eval_every`` steps the support is
 scored by KRR on the validation set and on the test set; the support with the best *validation* accuracy
 is kept beside the last one (``select_on="test"`` selects on the test set instead, as the KIP papers did:
@@ -37,7 +39,7 @@ from kernel_distill.io import DistilledSet, atomic_savez, atomic_write_text, sav
 from kernel_distill import kernels
 from kernel_distill.kernels import KernelFn, KernelSpec, make_kernel_fn
 from kernel_distill.kernels import random_features as rf
-from kernel_distill.krr import DEFAULT_REG, evaluate, krr_loss
+from kernel_distill.krr import DEFAULT_REG, KIP_LOSSES, evaluate, kip_loss
 from kernel_distill.data import PreparedData
 from kernel_distill.distributed import LocalBackend
 from kernel_distill.preprocess import centered_one_hot
@@ -76,6 +78,8 @@ class KipConfig:
       float64: run the whole step (kernels, Cholesky, Adam state, support) in float64; float32 otherwise.
       rf_fixed_networks: with a random-feature kernel (``kernel.random_features``), use its fixed evaluation
         networks in every step; by default each step draws fresh networks from the run's key (RFAD).
+      loss: ``"mse"`` (KIP's mean squared error, default) or ``"platt"`` (RFAD's Platt-scaled cross-entropy,
+        with a log scale learned beside the support from 0; local backend only).
     """
 
     dataset: str = "digits"
@@ -102,13 +106,14 @@ class KipConfig:
     val_size: int | None = None
     float64: bool = False
     rf_fixed_networks: bool = False
+    loss: str = "mse"
 
     def __post_init__(self):
         if isinstance(self.kernel, dict):
             object.__setattr__(self, "kernel", KernelSpec.from_dict(self.kernel))
         if not isinstance(self.kernel, KernelSpec):
             raise KernelDistillError(f"kernel must be a KernelSpec or its dict, got {self.kernel!r}")
-        for name in ("dataset", "get", "init"):
+        for name in ("dataset", "get", "init", "loss"):
             if not isinstance(getattr(self, name), str):
                 raise KernelDistillError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("learn_labels", "zca", "rf_fixed_networks"):
@@ -140,6 +145,8 @@ class KipConfig:
         for name in ("init_file", "init_sha256"):
             if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise KernelDistillError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
+        if self.loss not in KIP_LOSSES:
+            raise KernelDistillError(f"loss must be one of {', '.join(KIP_LOSSES)}, got {self.loss!r}")
         if self.get not in ("ntk", "nngp"):
             raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {self.get!r}")
         if self.kernel.random_features is not None and self.get != "nngp":
@@ -232,6 +239,7 @@ class KipState:
     last_accuracy: float | None = None  # test accuracy of the current support
     best_test_accuracy: float | None = None  # test accuracy of the best support
     last_val_accuracy: float | None = None
+    log_scale: float = 0.0  # the Platt scale's logarithm (loss="platt"; stays 0 otherwise)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,11 +273,20 @@ def make_optimizer(config: KipConfig) -> optax.GradientTransformation:
     return optax.adam(config.learning_rate)
 
 
-def _params(images, labels, learn_labels: bool) -> dict:
-    return {"images": images, "labels": labels} if learn_labels else {"images": images}
+def _params(images, labels, learn_labels: bool, log_scale=None) -> dict:
+    """The optimised arrays: images, labels with ``learn_labels``, the Platt log scale unless ``None``."""
+    params = {"images": images, "labels": labels} if learn_labels else {"images": images}
+    if log_scale is not None:
+        params["log_scale"] = log_scale
+    return params
 
 
-def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, x_t, y_t):
+def _state_params(state: "KipState", config: KipConfig) -> dict:
+    log_scale = jnp.asarray(state.log_scale, config.dtype) if config.loss == "platt" else None
+    return _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels, log_scale)
+
+
+def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, x_t, y_t, log_scale=None):
     """The KRR loss of a support on a target batch, and its gradients, through the kernel block API.
 
     Kernel blocks forward (``K_ss``, ``K_ts``), ``jax.vjp`` of the KRR loss for ``dL/dK_ss``,
@@ -278,16 +295,18 @@ def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, 
 
     Args:
       x_s: ``(n, ...)`` support images; y_s: ``(n, C)`` support labels; x_t: ``(m, ...)``, y_t: ``(m, C)``.
+      log_scale: ``None`` for the mean squared error, or a scalar for the Platt loss with that log scale.
     Returns:
-      ``(loss, dL/dx_s, dL/dy_s)``.
+      ``(loss, dL/dx_s, dL/dy_s)``, and ``dL/dlog_scale`` as a fourth item with ``log_scale``.
     """
     spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
     stats_s = kernels.tiled_self_stats(spec, x_s, budget)
     stats_t = kernels.tiled_self_stats(spec, x_t, budget)
     k_ss = kernels.kernel_matrix_from_stats(spec, x_s, stats_s, x_s, stats_s, get, budget)
     k_ts = kernels.kernel_matrix_from_stats(spec, x_t, stats_t, x_s, stats_s, get, budget)
-    loss, loss_vjp = jax.vjp(lambda kss, kts, ys: krr_loss(kts, kss, ys, y_t, reg), k_ss, k_ts, y_s)
-    d_kss, d_kts, d_ys = loss_vjp(jnp.ones_like(loss))
+    loss, loss_vjp = jax.vjp(lambda kss, kts, ys, scale: kip_loss(kts, kss, ys, y_t, reg, scale), k_ss, k_ts, y_s,
+                             log_scale)
+    d_kss, d_kts, d_ys, d_log_scale = loss_vjp(jnp.ones_like(loss))
     # K(x, x) with cotangent G: the gradients through both arguments sum to one through the first with
     # G + G^T (K(a, b) = K(b, a)^T), so only half of the blocks' backward passes are needed.
     dx_ss, dstats_ss, _, _ = kernels.kernel_matrix_vjp(spec, x_s, stats_s, x_s, stats_s, d_kss + d_kss.T, get,
@@ -296,7 +315,7 @@ def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, 
                                                        wrt=(False, True))
     dstats = jax.tree_util.tree_map(jnp.add, dstats_ss, dstats_ts)
     dx_s = dx_ss + dx_ts + kernels.tiled_self_stats_vjp(spec, x_s, dstats, budget)
-    return loss, dx_s, d_ys
+    return (loss, dx_s, d_ys) if log_scale is None else (loss, dx_s, d_ys, d_log_scale)
 
 
 def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, per_class_target: int):
@@ -315,14 +334,17 @@ def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, 
             key, sample_key = jax.random.split(key)
         idx = sample_balanced(sample_key, table, counts, per_class_target)
         labels = params.get("labels", fixed_labels)
+        log_scale = params.get("log_scale")
         if random_features:
-            loss, d_images, d_labels = rf.krr_loss_and_gradients(
+            out = rf.krr_loss_and_gradients(
                 config.kernel, None if config.rf_fixed_networks else network_key, config.reg, params["images"],
-                labels, x_train[idx], y_train[idx], kernel_fn.tile_budget(), learn_labels="labels" in params)
+                labels, x_train[idx], y_train[idx], kernel_fn.tile_budget(), learn_labels="labels" in params,
+                log_scale=log_scale)
         else:
-            loss, d_images, d_labels = krr_loss_and_gradients(kernel_fn, config.get, config.reg, params["images"],
-                                                              labels, x_train[idx], y_train[idx])
-        grads = {"images": d_images, "labels": d_labels} if "labels" in params else {"images": d_images}
+            out = krr_loss_and_gradients(kernel_fn, config.get, config.reg, params["images"], labels, x_train[idx],
+                                         y_train[idx], log_scale=log_scale)
+        loss, d_images, d_labels = out[:3]
+        grads = _params(d_images, d_labels, "labels" in params, out[3] if log_scale is not None else None)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, key, loss
 
@@ -373,7 +395,7 @@ def save_checkpoint(out_dir: pathlib.Path, state: KipState) -> None:
                   best_test_accuracy=np.float64(np.nan if state.best_test_accuracy is None
                                                 else state.best_test_accuracy),
                   last_val_accuracy=np.float64(np.nan if state.last_val_accuracy is None else state.last_val_accuracy),
-                  num_opt_leaves=np.int64(len(state.opt_leaves)))
+                  log_scale=np.float64(state.log_scale), num_opt_leaves=np.int64(len(state.opt_leaves)))
     for i, leaf in enumerate(state.opt_leaves):
         arrays[f"opt_{i}"] = np.asarray(leaf)
     atomic_savez(out_dir / CHECKPOINT, **arrays)
@@ -408,7 +430,8 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
                              best_accuracy=float(f["best_accuracy"]), best_step=int(f["best_step"]),
                              last_accuracy=optional("last_accuracy"),
                              best_test_accuracy=optional("best_test_accuracy"),
-                             last_val_accuracy=optional("last_val_accuracy"))
+                             last_val_accuracy=optional("last_val_accuracy"),
+                             log_scale=float(f["log_scale"]) if "log_scale" in f.files else 0.0)
             if state.best_test_accuracy is None and config.select_on == "test":  # an older checkpoint
                 state.best_test_accuracy = state.best_accuracy if state.best_step >= 0 else None
     except Exception as e:  # a truncated zip, bad zlib data, a missing key: all mean the checkpoint is unusable
@@ -458,7 +481,8 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
             images = data.x_train[idx].astype(config.dtype)
         else:
             images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), config.dtype)
-    opt_state = optimizer.init(_params(jnp.asarray(images), jnp.asarray(labels), config.learn_labels))
+    log_scale = jnp.zeros((), config.dtype) if config.loss == "platt" else None
+    opt_state = optimizer.init(_params(jnp.asarray(images), jnp.asarray(labels), config.learn_labels, log_scale))
     return KipState(step=0, images=images, labels=labels, opt_leaves=[np.asarray(x) for x in
                                                                       jax.tree_util.tree_leaves(opt_state)],
                     key=np.asarray(key), best_images=images.copy(), best_labels=labels.copy())
@@ -607,6 +631,9 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
     if backend is None or isinstance(backend, LocalBackend):
         backend = None  # the local step stays one jitted function
         step_fn = make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts), per_class_target)
+    elif config.loss != "mse":
+        raise KernelDistillError(f"KIP with --loss {config.loss} runs on the local backend only; --backend ray "
+                                 f"distributes the mean squared error")
     elif config.kernel.random_features is not None:
         raise KernelDistillError(f"KIP with the {config.kernel.name} kernel runs on the local backend only (its step "
                                  f"is a few random networks' features, not kernel blocks); --backend ray serves "
@@ -617,7 +644,7 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
 
     if not resume:
         state = initial_state(config, data, optimizer)
-    params = _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels)
+    params = _state_params(state, config)
     treedef = jax.tree_util.tree_structure(optimizer.init(params))
     fresh_leaves = jax.tree_util.tree_leaves(optimizer.init(params))
     if treedef.num_leaves != len(state.opt_leaves) or any(
@@ -645,6 +672,7 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
         state.labels = np.asarray(params["labels"]) if config.learn_labels else np.asarray(fixed_labels)
         state.opt_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)]
         state.key = np.asarray(key)
+        state.log_scale = float(params["log_scale"]) if "log_scale" in params else 0.0
 
     def append_metrics(record):
         records.append(record)
@@ -695,7 +723,10 @@ def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, re
             state.step += 1
             bar.update(1)
             if state.step % config.log_every == 0 or state.step == config.steps:
-                append_metrics(dict(step=state.step, loss=loss))
+                record = dict(step=state.step, loss=loss)
+                if "log_scale" in params:
+                    record["platt_scale"] = math.exp(float(params["log_scale"]))
+                append_metrics(record)
             if state.step % config.eval_every == 0 or state.step == config.steps:
                 sync_state()
                 evaluate_now()

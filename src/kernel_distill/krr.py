@@ -55,6 +55,29 @@ def krr_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG):
     return 0.5 * jnp.mean((krr_predict(k_ts, k_ss, y_s, reg) - y_t) ** 2)
 
 
+def krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg: float = DEFAULT_REG):
+    """RFAD's Platt-scaled cross-entropy of the KRR predictions: ``mean(CE(exp(log_scale) * pred, argmax y_t))``.
+
+    The KRR predictions are read as logits after a learned scale ``exp(log_scale)`` (Platt scaling; Loo et
+    al., NeurIPS 2022), so the loss asks for the right class to win rather than for every output to equal
+    its centred one-hot value. ``log_scale``: a scalar, learned beside the support. Scalar, in the dtype of
+    the kernels.
+    """
+    logits = jnp.exp(log_scale) * krr_predict(k_ts, k_ss, y_s, reg)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(log_probs, jnp.argmax(y_t, axis=-1)[:, None], axis=-1))
+
+
+KIP_LOSSES = ("mse", "platt")
+
+
+def kip_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG, log_scale=None):
+    """KIP's objective: :func:`krr_loss` when ``log_scale`` is ``None``, else :func:`krr_platt_loss`."""
+    if log_scale is None:
+        return krr_loss(k_ts, k_ss, y_s, y_t, reg)
+    return krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg)
+
+
 def accuracy(pred, labels) -> jax.Array:
     """Fraction of rows whose argmax equals the integer label. ``(n, C), (n,) -> ()``."""
     return jnp.mean(jnp.argmax(pred, axis=-1) == labels)

@@ -198,27 +198,30 @@ def _compiled_features(spec: KernelSpec, budget: int):
 
 
 def krr_loss_and_gradients(spec: KernelSpec, key, reg: float, x_s, y_s, x_t, y_t, budget: int,
-                           learn_labels: bool = True):
+                           learn_labels: bool = True, log_scale=None):
     """The KRR loss of a support on a target batch with the networks drawn from ``key``, and its gradients.
 
     ``key=None`` uses the fixed evaluation networks. The target features need no backward pass.
-    Returns ``(loss, dL/dx_s, dL/dy_s)`` (``dL/dy_s`` is ``None`` unless ``learn_labels``).
+    ``log_scale=None``: the mean squared error (:func:`kernel_distill.krr.krr_loss`); a scalar: the
+    Platt-scaled cross-entropy (:func:`kernel_distill.krr.krr_platt_loss`) with that learned log scale.
+    Returns ``(loss, dL/dx_s, dL/dy_s)`` (``dL/dy_s`` is ``None`` unless ``learn_labels``), and with
+    ``log_scale`` also ``dL/dlog_scale`` as a fourth item.
     """
-    from kernel_distill.krr import krr_loss
+    from kernel_distill.krr import kip_loss
 
     params = (fixed_network_params(spec, x_s.shape[1:], x_s.dtype) if key is None
               else network_params(spec, key, x_s.shape[1:], x_s.dtype))
     phi_t = jax.lax.stop_gradient(features(spec, params, x_t, budget))
 
-    def loss_fn(xs, ys):
+    def loss_fn(xs, ys, scale):
         phi_s = features(spec, params, xs, budget)
-        return krr_loss(gram(phi_t, phi_s), gram(phi_s, phi_s), ys, y_t, reg)
+        return kip_loss(gram(phi_t, phi_s), gram(phi_s, phi_s), ys, y_t, reg, scale)
 
-    if learn_labels:
-        loss, (dx, dy) = jax.value_and_grad(loss_fn, argnums=(0, 1))(x_s, y_s)
-        return loss, dx, dy
-    loss, dx = jax.value_and_grad(loss_fn)(x_s, y_s)
-    return loss, dx, None
+    argnums = (0,) + ((1,) if learn_labels else ()) + ((2,) if log_scale is not None else ())
+    loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(x_s, y_s, log_scale)
+    grads = dict(zip(argnums, grads))
+    result = (loss, grads[0], grads.get(1))
+    return result if log_scale is None else result + (grads[2],)
 
 
 __all__ = ["RandomFeatureKernelFn", "feature_dimension", "features", "fixed_network_params", "gram",
