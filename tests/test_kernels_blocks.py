@@ -13,7 +13,7 @@ from kernel_distill.finite import LayerNet
 from kernel_distill.kernels import KernelSpec, make_kernel_fn
 from kernel_distill.kernels.spec import AvgPool, Conv, Dense, Flatten, Relu
 from kernel_distill.kip import krr_loss_and_gradients
-from kernel_distill.krr import krr_loss
+from kernel_distill.krr import krr_loss, krr_platt_loss
 
 SHAPES = {"fc": (6, 5, 2), "convnet": (8, 8, 2), "convnet3": (9, 7, 1)}
 
@@ -49,6 +49,26 @@ def test_block_vjp_kip_gradients_equal_jax_grad(x64, rng, architecture, depth, b
         for ours, ref in ((d_images, ref_images), (d_labels, ref_labels)):
             scale = float(jnp.abs(ref).max())
             assert float(jnp.abs(ours - ref).max()) <= 1e-10 * scale
+
+
+def test_block_vjp_platt_gradients_equal_jax_grad(x64, rng):
+    """The Platt loss through the block API: images, labels and the log scale as jax.grad of the whole."""
+    x_s, y_s = rng.standard_normal((7, 8, 8, 2)), rng.standard_normal((7, 3))
+    x_t, y_t = rng.standard_normal((11, 8, 8, 2)), np.eye(3)[np.arange(11) % 3] - 1 / 3
+    spec = KernelSpec("convnet", 1)
+    budget = 6 * kernels.bytes_per_pair(spec, (8, 8, 2), 8)
+    kernel_fn = make_kernel_fn(spec, memory_budget_bytes=budget, tile_bytes=budget)
+    loss, d_images, d_labels, d_scale = jax.jit(
+        lambda a, b, s: krr_loss_and_gradients(kernel_fn, "ntk", 1e-3, a, b, x_t, y_t, log_scale=s))(x_s, y_s, 0.3)
+
+    def whole(a, b, s):
+        return krr_platt_loss(kernel_fn(x_t, a), kernel_fn(a, a), b, y_t, s, 1e-3)
+
+    ref_loss, refs = jax.jit(jax.value_and_grad(whole, argnums=(0, 1, 2)))(x_s, y_s, 0.3)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-10)
+    for ours, ref in zip((d_images, d_labels, d_scale), refs):
+        assert float(jnp.abs(ours - ref).max()) <= 1e-10 * float(jnp.abs(ref).max())
+    assert float(d_scale) != 0
 
 
 def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):

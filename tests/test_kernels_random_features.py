@@ -101,6 +101,14 @@ def test_gradient_through_the_features_equals_autodiff_of_the_kernel_matrix(x64)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-8, atol=1e-14)
     np.testing.assert_allclose(dy, expected_dy, rtol=1e-8, atol=1e-14)
     assert np.all(np.isfinite(dx))
+    # The Platt loss: its three gradients, the scale's included, as autodiff of the whole loss.
+    platt = jax.jit(lambda xs, ys, t: rf.krr_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20,
+                                                                 log_scale=t))(x_s, y_s, -0.4)
+    expected = jax.jit(jax.value_and_grad(lambda xs, ys, t: krr.krr_platt_loss(
+        kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, t, 1e-3), argnums=(0, 1, 2)))(x_s, y_s, -0.4)
+    np.testing.assert_allclose(platt[0], expected[0], rtol=1e-10)
+    for ours, ref in zip(platt[1:], expected[1]):
+        np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-14)
     # Fresh networks (a key) give another loss; the same key the same one.
     fresh = loss_and_gradients(jax.random.PRNGKey(1), x_s, y_s)[0]
     again = loss_and_gradients(jax.random.PRNGKey(1), x_s, y_s)[0]
@@ -132,11 +140,12 @@ def digits():
     return prepare_dataset("digits", progress=False, val_size=200)
 
 
-def test_kip_with_the_random_feature_kernel_lowers_the_loss(tmp_path, digits):
-    """Real data (digits 8x8), 1 image per class, fresh networks each step."""
+@pytest.mark.parametrize("loss", ["mse", "platt"])
+def test_kip_with_the_random_feature_kernel_lowers_the_loss(tmp_path, digits, loss):
+    """Real data (digits 8x8), 1 image per class, fresh networks each step; either objective."""
     spec = KernelSpec("convnet3", depth=2, random_features=RandomFeatures(2, 16))
     config = KipConfig(dataset="digits", per_class=1, kernel=spec, get="nngp", learn_labels=True,
-                       target_batch_size=300, steps=60, eval_every=60, log_every=5, learning_rate=0.02)
+                       target_batch_size=300, steps=60, eval_every=60, log_every=5, learning_rate=0.02, loss=loss)
     summary = run_kip(config, digits, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
@@ -146,6 +155,8 @@ def test_kip_with_the_random_feature_kernel_lowers_the_loss(tmp_path, digits):
     assert summary["step"] == 60
     with pytest.raises(KernelDistillError, match="NNGP only"):
         KipConfig(kernel=spec, get="ntk")
+    with pytest.raises(KernelDistillError, match="loss must be one of mse, platt"):
+        KipConfig(loss="ce")
     with pytest.raises(KernelDistillError, match="needs a random-feature kernel"):
         KipConfig(rf_fixed_networks=True)
 

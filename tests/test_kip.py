@@ -56,6 +56,27 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, digits):
     assert [r["step"] for r in records if "test_accuracy" in r] == [0, 10, 20]
 
 
+def test_a_platt_run_resumes_exactly_with_its_learned_scale(tmp_path, digits):
+    config = dict(loss="platt", learning_rate=0.05)
+    run_kip(_config(steps=20, **config), digits, tmp_path / "whole", progress=False)
+    run_kip(_config(steps=10, **config), digits, tmp_path / "split", progress=False)
+    _, halfway = load_checkpoint(tmp_path / "split")
+    run_kip(_config(steps=20, **config), digits, tmp_path / "split", resume=True, progress=False)
+    _, whole = load_checkpoint(tmp_path / "whole")
+    _, split = load_checkpoint(tmp_path / "split")
+    assert halfway.log_scale != 0 and whole.log_scale != halfway.log_scale
+    assert split.log_scale == pytest.approx(whole.log_scale, rel=1e-6)
+    np.testing.assert_allclose(split.images, whole.images, rtol=1e-5, atol=1e-6)
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["platt_scale"], 6) for r in records if "loss" in r][-1] == round(np.exp(whole.log_scale), 6)
+    # An MSE run may not continue a Platt run (the objective and the optimiser state differ).
+    with pytest.raises(KernelDistillError, match="--loss"):
+        run_kip(_config(steps=30, learning_rate=0.05), digits, tmp_path / "split", resume=True, progress=False)
+    # The distributed backend computes the squared error only: refused before any work.
+    with pytest.raises(KernelDistillError, match="local backend only"):
+        run_kip(_config(**config), digits, tmp_path / "ray", progress=False, backend=object())
+
+
 def test_ctrl_c_leaves_a_usable_checkpoint(tmp_path, digits, monkeypatch):
     calls = {"n": 0}
     real_evaluate = kip.evaluate

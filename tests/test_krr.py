@@ -8,7 +8,7 @@ import pytest
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import make_kernel_fn
-from kernel_distill.krr import evaluate, krr_loss, krr_predict
+from kernel_distill.krr import evaluate, kip_loss, krr_loss, krr_platt_loss, krr_predict
 from kernel_distill.data import load_dataset
 from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
 
@@ -26,6 +26,29 @@ def test_predict_and_loss_match_numpy(x64, rng):
     np.testing.assert_allclose(np.asarray(krr_predict(k_ts, k_ss, y_s, reg=1e-2)), expected, rtol=1e-10)
     np.testing.assert_allclose(float(krr_loss(k_ts, k_ss, y_s, y_t, reg=1e-2)),
                                0.5 * np.mean((expected - y_t) ** 2), rtol=1e-10)
+
+
+def test_platt_loss_matches_numpy_cross_entropy(x64, rng):
+    """RFAD's loss: softmax cross-entropy of exp(log_scale) * predictions against the targets' classes."""
+    a = rng.normal(size=(6, 6))
+    k_ss = a @ a.T + 0.1 * np.eye(6)
+    k_ts, y_s = rng.normal(size=(5, 6)), rng.normal(size=(6, 3))
+    classes = np.array([0, 2, 1, 2, 0])
+    y_t = centered_one_hot(classes, 3)
+    logits = np.exp(0.7) * _numpy_krr(k_ts, k_ss, y_s, 1e-2)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    expected = -np.mean(log_probs[np.arange(5), classes])
+    np.testing.assert_allclose(float(krr_platt_loss(k_ts, k_ss, y_s, y_t, 0.7, reg=1e-2)), expected, rtol=1e-10)
+    np.testing.assert_allclose(float(kip_loss(k_ts, k_ss, y_s, y_t, 1e-2, 0.7)), expected, rtol=1e-10)
+    np.testing.assert_allclose(float(kip_loss(k_ts, k_ss, y_s, y_t, 1e-2)),
+                               float(krr_loss(k_ts, k_ss, y_s, y_t, 1e-2)), rtol=1e-12)
+    # The scale's gradient against a central difference of the numpy loss.
+    def numpy_loss(log_scale):
+        z = np.exp(log_scale) * _numpy_krr(k_ts, k_ss, y_s, 1e-2)
+        return -np.mean((z - np.log(np.exp(z).sum(axis=1, keepdims=True)))[np.arange(5), classes])
+
+    grad = float(jax.grad(lambda t: krr_platt_loss(k_ts, k_ss, y_s, y_t, t, 1e-2))(0.7))
+    np.testing.assert_allclose(grad, (numpy_loss(0.7 + 1e-6) - numpy_loss(0.7 - 1e-6)) / 2e-6, rtol=1e-6)
 
 
 def test_loss_is_differentiable_through_the_kernel(rng):
