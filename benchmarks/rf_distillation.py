@@ -33,6 +33,8 @@ def main(argv=None):
                         help="another distilled set of the same dataset and size to measure beside it")
     parser.add_argument("--no-natural", action="store_true", help="skip the natural subset")
     parser.add_argument("--no-kip", action="store_true", help="skip the run's own set (e.g. measured before)")
+    parser.add_argument("--name", default="kip-rf",
+                        help="the run's set in the table (default kip-rf; e.g. kip-rf-platt for a --loss platt run)")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -48,7 +50,7 @@ def main(argv=None):
     dataset, per_class = config["dataset"], config["per_class"]
     train = ["--model", "evalnet", "--seeds", str(args.seeds), "--steps", str(args.train_steps), "--batch-size",
              str(args.batch_size)]
-    sets = [] if args.no_kip else [("kip-rf", str(run / "distilled_best.npz"))]
+    sets = [] if args.no_kip else [(args.name, str(run / "distilled_best.npz"))]
     sets += [tuple(item.split("=", 1)) for item in args.compare]
     if not args.no_natural:
         sets.append(("natural", None))
@@ -72,14 +74,14 @@ def main(argv=None):
         m = transfer["metrics"]
         metrics = dict(krr_test_accuracy=krr_accuracy, transfer_test_accuracy=m["test_accuracy"],
                        transfer_test_accuracy_std=m["test_accuracy_std"], num_test=m["num_test"])
-        if name == "kip-rf":
+        if name == args.name and not args.no_kip:
             metrics.update(kip_wall_seconds=kip_record["provenance"]["wall_seconds"],
                            kip_steps=kip_record["metrics"]["steps"], kip_best_step=kip_record["metrics"]["best_step"])
         record = make_record("benchmark/rf_distillation", name, transfer["dataset"], metrics,
                              dict(set=name, file=path, per_class=per_class, kernel=kernel, model="evalnet",
                                   train=transfer["config"]["train"], seeds=args.seeds,
                                   kip_command=kip_record["provenance"].get("command_line"),
-                                  kip_config=config if name == "kip-rf" else None),
+                                  kip_config=config if name == args.name and not args.no_kip else None),
                              wall_seconds=transfer["provenance"]["wall_seconds"])
         append_record(args.results, record)
         print(f"{dataset} {per_class}/class {name}: KRR {100 * krr_accuracy:.2f}%, evalnet "

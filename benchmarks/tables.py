@@ -299,12 +299,15 @@ PUBLISHED_KIP_CONVNET_TRANSFER = {("cifar10", 1): 49.9, ("cifar10", 10): 62.7, (
 PUBLISHED_KIP_CONVNET_KRR = {("cifar10", 10): 75.6}
 
 
+RF_DISTILLATION_SETS = ("kip-rf", "kip-rf-platt", "kip-fc", "natural")
+
+
 def render_rf_distillation() -> str:
     records = list(newest(load("rf_distillation"), lambda r: (
         machine(r), r["dataset"]["name"], r["config"]["per_class"], r["config"]["set"])).values())
     records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["per_class"],
-                                ["kip-rf", "kip-fc", "natural"].index(r["config"]["set"])
-                                if r["config"]["set"] in ("kip-rf", "kip-fc", "natural") else 9))
+                                RF_DISTILLATION_SETS.index(r["config"]["set"])
+                                if r["config"]["set"] in RF_DISTILLATION_SETS else 9))
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
@@ -315,7 +318,7 @@ def render_rf_distillation() -> str:
         kip = (f"{m['kip_steps']} steps (best {m['kip_best_step']}), {m['kip_wall_seconds'] / 60:.0f} min"
                if "kip_wall_seconds" in m else "-")
         published = (f"{PUBLISHED_KIP_CONVNET_KRR.get(key, '-')} / {PUBLISHED_KIP_CONVNET_TRANSFER.get(key, '-')}"
-                     if c["set"] == "kip-rf" else "")
+                     if c["set"].startswith("kip-rf") else "")
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), c["per_class"], c["set"],
                      kernel_name, pct(m["krr_test_accuracy"]),
                      pct(m["transfer_test_accuracy"], m["transfer_test_accuracy_std"]), kip, published, machine(r),
