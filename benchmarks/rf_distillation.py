@@ -38,6 +38,9 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--exact-test-limit", type=int, default=0, metavar="N",
+                        help="also KRR with the exact ConvNet NNGP (the -rf kernel's architecture) on the first N "
+                             "test images (0: skip; 1000 takes about a minute per set of 100 here)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
 
@@ -74,6 +77,11 @@ def main(argv=None):
         m = transfer["metrics"]
         metrics = dict(krr_test_accuracy=krr_accuracy, transfer_test_accuracy=m["test_accuracy"],
                        transfer_test_accuracy_std=m["test_accuracy_std"], num_test=m["num_test"])
+        if args.exact_test_limit and path is not None and kernel and kernel.get("random_features"):
+            exact = cli("evaluate", path, "--dataset", dataset, "--kernel", kernel["architecture"], "--depth",
+                        str(kernel["depth"]), "--get", "nngp", "--test-limit", str(args.exact_test_limit))
+            metrics.update(exact_krr_test_accuracy=exact["metrics"]["test_accuracy"],
+                           exact_krr_num_test=exact["metrics"]["num_test"])
         if name == args.name and not args.no_kip:
             metrics.update(kip_wall_seconds=kip_record["provenance"]["wall_seconds"],
                            kip_steps=kip_record["metrics"]["steps"], kip_best_step=kip_record["metrics"]["best_step"])
