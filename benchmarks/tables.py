@@ -339,7 +339,8 @@ def render_transfer_tuned() -> str:
     for r in records:
         c, m, tuning = r["config"], r["metrics"], r["config"]["tuning"]
         chosen = tuning["candidates"][tuning["best"]]["changes"]
-        source_name = c["source"] if c.get("natural_per_class") else pathlib.Path(c["source"]).name
+        # A run's file is named by its folder too: many runs write distilled_best.npz.
+        source_name = c["source"] if c.get("natural_per_class") else "/".join(pathlib.Path(c["source"]).parts[-2:])
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), source_name, c["model"],
                      ", ".join(f"{k} {'/'.join(map(str, v))}" for k, v in tuning["grid"].items()),
                      ", ".join(f"{k} {v}" for k, v in chosen.items()),
