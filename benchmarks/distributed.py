@@ -74,7 +74,7 @@ def time_kip(backend, config, data, steps: int) -> dict:
     per_class_target = kip.check_feasible(config, data)
     table, counts = kip.class_index_table(data.y_train, data.num_classes)
     state = kip.initial_state(config, data, optimizer)
-    params = kip._params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels)
+    params = kip._state_params(state, config)
     opt_state = optimizer.init(params)
     key, fixed = jnp.asarray(state.key), jnp.asarray(state.labels)
     x_train = jnp.asarray(data.x_train)

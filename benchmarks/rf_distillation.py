@@ -82,14 +82,15 @@ def main(argv=None):
                         str(kernel["depth"]), "--get", "nngp", "--test-limit", str(args.exact_test_limit))
             metrics.update(exact_krr_test_accuracy=exact["metrics"]["test_accuracy"],
                            exact_krr_num_test=exact["metrics"]["num_test"])
-        if name == args.name and not args.no_kip:
+        is_run = name == args.name and not args.no_kip
+        if is_run:
             metrics.update(kip_wall_seconds=kip_record["provenance"]["wall_seconds"],
                            kip_steps=kip_record["metrics"]["steps"], kip_best_step=kip_record["metrics"]["best_step"])
         record = make_record("benchmark/rf_distillation", name, transfer["dataset"], metrics,
                              dict(set=name, file=path, per_class=per_class, kernel=kernel, model="evalnet",
                                   train=transfer["config"]["train"], seeds=args.seeds,
                                   kip_command=kip_record["provenance"].get("command_line"),
-                                  kip_config=config if name == args.name and not args.no_kip else None),
+                                  kip_config=config if is_run else None),
                              wall_seconds=transfer["provenance"]["wall_seconds"])
         append_record(args.results, record)
         print(f"{dataset} {per_class}/class {name}: KRR {100 * krr_accuracy:.2f}%, evalnet "

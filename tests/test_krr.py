@@ -35,18 +35,18 @@ def test_platt_loss_matches_numpy_cross_entropy(x64, rng):
     k_ts, y_s = rng.normal(size=(5, 6)), rng.normal(size=(6, 3))
     classes = np.array([0, 2, 1, 2, 0])
     y_t = centered_one_hot(classes, 3)
-    logits = np.exp(0.7) * _numpy_krr(k_ts, k_ss, y_s, 1e-2)
-    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-    expected = -np.mean(log_probs[np.arange(5), classes])
+
+    def numpy_loss(log_scale):
+        logits = np.exp(log_scale) * _numpy_krr(k_ts, k_ss, y_s, 1e-2)
+        log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return -np.mean(log_probs[np.arange(5), classes])
+
+    expected = numpy_loss(0.7)
     np.testing.assert_allclose(float(krr_platt_loss(k_ts, k_ss, y_s, y_t, 0.7, reg=1e-2)), expected, rtol=1e-10)
     np.testing.assert_allclose(float(kip_loss(k_ts, k_ss, y_s, y_t, 1e-2, 0.7)), expected, rtol=1e-10)
     np.testing.assert_allclose(float(kip_loss(k_ts, k_ss, y_s, y_t, 1e-2)),
                                float(krr_loss(k_ts, k_ss, y_s, y_t, 1e-2)), rtol=1e-12)
     # The scale's gradient against a central difference of the numpy loss.
-    def numpy_loss(log_scale):
-        z = np.exp(log_scale) * _numpy_krr(k_ts, k_ss, y_s, 1e-2)
-        return -np.mean((z - np.log(np.exp(z).sum(axis=1, keepdims=True)))[np.arange(5), classes])
-
     grad = float(jax.grad(lambda t: krr_platt_loss(k_ts, k_ss, y_s, y_t, t, 1e-2))(0.7))
     np.testing.assert_allclose(grad, (numpy_loss(0.7 + 1e-6) - numpy_loss(0.7 - 1e-6)) / 2e-6, rtol=1e-6)
 

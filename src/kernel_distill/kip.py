@@ -481,11 +481,10 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
             images = data.x_train[idx].astype(config.dtype)
         else:
             images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), config.dtype)
-    log_scale = jnp.zeros((), config.dtype) if config.loss == "platt" else None
-    opt_state = optimizer.init(_params(jnp.asarray(images), jnp.asarray(labels), config.learn_labels, log_scale))
-    return KipState(step=0, images=images, labels=labels, opt_leaves=[np.asarray(x) for x in
-                                                                      jax.tree_util.tree_leaves(opt_state)],
-                    key=np.asarray(key), best_images=images.copy(), best_labels=labels.copy())
+    state = KipState(step=0, images=images, labels=labels, opt_leaves=[], key=np.asarray(key),
+                     best_images=images.copy(), best_labels=labels.copy())
+    state.opt_leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(optimizer.init(_state_params(state, config)))]
+    return state
 
 
 def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
