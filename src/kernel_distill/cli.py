@@ -87,6 +87,7 @@ def _open_backend(args):
 
 
 KERNEL_CHOICES = ("fc", "convnet", "convnet3", "convnet-rf", "convnet3-rf")
+RF_NORM_CHOICES = ("none", "instance")  # kernels.spec.RF_NORMS, spelt out so --help does not import JAX
 
 
 def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
@@ -105,6 +106,9 @@ def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
                    help="-rf kernels: channels of each random network (default 128)")
     p.add_argument("--rf-seed", type=int, default=None,
                    help="-rf kernels: seed of the fixed evaluation networks (default 0)")
+    p.add_argument("--rf-norm", choices=RF_NORM_CHOICES, default=None,
+                   help="-rf conv kernels: instance: normalise each random conv's output per image and channel, "
+                        "as the evaluation ConvNet does (a different kernel from the exact NNGP; default none)")
 
 
 def _add_preprocess(p: argparse.ArgumentParser):
@@ -351,13 +355,13 @@ def _spec_from_args(args, fallback: dict | None = None):
         if value is not None:
             kwargs[option] = value
     rf_options = dict(models=getattr(args, "rf_models", None), width=getattr(args, "rf_width", None),
-                      seed=getattr(args, "rf_seed", None))
+                      seed=getattr(args, "rf_seed", None), norm=getattr(args, "rf_norm", None))
     if random:
         base = dict(fallback_rf) if (fallback_rf and name == fallback_name) else {}
         base.update({k: v for k, v in rf_options.items() if v is not None})
         kwargs["random_features"] = RandomFeatures(**base)
     elif any(v is not None for v in rf_options.values()):
-        raise KernelDistillError(f"--rf-models, --rf-width and --rf-seed need a random-feature kernel "
+        raise KernelDistillError(f"--rf-models, --rf-width, --rf-seed and --rf-norm need a random-feature kernel "
                                  f"(--kernel {architecture}-rf), not {name}")
     return KernelSpec(**kwargs)
 
@@ -788,7 +792,8 @@ def _kip_config_from_args(args, base=None):
         if not pathlib.Path(init_file).is_file():
             raise KernelDistillError(f"--init-from: {args.init_from}: no such file")
         base.update(init="file", init_file=init_file, init_sha256=file_sha256(init_file))
-    kernel_options = (args.kernel, args.depth, args.W_std, args.b_std, args.rf_models, args.rf_width, args.rf_seed)
+    kernel_options = (args.kernel, args.depth, args.W_std, args.b_std, args.rf_models, args.rf_width, args.rf_seed,
+                      args.rf_norm)
     if any(v is not None for v in kernel_options):
         spec = _spec_from_args(args, base["kernel"])
         base["kernel"] = spec.to_dict()

@@ -198,6 +198,15 @@ class _Conv(_ParameterizedLayer):
         return scale * y + bias_scale * b
 
 
+def instance_normalize(x, epsilon: float = 1e-5):
+    """``(n, H, W, C)``: each image's channel shifted and scaled to mean 0, variance 1 over its positions.
+
+    What the evaluation ConvNet's per-channel GroupNorm computes at initialisation (scale 1, shift 0)."""
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    variance = jnp.var(x, axis=(1, 2), keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(variance + epsilon)
+
+
 def _avg_pool(x):
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
 
@@ -211,6 +220,9 @@ class LayerNet(nn.Module):
     initialisations tends to the kernel's NNGP as the width grows (tested in
     tests/test_kernels_montecarlo.py). ``(n, H, W, C) -> (n, num_classes)``.
 
+    ``instance_norm`` normalises each conv's output per image and channel over positions (no learned scale or
+    shift: the random-feature networks of ``RandomFeatures(norm="instance")``, which are never trained).
+
     Parameters of the KIP ConvNet: ``(9 C + 1) w`` for the first conv, ``(9 w + 1) w`` for each further
     conv, ``(w H' W' + 1) num_classes`` for the readout, ``H' = H // 2**depth``; of the FC net:
     ``(d + 1) w + (depth - 1)(w + 1) w + (w + 1) num_classes``.
@@ -222,6 +234,7 @@ class LayerNet(nn.Module):
     parameterization: str = "standard"
     W_std: float = math.sqrt(2.0)
     b_std: float = 0.1
+    instance_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -232,6 +245,8 @@ class LayerNet(nn.Module):
                 x = _Dense(features, **common)(x)
             elif isinstance(layer, spec_layers.Conv):
                 x = _Conv(self.width, **common)(x)
+                if self.instance_norm:
+                    x = instance_normalize(x)
             elif isinstance(layer, spec_layers.Relu):
                 x = nn.relu(x)
             elif isinstance(layer, spec_layers.AvgPool):

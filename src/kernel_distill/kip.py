@@ -214,7 +214,8 @@ CONFIG_FLAGS = {"target_batch_size": "--target-batch", "learning_rate": "--lr", 
                 "kernel.depth": "--depth", "kernel.W_std": "--W-std", "kernel.b_std": "--b-std",
                 "kernel.parameterization": "--kernel", "kernel.random_features": "--kernel",
                 "kernel.random_features.models": "--rf-models", "kernel.random_features.width": "--rf-width",
-                "kernel.random_features.seed": "--rf-seed", "init_file": "--init-from",
+                "kernel.random_features.seed": "--rf-seed", "kernel.random_features.norm": "--rf-norm",
+                "init_file": "--init-from",
                 "init_sha256": "--init-from"}
 
 

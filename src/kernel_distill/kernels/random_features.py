@@ -33,7 +33,7 @@ import numpy as np
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
-from kernel_distill.kernels.spec import AvgPool, Dense, Flatten, KernelSpec
+from kernel_distill.kernels.spec import RF_NORMS, AvgPool, Dense, Flatten, KernelSpec
 
 # Arrays alive per image and model in the widest layer of a forward pass (activation, pre-activation,
 # conv output, pooled copy): a generous round number keeps the memory budget an upper bound.
@@ -48,6 +48,8 @@ def check_random_features(rf) -> None:
             raise KernelDistillError(f"random features: {name} must be a positive integer, got {value!r}")
     if isinstance(rf.seed, bool) or not isinstance(rf.seed, (int, np.integer)) or rf.seed < 0:
         raise KernelDistillError(f"random features: seed must be a non-negative integer, got {rf.seed!r}")
+    if rf.norm not in RF_NORMS:
+        raise KernelDistillError(f"random features: norm must be one of {', '.join(RF_NORMS)}, got {rf.norm!r}")
 
 
 def _feature_net(spec: KernelSpec):
@@ -55,7 +57,7 @@ def _feature_net(spec: KernelSpec):
     from kernel_distill.finite import LayerNet  # finite imports kernels.spec: import here, not at module load
 
     return LayerNet(spec.layers[:-1], num_classes=0, width=spec.random_features.width, parameterization="ntk",
-                    W_std=spec.W_std, b_std=spec.b_std)
+                    W_std=spec.W_std, b_std=spec.b_std, instance_norm=spec.random_features.norm == "instance")
 
 
 def readout_fan_in(spec: KernelSpec, image_shape: tuple) -> int:

@@ -148,6 +148,10 @@ def _from_strict_dict(cls, d, subject: str, fields_of: str):
     return cls(**d)
 
 
+# How the random networks' conv outputs may be normalised (:attr:`RandomFeatures.norm`).
+RF_NORMS = ("none", "instance")
+
+
 @dataclasses.dataclass(frozen=True)
 class RandomFeatures:
     """Approximate the NNGP by the readout features of random finite networks (RFAD); see
@@ -157,11 +161,17 @@ class RandomFeatures:
       models: ``M``, random networks per kernel evaluation.
       width: ``W``, channels (or units) of each hidden layer of those networks.
       seed: the evaluation networks are drawn from ``PRNGKey(seed)``; KIP draws fresh ones every step.
+      norm: ``"none"`` (the architecture as it is: the features estimate its exact NNGP) or ``"instance"``:
+        each conv's output is normalised per image and channel over positions before its ReLU, as in the
+        evaluation ConvNet (:class:`kernel_distill.finite.EvalConvNet`). That is a different kernel, the
+        NNGP of the instance-normalised network, which has no closed form here: only random features
+        compute it. Conv architectures only.
     """
 
     models: int = 8
     width: int = 128
     seed: int = 0
+    norm: str = "none"
 
     def __post_init__(self):
         from kernel_distill.kernels.random_features import check_random_features
@@ -225,6 +235,9 @@ class KernelSpec:
         if self.parameterization != "ntk":
             raise KernelDistillError(
                 f"parameterization {self.parameterization!r} is not implemented; only 'ntk' (the KIP default)")
+        if self.random_features is not None and self.random_features.norm != "none" and not self.is_conv:
+            raise KernelDistillError(f"random-feature norm {self.random_features.norm!r} normalises conv outputs: "
+                                     f"the {self.architecture} architecture has none")
 
     @property
     def layers(self) -> tuple:
