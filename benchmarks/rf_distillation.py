@@ -64,7 +64,8 @@ def main(argv=None):
                       "--kernel", "convnet-rf" if config["kernel"]["architecture"] == "convnet" else "convnet3-rf",
                       "--depth", str(config["kernel"]["depth"]),
                       "--rf-models", str(config["kernel"]["random_features"]["models"]),
-                      "--rf-width", str(config["kernel"]["random_features"]["width"]), *zca)
+                      "--rf-width", str(config["kernel"]["random_features"]["width"]),
+                      "--rf-norm", config["kernel"]["random_features"].get("norm", "none"), *zca)
             krr_accuracy = krr["metrics"]["test_accuracy"]
             transfer = cli("transfer", "--dataset", dataset, "--natural-per-class", str(per_class), *zca, *train)
             kernel = krr["config"]["kernel"]

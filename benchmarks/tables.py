@@ -299,7 +299,7 @@ PUBLISHED_KIP_CONVNET_TRANSFER = {("cifar10", 1): 49.9, ("cifar10", 10): 62.7, (
 PUBLISHED_KIP_CONVNET_KRR = {("cifar10", 10): 75.6}
 
 
-RF_DISTILLATION_SETS = ("kip-rf", "kip-rf-platt", "kip-fc", "natural")
+RF_DISTILLATION_SETS = ("kip-rf", "kip-rf-platt", "kip-rf-platt-in", "kip-fc", "natural")
 
 
 def render_rf_distillation() -> str:
@@ -314,6 +314,8 @@ def render_rf_distillation() -> str:
         kernel = c.get("kernel") or {}
         rf = kernel.get("random_features")
         kernel_name = kernel.get("architecture", "?") + (f"-rf {rf['models']}x{rf['width']}" if rf else "")
+        if rf and rf.get("norm", "none") != "none":
+            kernel_name += f", {rf['norm']} norm"
         key = (r["dataset"]["name"], c["per_class"])
         kip = (f"{m['kip_steps']} steps (best {m['kip_best_step']}), {m['kip_wall_seconds'] / 60:.0f} min"
                if "kip_wall_seconds" in m else "-")
@@ -353,7 +355,9 @@ def render_transfer_tuned() -> str:
 
 
 def _protocol_text(train: dict) -> str:
-    return (f"{train['steps']} steps, {train['optimizer']} lr {train['learning_rate']:g}, {train['loss']}, "
+    label_scale = train.get("label_scale", 1.0)
+    loss = train["loss"] + (f" (labels x {label_scale:g})" if label_scale != 1.0 else "")
+    return (f"{train['steps']} steps, {train['optimizer']} lr {train['learning_rate']:g}, {loss}, "
             f"augment {train['augment']}, batch {train['batch_size']}, wd {train['weight_decay']:g}")
 
 

@@ -201,6 +201,24 @@ def test_tuning_candidates_are_the_grid_product_in_order():
         tuning_candidates(base, {"loss": ["hinge"]})
 
 
+def test_label_scale_multiplies_the_mse_targets_and_is_refused_with_ce():
+    from kernel_distill.finite import _loss_fn
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(size=(5, 4)), np.eye(4)[rng.integers(0, 4, 5)] - 0.25
+    assert float(_loss_fn(jnp.asarray(logits), jnp.asarray(labels), "mse", 8.0)) == pytest.approx(
+        0.5 * np.mean((logits - 8.0 * labels) ** 2), rel=1e-6)
+    ce = float(_loss_fn(jnp.asarray(logits), jnp.asarray(labels), "ce"))
+    log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    assert ce == pytest.approx(-np.mean(log_softmax[np.arange(5), labels.argmax(1)]), rel=1e-6)
+    with pytest.raises(KernelDistillError, match="label scale applies to the mse loss"):
+        TrainConfig(loss="ce", label_scale=8.0)
+    with pytest.raises(KernelDistillError, match="label scale must be positive"):
+        TrainConfig(label_scale=0.0)
+    candidates = tuning_candidates(TrainConfig(steps=10), {"label_scale": ["1", "8"]})
+    assert [c.label_scale for c in candidates] == [1.0, 8.0]
+
+
 def test_natural_transfer_support_is_drawn_outside_the_validation_split():
     support = transfer_support(None, None, "digits", 20, val_size=100, progress=False)
     x_raw, y_raw = load_dataset("digits", "train")

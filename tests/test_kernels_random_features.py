@@ -60,6 +60,42 @@ def test_features_scaled_to_the_readout_covariance():
     np.testing.assert_allclose(RandomFeatureKernelFn(spec)(x), by_hand, rtol=1e-5)
 
 
+def _numpy_instance_norm_features(spec, params, x):
+    """Phi(x) of ``convnet3`` depth 1 with instance norm, in float64 numpy from the networks' parameters:
+    3x3 SAME conv (zero padding) + bias, per-image, per-channel normalisation, ReLU, 2x2 average pool."""
+    x = np.asarray(x, np.float64)
+    n, h, w, c = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    blocks = []
+    for m in range(spec.random_features.models):
+        layer = jax.tree_util.tree_map(lambda a, m=m: np.asarray(a[m], np.float64), params)["params"]["_Conv_0"]
+        z = sum(padded[:, i:i + h, j:j + w, :] @ layer["kernel"][i, j] for i in range(3) for j in range(3))
+        z = spec.W_std / np.sqrt(9 * c) * z + spec.b_std * layer["bias"]
+        z = (z - z.mean(axis=(1, 2), keepdims=True)) / np.sqrt(z.var(axis=(1, 2), keepdims=True) + 1e-5)
+        z = np.maximum(z, 0)
+        z = z.reshape(n, h // 2, 2, w // 2, 2, -1).mean(axis=(2, 4)).reshape(n, -1)
+        blocks.append(spec.W_std / np.sqrt(spec.random_features.models * z.shape[1]) * z)
+    return np.concatenate(blocks + [np.full((n, 1), spec.b_std)], axis=1)
+
+
+def test_instance_norm_features_equal_a_numpy_forward_pass():
+    spec = KernelSpec("convnet3", depth=1, random_features=RandomFeatures(2, 5, seed=4, norm="instance"))
+    x = jnp.asarray(_images(3, 6, 2))
+    params = rf.fixed_network_params(spec, x.shape[1:])
+    np.testing.assert_allclose(rf.features(spec, params, x), _numpy_instance_norm_features(spec, params, x),
+                               rtol=2e-5, atol=1e-6)
+
+
+def test_instance_norm_makes_the_kernel_blind_to_image_contrast():
+    """Without biases a conv is linear, so the normalised network cannot see an image's scale: K(3x, y) = K(x, y).
+    The plain network is positively homogeneous instead: K(3x, y) = 3 K(x, y)."""
+    x, y = _images(3, 8, 3), _images(4, 8, 3, seed=1)
+    for norm, factor in (("instance", 1.0), ("none", 3.0)):
+        kernel_fn = make_kernel_fn(KernelSpec("convnet3", depth=2, b_std=0.0,
+                                              random_features=RandomFeatures(2, 8, norm=norm)))
+        np.testing.assert_allclose(kernel_fn(3 * x, y), factor * kernel_fn(x, y), rtol=1e-4)
+
+
 def test_kernel_function_interface_and_errors():
     spec = KernelSpec("convnet", depth=1, random_features=RandomFeatures(2, 8))
     kernel_fn = make_kernel_fn(spec)
@@ -159,25 +195,37 @@ def test_kip_with_the_random_feature_kernel_lowers_the_loss(tmp_path, digits, lo
         KipConfig(loss="ce")
     with pytest.raises(KernelDistillError, match="needs a random-feature kernel"):
         KipConfig(rf_fixed_networks=True)
+    with pytest.raises(KernelDistillError, match="the fc architecture has none"):
+        KernelSpec("fc", random_features=RandomFeatures(norm="instance"))
+    with pytest.raises(KernelDistillError, match="norm must be one of none, instance"):
+        RandomFeatures(norm="batch")
+    from kernel_distill.cli import RF_NORM_CHOICES
+    from kernel_distill.kernels.spec import RF_NORMS
+    assert RF_NORM_CHOICES == RF_NORMS
 
 
-def test_a_file_made_with_the_kernel_evaluates_with_it(tmp_path, capsys):
+@pytest.mark.parametrize("norm", ["none", "instance"])
+def test_a_file_made_with_the_kernel_evaluates_with_it(tmp_path, capsys, norm):
     out = tmp_path / "run"
     argv = ["kip", "--dataset", "digits", "--per-class", "1", "--kernel", "convnet-rf", "--depth", "2",
             "--rf-models", "2", "--rf-width", "8", "--rf-seed", "3", "--steps", "4", "--eval-every", "4",
             "--target-batch", "100", "--out", str(out), "--no-progress"]
-    assert main(argv) == 0
+    assert main(argv + ([] if norm == "none" else ["--rf-norm", norm])) == 0
     capsys.readouterr()
     distilled = load_distilled(out / "distilled.npz")
-    assert distilled.metadata["kernel"]["random_features"] == dict(models=2, width=8, seed=3)
+    assert distilled.metadata["kernel"]["random_features"] == dict(models=2, width=8, seed=3, norm=norm)
     assert distilled.metadata["get"] == "nngp"
     recorded = json.loads((out / "results.json").read_text())["metrics"]["test_accuracy_final"]
     assert main(["evaluate", str(out / "distilled.npz"), "--dataset", "digits", "--no-progress", "--json"]) == 0
     printed = capsys.readouterr().out
-    assert "convnet-rf NNGP" in printed
+    assert ("convnet-rf NNGP" if norm == "none" else "convnet-rf (instance norm) NNGP") in printed
     record = json.loads(printed.strip().splitlines()[-1])
-    assert record["config"]["kernel"]["random_features"] == dict(models=2, width=8, seed=3)
+    assert record["config"]["kernel"]["random_features"] == dict(models=2, width=8, seed=3, norm=norm)
     assert record["metrics"]["test_accuracy"] == pytest.approx(recorded, abs=1e-12)
+    if norm != "none":  # a resume that would change the kernel is refused with one line
+        assert main(["kip", "--resume", str(out), "--steps", "6", "--rf-norm", "none", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "--rf-norm would change" in err and err.count("\n") == 1, err
     # The exact kernel of the same architecture, asked for explicitly.
     assert main(["evaluate", str(out / "distilled.npz"), "--dataset", "digits", "--kernel", "convnet",
                  "--get", "nngp", "--no-progress"]) == 0
@@ -190,6 +238,7 @@ def test_a_file_made_with_the_kernel_evaluates_with_it(tmp_path, capsys):
     (["kip", "--dataset", "digits", "--kernel", "convnet-rf", "--rf-width", "0"], "width must be a positive"),
     (["kip", "--dataset", "digits", "--kernel", "convnet-rf", "--backend", "ray"], "local backend only"),
     (["kip", "--dataset", "digits", "--rf-fixed-networks"], "needs a random-feature kernel"),
+    (["kip", "--dataset", "digits", "--kernel", "convnet", "--rf-norm", "instance"], "need a random-feature kernel"),
     (["baseline", "--dataset", "digits", "--kernel", "convnet-rf", "--get", "ntk"], "NNGP only"),
 ])
 def test_cli_errors(tmp_path, capsys, argv, match):

@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="L2 weight decay, added to the gradient before the optimiser (coupled; default 5e-4)")
     p.add_argument("--loss", choices=("mse", "ce"), default="mse",
                    help="mse on the (learned) labels or cross-entropy on their argmax")
+    p.add_argument("--label-scale", type=POSITIVE, default=1.0,
+                   help="mse: fit label-scale x the labels (RFAD's finite-network protocol; default 1)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--augment", choices=("none", "crop", "flip-crop", "dsa"), default="none",
                    help="random translations of up to 4 pixels (crop), and left-right flips (flip-crop, for "
@@ -244,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "out), scored beside the test set; default 0, or 5000 with --tune")
     p.add_argument("--tune", action="append", default=None, metavar="NAME=V1,V2,...",
                    help="choose the protocol on the validation split before the test set is read: one run per "
-                        "combination; NAME is lr, steps, optimizer, loss, augment, weight_decay or batch_size "
+                        "combination; NAME is lr, steps, optimizer, loss, augment, weight_decay, batch_size or "
+                        "label_scale "
                         "(repeat the option for a grid, e.g. --tune lr=0.01,0.05 --tune steps=300,1000)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
@@ -464,7 +467,7 @@ def _evaluate(args, distilled) -> int:
         result = experiments.evaluate_distilled(distilled, preprocessor, x_test, y_test, _kernel_fn(args, spec), reg,
                                                 get, _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
-    print(f"{args.file}: {len(distilled.images)} support images, {spec.name} {get.upper()} "
+    print(f"{args.file}: {len(distilled.images)} support images, {spec.description} {get.upper()} "
           f"(depth {spec.depth}), reg {reg:g}: test accuracy {100 * metrics['test_accuracy']:.2f}% on "
           f"{metrics['num_test']} {args.dataset} test images ({result['seconds']:.1f} s)")
     config = dict(file=str(args.file), kernel=spec.to_dict(), get=get, reg=reg, test_limit=args.test_limit,
@@ -504,7 +507,7 @@ def _baseline(args) -> int:
                                               _dtype(args), progress=not args.no_progress, backend=backend)
     metrics = result["metrics"]
     acc = 100 * np.asarray(metrics["test_accuracies"])
-    print(f"{args.dataset}, {args.per_class} per class, {spec.name} {get.upper()} depth {spec.depth}: "
+    print(f"{args.dataset}, {args.per_class} per class, {spec.description} {get.upper()} depth {spec.depth}: "
           f"{acc.mean():.2f} +- {100 * metrics['test_accuracy_std']:.2f}% over {len(acc)} seeds "
           f"({metrics['num_test']} test images)")
     config = dict(per_class=args.per_class, seeds=args.seeds, kernel=spec.to_dict(), get=get, reg=reg, zca=args.zca,
@@ -651,7 +654,7 @@ def _label_solve(args, given, out: pathlib.Path) -> int:
         result["covariance"], "original class (one-hot)", "solved label column", data.class_names,
         title=f"Label Solve, {args.dataset}, support {len(x_support)}"))
     print(f"Label Solve on {args.dataset}: support {len(x_support)}, {metrics['num_train']} training images, "
-          f"{spec.name} {get.upper()}, {metrics['solve_seconds']:.1f} s, peak memory "
+          f"{spec.description} {get.upper()}, {metrics['solve_seconds']:.1f} s, peak memory "
           f"{metrics['peak_rss_mb']:.0f} MB")
     print(f"KRR test accuracy: original labels {100 * metrics['test_accuracy_original_labels']:.2f}%, solved labels "
           f"{100 * metrics['test_accuracy']:.2f}% ({metrics['num_test']} test images)")
@@ -676,7 +679,7 @@ def _cmd_transfer(args) -> int:
     config = TrainConfig(steps=args.steps, optimizer=args.optimizer,
                          learning_rate=default_learning_rate(args.model) if args.lr is None else args.lr,
                          weight_decay=args.weight_decay, loss=args.loss, batch_size=args.batch_size,
-                         eval_every=args.eval_every, augment=args.augment)
+                         eval_every=args.eval_every, augment=args.augment, label_scale=args.label_scale)
     if (args.file is None) == (args.natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
     args.tune_grid = _tune_grid(args.tune, config)
@@ -835,7 +838,7 @@ def _cmd_kip(args) -> int:
                               progress=not args.no_progress, command_line=args.command_line, backend=backend)
     summary["seconds"] = time.perf_counter() - start
     chosen = "validation" if config.select_on == "validation" else "TEST (as the KIP papers did)"
-    print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.name} {config.get.upper()}, "
+    print(f"KIP {config.dataset}, {config.per_class}/class, {config.kernel.description} {config.get.upper()}, "
           f"{summary['step']} steps in {summary['seconds']:.0f} s: test accuracy {100 * summary['last_accuracy']:.2f}% "
           f"(final), {100 * summary['best_test_accuracy']:.2f}% (best on {chosen}, step {summary['best_step']})")
     print(f"outputs in {out}: distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, "

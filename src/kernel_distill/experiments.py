@@ -200,7 +200,7 @@ def transfer_support(file_set: DistilledSet | None, source: str | None, dataset:
 
 TUNABLE = {"lr": ("learning_rate", float), "steps": ("steps", int), "optimizer": ("optimizer", str),
            "loss": ("loss", str), "augment": ("augment", str), "weight_decay": ("weight_decay", float),
-           "batch_size": ("batch_size", int)}
+           "batch_size": ("batch_size", int), "label_scale": ("label_scale", float)}
 TUNING_SEED = 1000  # tuning runs use their own initialisations, not those of the reported seeds 0, 1, ...
 
 

@@ -252,6 +252,12 @@ class KernelSpec:
         """The CLI name: the architecture, with ``-rf`` for the random-feature approximation."""
         return self.architecture + ("-rf" if self.random_features is not None else "")
 
+    @property
+    def description(self) -> str:
+        """The name, with what it does not say: ``convnet3-rf (instance norm)``."""
+        norm = self.random_features.norm if self.random_features is not None else "none"
+        return self.name + (f" ({norm} norm)" if norm != "none" else "")
+
     @classmethod
     def from_dict(cls, d: dict) -> "KernelSpec":
         """Inverse of :meth:`to_dict`; unknown keys are refused (a misspelt key must not fall back to a default)."""
