@@ -173,7 +173,8 @@ def describe_method(e: dict) -> str:
     arch = {"convnet": "ConvNet", "convnet3": "ConvNet3"}.get(kernel.get("architecture"), str(kernel.get(
         "architecture", "?")).upper())
     features = kernel.get("random_features")
-    kind = f"random-feature {e.get('get', 'ntk').upper()} ({features['models']}x{features['width']})" if features \
+    kind = f"random-feature {e.get('get', 'ntk').upper()} ({features['models']}x{features['width']}" \
+        f"{', ' + features['norm'] + ' norm' if features.get('norm', 'none') != 'none' else ''})" if features \
         else e.get("get", "ntk").upper()
     text = f"{METHOD_NAMES.get(e['method'], e['method'])} {arch} {kind}"
     if e["method"] == "kip":
