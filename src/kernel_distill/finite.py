@@ -406,9 +406,15 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
     start = time.perf_counter()
     eval_seconds = 0.0
     curve, val_curve = [], []
+    in_flight = None
     with tqdm(total=config.steps, desc=description, disable=not progress, leave=False, unit="step") as bar:
         for i in range(1, config.steps + 1):
             params, opt_state, key, value = step(params, opt_state, key)
+            # Dispatch is asynchronous: unchecked, the loop can queue every step up to the next evaluation, and
+            # Ctrl-C or SIGTERM then waits for the whole queue at exit. One step in flight keeps the device busy.
+            if in_flight is not None:
+                in_flight.block_until_ready()
+            in_flight = value
             if i % config.eval_every == 0 or i == config.steps:
                 value = float(value)
                 if not math.isfinite(value):
