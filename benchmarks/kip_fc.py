@@ -37,6 +37,10 @@ def main():
     parser.add_argument("--kernel", default="fc", choices=["fc", "convnet", "convnet3"])
     parser.add_argument("--target-batch", type=int, default=None)
     parser.add_argument("--eval-every", type=int, default=1000)
+    parser.add_argument("--select-on", default="validation", choices=["validation", "test"],
+                        help="split that picks the selected support: validation (default; held out of the "
+                             "training split) or test (only to reproduce the papers' protocol, and the rows "
+                             "of commit c979632; all training images are then targets)")
     parser.add_argument("--out", default="runs/bench-kip")
     parser.add_argument("--results", default=str(RESULTS), help="append each run's result record here")
     args = parser.parse_args()
@@ -45,16 +49,17 @@ def main():
 
     print(f"# KIP {args.kernel.upper()} NTK; {time.strftime('%Y-%m-%d')}, {platform.machine()}, "
           f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind})")
-    print("| dataset | per class | labels | steps | final acc % | validation-selected acc % (step) "
+    print(f"| dataset | per class | labels | steps | final acc % | {args.select_on}-selected acc % (step) "
           "| published KIP-FC % | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.datasets:
         # One validation split per dataset, the same for every run (it depends on the dataset only).
-        data = prepare_for(KipConfig(dataset=name), progress=False)
+        data = prepare_for(KipConfig(dataset=name, select_on=args.select_on), progress=False)
         for per_class, steps in zip(args.per_class, args.steps):
             for labels in args.labels:
                 config = KipConfig(dataset=name, per_class=per_class, kernel=KernelSpec(args.kernel),
                                    learn_labels=labels == "learned", steps=steps, eval_every=args.eval_every,
+                                   select_on=args.select_on,
                                    checkpoint_every=max(steps // 4, 1), target_batch_size=args.target_batch)
                 out = pathlib.Path(args.out) / f"{name}-{args.kernel}-{per_class}-{labels}"
                 start = time.perf_counter()

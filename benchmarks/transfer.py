@@ -5,7 +5,8 @@ labels and a Label Solve set (FC NTK, whole training set), then trains each fini
 seeds on: the KIP set, the LS set, and a random natural class-balanced subset; prints test accuracy
 (mean +- std over the seeds, whole test set) and the training time per seed.
 
-Every finished cell's result record (docs/FORMAT.md) is appended to ``benchmarks/results/transfer.jsonl``, from
+Every finished cell's result record (docs/FORMAT.md) is appended to ``--results`` (default
+``benchmarks/results/transfer.jsonl``), from
 which ``benchmarks/tables.py`` makes the tables of docs/BENCHMARKS.md, and the cell itself to the cache
 ``OUT/results.jsonl``; a rerun skips the cells already there, so a long
 table can be built over several sessions or stopped with Ctrl-C. ``--jobs 2`` trains two cells at once
@@ -47,7 +48,7 @@ def cell_key(cell: dict) -> tuple:
                                    "loss", "seeds"))
 
 
-def run_cell(root: pathlib.Path, cell: dict) -> dict:
+def run_cell(root: pathlib.Path, cell: dict, results_path=RESULTS) -> dict:
     set_dir = root / f"{cell['dataset']}-{cell['source']}-{cell['per_class']}"
     if cell["source"] == "natural":
         source = ("--natural-per-class", str(cell["per_class"]), "--dataset", cell["dataset"])
@@ -66,11 +67,12 @@ def run_cell(root: pathlib.Path, cell: dict) -> dict:
     if cell["source"] != "natural":
         set_metrics = read_results(set_dir)["metrics"]
         krr = set_metrics.get("test_accuracy_final", set_metrics["test_accuracy"])
-    append_record(RESULTS, dict(r, config=dict(r["config"], set={"kip": "kip-fc"}.get(cell["source"], cell["source"]),
-                                               per_class=cell["per_class"], loss=cell["loss"], steps=cell["steps"],
-                                               batch_size=cell["batch_size"], learning_rate=cell["lr"]),
-                                metrics=dict(m, train_seconds_per_seed=train_seconds,
-                                             **({"set_krr_test_accuracy": krr} if krr is not None else {}))))
+    set_name = {"kip": "kip-fc"}.get(cell["source"], cell["source"])
+    append_record(results_path, dict(r, config=dict(r["config"], set=set_name,
+                                                    per_class=cell["per_class"], loss=cell["loss"], steps=cell["steps"],
+                                                    batch_size=cell["batch_size"], learning_rate=cell["lr"]),
+                                     metrics=dict(m, train_seconds_per_seed=train_seconds,
+                                                  **({"set_krr_test_accuracy": krr} if krr is not None else {}))))
     return dict(cell, mean=m["test_accuracy"], std=m["test_accuracy_std"], accuracies=m["test_accuracies"],
                 train_seconds_per_seed=train_seconds)
 
@@ -112,6 +114,7 @@ def main():
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once")
     parser.add_argument("--table-only", action="store_true", help="print the cached results, train nothing")
     parser.add_argument("--out", default="runs/bench-transfer")
+    parser.add_argument("--results", default=str(RESULTS), help="append each cell's result record here")
     args = parser.parse_args()
     root = pathlib.Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,7 @@ def main():
         # The small sets first, so that an interrupted run has whole rows to show.
         todo = sorted((cell for cell in cells if cell_key(cell) not in results), key=lambda c: c["per_class"])
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-            for future in concurrent.futures.as_completed([pool.submit(run_cell, root, c) for c in todo]):
+            for future in concurrent.futures.as_completed([pool.submit(run_cell, root, c, args.results) for c in todo]):
                 r = future.result()
                 results[cell_key(r)] = r
                 with results_file.open("a") as f:
