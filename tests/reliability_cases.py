@@ -194,6 +194,49 @@ def _checkpoint_at(step: int):
     return check
 
 
+def _symlink(name: str, target: str):
+    """Setup: ``d/name`` is a symbolic link to ``d/target`` (which need not exist: a dangling link)."""
+
+    def setup(d: pathlib.Path):
+        (d / name).symlink_to(d / target)
+
+    return setup
+
+
+def _previous_report(d: pathlib.Path):
+    """A report folder as ``report`` leaves it (index.html, runs/, img/)."""
+    (d / "rep" / "runs").mkdir(parents=True)
+    (d / "rep" / "img").mkdir()
+    (d / "rep" / "index.html").write_text("<html>an earlier report</html>\n")
+
+
+def _previous_evaluate(d: pathlib.Path):
+    """A folder holding an evaluate run's results.json."""
+    record = json.loads((d / "run" / "results.json").read_text())
+    (d / "ev").mkdir()
+    (d / "ev" / "results.json").write_text(json.dumps(dict(record, command="evaluate", method="file")))
+
+
+def _results_edit(edit):
+    """Setup: rewrite run/results.json through ``edit(record) -> record``."""
+
+    def setup(d: pathlib.Path):
+        path = d / "run" / "results.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+    return setup
+
+
+def _metrics(**changes):
+    return lambda record: dict(record, metrics=dict(record["metrics"], **changes))
+
+
+def _test_split_is_a_folder(d: pathlib.Path):
+    folder = d / "data" / "mnist"
+    (folder / "test.npz").mkdir(parents=True)
+    np.savez(folder / "train.npz", x=np.zeros((50, 28, 28, 1), np.uint8), y=np.arange(50, dtype=np.int64) % 10)
+
+
 def _meta(**kwargs):
     return lambda meta: json.dumps(dict(meta, **kwargs))
 
@@ -317,7 +360,8 @@ CASES: list[Case] = [
          lambda d: (d / "run" / "results.json").write_text("{oops")),
     Case("report", "results.json a list", ("report", f"{D}/run", "--out", f"{D}/rep"), "not a JSON object",
          lambda d: (d / "run" / "results.json").write_text("[1, 2]")),
-    Case("report", "--out under a file", ("report", f"{D}/run", "--out", f"{D}/F/rep"), "Not a directory"),
+    Case("report", "--out under a file", ("report", f"{D}/run", "--out", f"{D}/F/rep"),
+         "a parent of it is a file"),
     # -- demo
     Case("demo", "--out holds a finished run", ("demo", "--out", f"{D}/run"), "is not empty"),
     Case("demo", "--out is a file", ("demo", "--out", f"{D}/F"), "is a file"),
@@ -350,7 +394,7 @@ CASES: list[Case] = [
     Case("kip", "--resume: config.json a list", ("kip", "--resume", f"{D}/run", "--steps", "9"), "JSON object",
          _config("[1, 2]")),
     Case("kip", "--resume: config.json per_class a string", ("kip", "--resume", f"{D}/run", "--steps", "9"),
-         "per_class", _config_edit(per_class="ten")),
+         "--per-class", _config_edit(per_class="ten")),
     Case("kip", "--resume: config.json from another run (per_class 3) beside the checkpoint",
          ("kip", "--resume", f"{D}/run", "--steps", "9"), "mixes two runs", _config_edit(per_class=3)),
     Case("kip", "--resume: config.json unknown field", ("kip", "--resume", f"{D}/run", "--steps", "9"),
@@ -384,6 +428,120 @@ CASES: list[Case] = [
     Case("kip", "disk full during the run (checkpoint at step 9 kept)",
          ("kip", "--resume", f"{D}/run", "--steps", "12", "--no-progress"), "No space left on device",
          patch=_disk_full_after, may_add=True, check=_checkpoint_at(9)),
+
+    # -- every writing command: an existing run folder is never replaced nor mixed (issue 28, items 1-4)
+    *[Case(command, f"--out holds a finished KIP run{via}", (*argv, "--out", f"{D}/{folder}"), "is not empty",
+           setup)
+      for command, argv in [("label-solve", ("label-solve", "--dataset", "digits")), ("evaluate", ("evaluate", SET)),
+                            ("baseline", ("baseline", "--dataset", "digits", "--seeds", "1")),
+                            ("transfer", ("transfer", SET, "--steps", "2", "--seeds", "1"))]
+      for via, folder, setup in [("", "run", None), (" (through a symlink)", "link", _symlink("link", "run"))]],
+    *[Case(command, f"--out holds a finished KIP run, with --overwrite{via}", (*argv, "--out", f"{D}/{folder}",
+                                                                              "--overwrite"), "holds a kip run",
+           setup)
+      for command, argv in [("label-solve", ("label-solve", "--dataset", "digits")), ("evaluate", ("evaluate", SET)),
+                            ("baseline", ("baseline", "--dataset", "digits", "--seeds", "1")),
+                            ("transfer", ("transfer", SET, "--steps", "2", "--seeds", "1"))]
+      for via, folder, setup in [("", "run", None), (" (through a symlink)", "link", _symlink("link", "run"))]],
+    Case("baseline", "--overwrite of an evaluate run's folder", ("baseline", "--dataset", "digits", "--out", f"{D}/ev",
+                                                                 "--overwrite"), "holds an evaluate run",
+         _previous_evaluate),
+    Case("kip", "--overwrite of an evaluate run's folder", ("kip", "--out", f"{D}/ev", "--overwrite", *RUN_ARGS),
+         "holds an evaluate run", _previous_evaluate),
+    Case("demo", "--overwrite of an evaluate run's folder", ("demo", "--out", f"{D}/ev", "--overwrite"),
+         "holds an evaluate run", _previous_evaluate),
+    Case("evaluate", "--out is a dangling symlink", ("evaluate", SET, "--out", f"{D}/dangling"), "does not exist",
+         _symlink("dangling", "nowhere")),
+    Case("kip", "--out is a dangling symlink", ("kip", "--out", f"{D}/dangling", *RUN_ARGS), "does not exist",
+         _symlink("dangling", "nowhere")),
+    *[Case(command, '--out ""', (*argv, "--out", ""), "--out is empty")
+      for command, argv in [("evaluate", ("evaluate", SET)), ("baseline", ("baseline", "--dataset", "digits")),
+                            ("label-solve", ("label-solve", "--dataset", "digits")),
+                            ("transfer", ("transfer", SET, "--steps", "2")), ("kip", ("kip", *RUN_ARGS)),
+                            ("demo", ("demo",)), ("report", ("report", f"{D}/run"))]],
+    Case("kip", '--resume ""', ("kip", "--resume", ""), "--resume is empty"),
+    Case("report", "--out into a finished KIP run", ("report", f"{D}/run", "--out", f"{D}/run"), "is not empty"),
+    Case("report", "--out into a finished KIP run, with --overwrite", ("report", f"{D}/run", "--out", f"{D}/run",
+                                                                       "--overwrite"), "holds a kip run"),
+    Case("report", "--out onto an earlier report", ("report", f"{D}/run", "--out", f"{D}/rep"), "is not empty",
+         _previous_report),
+    Case("zoo", "export onto an existing .npz", ("zoo", "export", "mnist-kip-fc-1", SET), "exists"),
+    Case("zoo", "export onto a run's distilled.npz", ("zoo", "export", "mnist-kip-fc-1", f"{D}/run/distilled.npz"),
+         "exists"),
+    Case("zoo", "export onto a run's distilled.npz, with --overwrite",
+         ("zoo", "export", "mnist-kip-fc-1", f"{D}/run/distilled.npz", "--overwrite"), "belongs to the kip run"),
+    Case("zoo", "export into a folder a live kip holds", ("zoo", "export", "mnist-kip-fc-1", f"{D}/run/new.npz"),
+         "pid 4242", patch=_held_lock),
+    Case("zoo", 'export to ""', ("zoo", "export", "mnist-kip-fc-1", ""), "PATH is empty"),
+    Case("zoo", "export to a dangling symlink", ("zoo", "export", "mnist-kip-fc-1", f"{D}/dangling.npz"),
+         "does not exist", _symlink("dangling.npz", "nowhere.npz")),
+    Case("zoo", "report --out into a finished KIP run", ("zoo", "report", "--out", f"{D}/run", "--overwrite"),
+         "holds a kip run"),
+    # -- report: a results.json that breaks the schema is refused before anything is written (item 6)
+    Case("report", "results.json: a string where a number belongs", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "must be a number", _results_edit(_metrics(test_accuracy="97%"))),
+    Case("report", "bad results.json with --overwrite of an earlier report: the earlier one stays whole",
+         ("report", f"{D}/run", "--out", f"{D}/rep", "--overwrite"), "must be a number",
+         lambda d: (_previous_report(d), _results_edit(_metrics(test_accuracy="97%"))(d))),
+    Case("report", 'results.json: "support_size": "100"', ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "support_size must be", _results_edit(_metrics(support_size="100"))),
+    Case("report", "results.json: metrics a list", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "'metrics' must be a JSON object", _results_edit(lambda r: dict(r, metrics=[0.9]))),
+    Case("report", "results.json: a curve of strings", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "curve loss", _results_edit(lambda r: dict(r, curves=dict(loss=[["a", "b"]])))),
+    Case("report", "results.json: command a number", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "'command' must be", _results_edit(lambda r: dict(r, command=7))),
+    Case("report", "results.json: accuracy 97 (a percentage)", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "not a fraction", _results_edit(_metrics(test_accuracy=97.0))),
+    Case("report", "results.json: dataset.num_test a float", ("report", f"{D}/run", "--out", f"{D}/rep"),
+         "num_test must be a whole number",
+         _results_edit(lambda r: dict(r, dataset=dict(r["dataset"], num_test=12.5)))),
+    # -- absurd sizes in a file's metadata fail before anything is allocated (item 7)
+    Case("evaluate", "metadata kernel depth 10^9", ("evaluate", f"{D}/deep.npz"), "beyond the 100 layers",
+         _with_metadata("deep.npz", _meta(kernel={"architecture": "fc", "depth": 10**9}))),
+    Case("evaluate", "metadata random features width 10^9", ("evaluate", f"{D}/wide.npz"), "width 1000000000",
+         _with_metadata("wide.npz", _meta(kernel={"architecture": "convnet3", "depth": 3,
+                                                  "random_features": {"width": 10**9}}))),
+    Case("label-solve", "--support whose metadata asks for depth 10^9",
+         ("label-solve", "--dataset", "digits", "--support", f"{D}/deep.npz", "--out", f"{D}/ls"),
+         "beyond the 100 layers", _with_metadata("deep.npz", _meta(kernel={"architecture": "fc", "depth": 10**9}))),
+    Case("kip", "--depth 1000000000", ("kip", "--out", f"{D}/new", "--depth", "1000000000", *RUN_ARGS),
+         "beyond the 100 layers"),
+    Case("evaluate", "--rf-models 10^6", ("evaluate", SET, "--kernel", "convnet3-rf", "--rf-models", "1000000"),
+         "models 1000000"),
+    # -- messages name the options, not internal fields (item 10)
+    Case("kip", "--per-class 0", ("kip", "--out", f"{D}/new", "--per-class", "0"), "--per-class must be"),
+    Case("kip", "--eval-every 0", ("kip", "--out", f"{D}/new", "--eval-every", "0"), "--eval-every must be"),
+    Case("kip", "--checkpoint-every -1", ("kip", "--out", f"{D}/new", "--checkpoint-every", "-1"),
+         "--checkpoint-every must be"),
+    Case("kip", "--target-batch 0", ("kip", "--out", f"{D}/new", "--target-batch", "0"), "--target-batch must be"),
+    Case("transfer", "--batch-size 0", ("transfer", SET, "--batch-size", "0"), "--batch-size must be"),
+    Case("transfer", "--eval-every 0", ("transfer", SET, "--eval-every", "0"), "--eval-every must be"),
+    Case("evaluate", "--memory-budget-mb 1e-9", ("evaluate", SET, "--memory-budget-mb", "1e-9"),
+         "--memory-budget-mb must be at least 1"),
+    Case("kip", "--memory-budget-mb 0.5", ("kip", "--out", f"{D}/new", "--memory-budget-mb", "0.5"),
+         "--memory-budget-mb must be at least 1"),
+    Case("kip", "--init-from a set made on mnist: the advice names --dataset",
+         ("kip", "--out", f"{D}/warm", "--init-from", f"{D}/mnist.npz", *RUN_ARGS), "use --dataset mnist",
+         _with_metadata("mnist.npz", _meta(dataset="mnist"))),
+    Case("datasets", "--data-dir that does not exist", ("datasets", "--data-dir", f"{D}/no-such-folder"),
+         "does not exist"),
+    Case("datasets", "--data-dir is a file", ("datasets", "--data-dir", f"{D}/F"), "is not a folder"),
+    Case("baseline", "a folder where test.npz belongs", ("baseline", "--dataset", "mnist", "--data-dir", f"{D}/data"),
+         "is a folder, not an .npz file", _test_split_is_a_folder),
+    Case("label-solve", "--train-limit below the support size",
+         ("label-solve", "--dataset", "digits", "--train-limit", "5", "--support-size", "20", "--out", f"{D}/ls"),
+         "underdetermined"),
+    # -- options a file's own preprocessing would silently override (audit)
+    Case("evaluate", "--zca-reg with a file that carries its preprocessing", ("evaluate", SET, "--zca-reg", "5"),
+         "drop --zca-reg"),
+    Case("transfer", "--zca-reg with a file that carries its preprocessing",
+         ("transfer", SET, "--zca-reg", "5", "--steps", "2"), "drop --zca-reg"),
+    Case("label-solve", "--zca-reg with a --support that carries its preprocessing",
+         ("label-solve", "--dataset", "digits", "--support", SET, "--zca-reg", "5", "--out", f"{D}/ls"),
+         "drop --zca-reg"),
+    Case("label-solve", "--seed with --support", ("label-solve", "--dataset", "digits", "--support", SET, "--seed",
+                                                  "3", "--out", f"{D}/ls"), "drop --seed"),
 ]
 
 
@@ -434,7 +592,7 @@ def run_case(case: Case, template: pathlib.Path, folder: pathlib.Path) -> Outcom
         case.setup(folder)
     before = _snapshot(folder)
     argv = [a.replace("{d}", str(folder)) for a in case.argv]
-    if "--no-progress" not in argv and case.command != "report":  # report shows no progress
+    if "--no-progress" not in argv and case.command not in ("report", "zoo", "datasets"):  # these show none
         argv.append("--no-progress")
     err, code, trace = io.StringIO(), None, None
     patch = case.patch(folder) if case.patch else contextlib.nullcontext()
@@ -542,6 +700,28 @@ def kill_and_resume(folder: pathlib.Path, reference: pathlib.Path) -> dict:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             assert main(["kip", "--resume", str(folder), "--no-progress"]) == 0
     return dict(killed=killed, stale_temp_left=[p.name for p in folder.glob(".*.tmp")],
+                differences=differences(folder, reference))
+
+
+def kill_during_final_writes(folder: pathlib.Path, reference: pathlib.Path) -> dict:
+    """Start a run and SIGKILL it during its final writes (its last checkpoint is on disk, ``distilled.npz``
+    is, ``results.json`` is not yet); then ``--resume`` with no options must finish the outputs without a new
+    step, and the folder must equal ``reference``."""
+    from kernel_distill.kip import load_checkpoint
+    from kernel_distill.runs import read_history
+
+    proc = spawn_kip("--out", folder, *LONG_ARGS)
+    killed = _kill_when(proc, lambda: (folder / "distilled.npz").exists() and not (folder / "results.json").exists())
+    outputs_before = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    step_before = load_checkpoint(folder)[1].step
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main(["kip", "--resume", str(folder), "--no-progress"])
+    results = json.loads((folder / "results.json").read_text()) if (folder / "results.json").is_file() else {}
+    history = read_history(folder)
+    return dict(killed=killed, outputs_before=outputs_before, step_before=step_before, exit_code=code,
+                stderr=err.getvalue(), results_steps=results.get("metrics", {}).get("steps"),
+                resumed_at=history[-1]["step"] if history else None,
                 differences=differences(folder, reference))
 
 

@@ -90,6 +90,7 @@ def test_argument_errors_are_one_line_too(capsys, argv):
 def test_unreachable_download_is_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "baseline", "--dataset", "mnist", "--data-dir", str(tmp_path), "--no-progress")
     assert code == 2 and err.count("\n") == 1 and "download of" in err and str(tmp_path / "mnist") in err
+    assert not (tmp_path / "mnist").exists()  # a failed first download leaves no empty dataset folder
 
 
 def test_mismatched_file_and_dataset(tmp_path, capsys, rng):
@@ -106,3 +107,89 @@ def test_console_script_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not a readable .npz" in proc.stderr
+
+
+def test_every_option_of_every_command_has_help_text():
+    import argparse
+
+    from kernel_distill.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, [*path, name])
+            elif not action.help:
+                missing.append(f"{' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), ["kernel-distill"])
+    assert missing == []
+
+
+def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, capsys):
+    """evaluate, baseline, label-solve and transfer own their folders as kip does: a second run into the same
+    --out is refused, --overwrite replaces that command's own files and leaves the user's alone."""
+    base = tmp_path / "base"
+    assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",
+               "--out", str(base))[0] == 0
+    subset = str(base / "natural.npz")
+    commands = {
+        "evaluate": ["evaluate", subset],
+        "baseline": ["baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1"],
+        "label-solve": ["label-solve", "--dataset", "digits", "--support-size", "20", "--train-limit", "300"],
+        "transfer": ["transfer", subset, "--model", "fc", "--width", "16", "--steps", "3", "--seeds", "1",
+                     "--eval-every", "3"],
+    }
+    for command, argv in commands.items():
+        out = tmp_path / command
+        assert run(capsys, *argv, "--no-progress", "--out", str(out))[0] == 0
+        (out / "notes.txt").write_text("mine\n")
+        first = (out / "results.json").read_text()
+        code, _, err = run(capsys, *argv, "--no-progress", "--out", str(out))
+        assert code == 2 and "is not empty" in err and (out / "results.json").read_text() == first, command
+        assert run(capsys, *argv, "--no-progress", "--out", str(out), "--overwrite")[0] == 0
+        assert (out / "results.json").read_text() != first  # a new record (its date and wall time at least)
+        assert read_results(out)["command"] == command
+        assert (out / "notes.txt").read_text() == "mine\n"
+
+
+def test_report_overwrite_replaces_an_earlier_report_whole(tmp_path, capsys):
+    for name in ("a", "b"):
+        assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",
+                   "--out", str(tmp_path / "runs" / name))[0] == 0
+    report = tmp_path / "report"
+    assert run(capsys, "report", str(tmp_path / "runs"), "--out", str(report))[0] == 0
+    assert len(list((report / "runs").glob("*.html"))) == 2
+    code, _, err = run(capsys, "report", str(tmp_path / "runs" / "a"), "--out", str(report))
+    assert code == 2 and "is not empty" in err
+    assert run(capsys, "report", str(tmp_path / "runs" / "a"), "--out", str(report), "--overwrite")[0] == 0
+    assert len(list((report / "runs").glob("*.html"))) == 1  # no page left over from the earlier report
+    assert not list(report.glob(".report-*"))  # the staging folder is gone
+
+
+def test_zoo_export_overwrite_replaces_a_plain_file(tmp_path, capsys):
+    target = tmp_path / "set.npz"
+    target.write_bytes(b"an old file")
+    code, _, err = run(capsys, "zoo", "export", "mnist-kip-fc-1", str(target))
+    assert code == 2 and "exists" in err and target.read_bytes() == b"an old file"
+    assert run(capsys, "zoo", "export", "mnist-kip-fc-1", str(target), "--overwrite")[0] == 0
+    from kernel_distill import zoo
+
+    assert zoo.file_sha256(target) == zoo.entry("mnist-kip-fc-1")["sha256"]
+
+
+def test_datasets_says_unreadable_for_a_corrupt_split(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    np.savez_compressed(folder / "train.npz", x=np.zeros((20, 28, 28, 1), np.uint8), y=np.zeros(20, np.uint8))
+    np.savez_compressed(folder / "test.npz", x=np.zeros((20, 28, 28, 1), np.uint8), y=np.zeros(20, np.uint8))
+    code, out, _ = run(capsys, "datasets", "--data-dir", str(tmp_path))
+    assert code == 0 and "ready (npz)" in out
+    data = bytearray((folder / "train.npz").read_bytes())
+    data[len(data) // 3] ^= 0xFF  # one flipped byte inside the compressed x array
+    (folder / "train.npz").write_bytes(bytes(data))
+    code, out, _ = run(capsys, "datasets", "--data-dir", str(tmp_path))
+    line = next(line for line in out.splitlines() if line.strip().startswith("mnist"))
+    assert code == 0 and "UNREADABLE" in line and "train.npz" in line

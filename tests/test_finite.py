@@ -48,14 +48,16 @@ def test_ntk_parameterization_has_order_one_outputs(name, rng):
     assert 0.05 < out.std() < 5
 
 
-@pytest.mark.parametrize("name", ["fc", "evalnet"])
-def test_training_on_ten_images_per_class_beats_chance_on_held_out_digits(digits, name):
-    """Real data: 100 digits training images; the 359 test images are held out. Measured: fc 67.7%, evalnet 73.5%."""
+@pytest.mark.parametrize("name,measured", [("fc", 0.677), ("evalnet", 0.749)])
+def test_training_on_ten_images_per_class_beats_chance_on_held_out_digits(digits, name, measured):
+    """Real data: 100 digits training images; the 359 test images are held out. Measured (CPU, 2026-12-01):
+    fc 67.7%, evalnet 74.9%; the bound leaves 3 points for other float rounding (other seeds give 56-60% for
+    fc, 74% for evalnet: the network's seed is fixed here)."""
     idx = np.concatenate([np.flatnonzero(digits.y_train == c)[:10] for c in range(10)])
     model = build_model(name, 10, 64)
     result = train(model, digits.x_train[idx], centered_one_hot(digits.y_train[idx], 10), digits.x_test,
                    digits.y_test, TrainConfig(steps=200, eval_every=100), jax.random.PRNGKey(0), progress=False)
-    assert result["test_accuracy"] > 0.5  # chance is 0.1
+    assert result["test_accuracy"] > measured - 0.03  # chance is 0.1
     assert [step for step, _ in result["curve"]] == [100, 200]
     assert 0 < result["eval_seconds"] < result["seconds"]
 
@@ -123,7 +125,7 @@ def test_dsa_augmentation_applies_one_transform_per_batch_and_trains(digits, rng
     result = train(build_model("fc", 10, 64), digits.x_train[idx], centered_one_hot(digits.y_train[idx], 10),
                    digits.x_test, digits.y_test, TrainConfig(steps=100, eval_every=100, augment="dsa"),
                    jax.random.PRNGKey(0), progress=False)
-    assert result["test_accuracy"] > 0.3  # chance is 0.1
+    assert result["test_accuracy"] > 0.53  # measured 56.8% (CPU, 2026-12-01); chance is 0.1
 
 
 def test_cli_transfer(tmp_path, capsys):
@@ -133,14 +135,16 @@ def test_cli_transfer(tmp_path, capsys):
     assert code == 0
     record = read_results(out)
     metrics = record["metrics"]
-    assert len(metrics["test_accuracies"]) == 2 and 0.2 < metrics["test_accuracy"] <= 1.0
+    # measured 42.6% (39.3% and 46.0%; CPU, 2026-12-01) after 50 steps on 50 images; chance is 0.1
+    assert len(metrics["test_accuracies"]) == 2 and metrics["test_accuracy"] > 0.39
     assert 0 < metrics["eval_seconds"] and 0 < metrics["train_seconds"]
     assert [c[-1][0] for c in record["curves"].values()] == [50, 50]  # one test curve per seed
     assert (out / "transfer_curve.png").is_file()
     capsys.readouterr()
     assert main(["transfer", "--model", "fc"]) == 2
     assert "FILE or --natural-per-class" in capsys.readouterr().err
-    for flag, message in [("--width", "--width must be a positive integer"), ("--steps", "steps must be positive")]:
+    for flag, message in [("--width", "--width must be a positive integer"),
+                          ("--steps", "--steps must be a positive integer")]:
         assert main(["transfer", "--natural-per-class", "1", "--dataset", "digits", flag, "0"]) == 2
         assert message in capsys.readouterr().err
     assert main(["transfer", str(tmp_path / "missing.npz")]) == 2
@@ -211,9 +215,9 @@ def test_label_scale_multiplies_the_mse_targets_and_is_refused_with_ce():
     ce = float(_loss_fn(jnp.asarray(logits), jnp.asarray(labels), "ce"))
     log_softmax = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     assert ce == pytest.approx(-np.mean(log_softmax[np.arange(5), labels.argmax(1)]), rel=1e-6)
-    with pytest.raises(KernelDistillError, match="label scale applies to the mse loss"):
+    with pytest.raises(KernelDistillError, match="--label-scale applies to the mse loss"):
         TrainConfig(loss="ce", label_scale=8.0)
-    with pytest.raises(KernelDistillError, match="label scale must be positive"):
+    with pytest.raises(KernelDistillError, match="--label-scale must be positive"):
         TrainConfig(label_scale=0.0)
     candidates = tuning_candidates(TrainConfig(steps=10), {"label_scale": ["1", "8"]})
     assert [c.label_scale for c in candidates] == [1.0, 8.0]
@@ -266,11 +270,13 @@ def test_cli_transfer_tunes_the_protocol_on_validation(tmp_path, capsys):
     assert record["config"]["train"]["loss"] == chosen["loss"]
     assert chosen["lr"] == 0.05  # 60 steps at lr 0.001 leave the net near chance
     assert record["selection"] == {"split": "validation", "num_val": 200}
-    assert record["metrics"]["num_val"] == 200 and 0.5 < record["metrics"]["val_accuracy"] <= 1
+    # measured: 86.5% on validation, 88.4% on the test set (CPU, 2026-12-01)
+    assert record["metrics"]["num_val"] == 200 and record["metrics"]["val_accuracy"] > 0.83
+    assert record["metrics"]["test_accuracy"] > 0.85
     assert printed.index("protocol chosen on 200 validation images") < printed.index("test accuracy")
     for argv, message in [(["--tune", "lr=abc"], "cannot read 'abc'"), (["--tune", "depth=2"], "cannot tune 'depth'"),
                           (["--tune", "lr=0.1", "--val-size", "0"], "needs a validation split"),
-                          (["--tune", "lr=-1"], "learning rate must be positive"),
+                          (["--tune", "lr=-1"], "--lr must be positive"),
                           (["--tune", "lr"], "takes NAME=V1,V2"),
                           (["--tune", "lr=0.1", "--tune", "lr=0.2"], "given twice")]:
         assert main(["transfer", "--natural-per-class", "1", "--dataset", "digits", *argv]) == 2

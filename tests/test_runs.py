@@ -8,7 +8,8 @@ import os
 import stat
 
 import pytest
-from reliability_cases import LONG_ARGS, kill_and_resume, make_reference_run, two_runs_at_once
+from reliability_cases import (LONG_ARGS, kill_and_resume, kill_during_final_writes, make_reference_run,
+                               two_runs_at_once)
 
 from kernel_distill import runs
 from kernel_distill.cli import main
@@ -37,6 +38,25 @@ def test_sigkill_at_several_points_then_resume_is_bit_exact(tmp_path, reference)
     history = runs.read_history(tmp_path / "run")
     assert history[0]["event"] == "start" and all(r["event"] == "resume" for r in history[1:])
 
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_its_final_writes_is_finished_by_resume(tmp_path, reference):
+    """kill -9 after the last checkpoint, during the writes of distilled.npz ... results.json: ``--resume``
+    completes the outputs without a new step (it used to say "nothing to do" and the outputs were lost)."""
+    result = kill_during_final_writes(tmp_path / "run", reference)
+    assert result["killed"], "the run ended before the kill point"
+    assert "results.json" not in result["outputs_before"] and result["step_before"] == 60
+    assert result["exit_code"] == 0, result["stderr"]
+    assert result["results_steps"] == 60 and result["resumed_at"] == 60  # no step taken after the kill
+    assert result["differences"] == []
+    for name in ("distilled.npz", "distilled_best.npz", "grid.png", "curve.png", "results.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    # Once complete, a second resume has nothing to do.
+    with pytest.raises(KernelDistillError, match="nothing to do"):
+        from kernel_distill.kip import check_resume, load_checkpoint
+
+        check_resume(tmp_path / "run", load_checkpoint(tmp_path / "run")[0])
 
 @pytest.mark.slow
 def test_two_runs_started_at_once_on_one_folder(tmp_path, reference):

@@ -39,6 +39,7 @@ def main():
         outcomes = [rc.run_case(case, template, root / f"case{i}") for i, case in enumerate(rc.CASES)]
         reference = rc.make_reference_run(root / "reference")
         killed = rc.kill_and_resume(root / "killed", reference)
+        final = rc.kill_during_final_writes(root / "final", reference)
         concurrent = rc.two_runs_at_once(root / "concurrent", reference)
         tmp_prefix = str(root)
     seconds = time.perf_counter() - started
@@ -50,8 +51,10 @@ def main():
     not_clean = sum(not (o.exit_code == 2 and o.one_line) for o in outcomes)
     files_touched = sum(not (o.files_unchanged and o.check_passed and (o.case.may_add or not o.new_files))
                         for o in outcomes)
+    final_lost = int(bool(final["differences"]) or final["exit_code"] != 0 or not final["killed"]
+                     or final["results_steps"] != final["step_before"])
     lost_or_mixed = int(bool(killed["differences"])) + int(bool(concurrent["differences"]) or
-                                                           concurrent["codes"] != [0, 2])
+                                                           concurrent["codes"] != [0, 2]) + final_lost
     lines = [
         "# Reliability: bad inputs, killed runs, concurrent runs",
         "",
@@ -96,6 +99,11 @@ def main():
         f"temporary file left behind, resumed to the end | kill points reached: {killed['killed']}; temporary files "
         f"left: {len(killed['stale_temp_left'])}; differs from the reference in: "
         f"{', '.join(killed['differences']) or 'nothing (bit-exact)'} | {int(bool(killed['differences']))} |",
+        f"| killed during its final writes (last checkpoint at step {final['step_before']} on disk, "
+        f"results.json not yet), then `--resume` with no options | killed: {final['killed']}; files left by the "
+        f"kill: {', '.join(final['outputs_before'])}; resume exit code {final['exit_code']}, finished at step "
+        f"{final['results_steps']} with no new step; differs from the reference in: "
+        f"{', '.join(final['differences']) or 'nothing (bit-exact)'} | {final_lost} |",
         f"| two identical runs started at once on one `--out` | exit codes {concurrent['codes']}; the refused one: "
         f"`{_cell((concurrent['refusal'] or '').replace(tmp_prefix, '$TMP'))}`; the folder differs from the "
         f"reference in: {', '.join(concurrent['differences']) or 'nothing (one run, bit-exact)'} | "

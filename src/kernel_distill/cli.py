@@ -1,7 +1,7 @@
 """The ``kernel-distill`` command line.
 
 Every user-facing failure (bad argument, missing or malformed file, impossible request) prints one line,
-``kernel-distill: error: ...``, and exits with code 2; Ctrl-C exits with 130.
+``kernel-distill: error: ...``, and exits with code 2; Ctrl-C exits with 130, SIGTERM with 143.
 """
 
 from __future__ import annotations
@@ -60,6 +60,12 @@ def _add_common(p: argparse.ArgumentParser, kernel_options: bool = True):
     p.add_argument("--json", action="store_true", help="also print the result record (results.json) as one JSON line")
 
 
+def _add_overwrite(p: argparse.ArgumentParser, what: str = "outputs"):
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the {what} of an earlier run of this command in --out (a non-empty --out is "
+                        f"refused otherwise; another command's run never is replaced)")
+
+
 def _add_backend(p: argparse.ArgumentParser):
     p.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="where kernels are computed: this process (default) or Ray workers (docs/DISTRIBUTED.md)")
@@ -113,7 +119,20 @@ def _add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc"):
 
 def _add_preprocess(p: argparse.ArgumentParser):
     p.add_argument("--zca", action="store_true", help="ZCA-whiten the images (KIP's zca_normalize)")
-    p.add_argument("--zca-reg", type=POSITIVE, default=0.1, help="ZCA regulariser relative to trace(C)/d (0.1)")
+    p.add_argument("--zca-reg", type=POSITIVE, default=None,
+                   help=f"ZCA regulariser relative to trace(C)/d (default {DEFAULT_ZCA_REG}; a file's own "
+                        f"preprocessing is used as it is)")
+
+
+DEFAULT_ZCA_REG = 0.1
+
+
+def _refuse_preprocessing_options(args, distilled, source: str) -> None:
+    """A file that carries its preprocessing is used in its own space: an explicit --zca-reg would be
+    silently ignored, so it is refused (``--zca`` is checked by :func:`io.check_preprocessing_request`)."""
+    if getattr(args, "zca_reg_given", False) and distilled.preprocessor is not None:
+        raise KernelDistillError(f"--zca-reg: {source} carries its own preprocessing, which is used as it is; "
+                                 f"drop --zca-reg")
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -134,24 +153,28 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=_OneLineErrorParser)
 
     p = sub.add_parser("datasets", help="list the datasets and where they are found")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")
 
     p = sub.add_parser("evaluate", help="KRR test accuracy of a distilled set (.npz)")
     p.add_argument("file", help="distilled set: a kernel-distill .npz, a released KIP .npz, or zoo:NAME")
     p.add_argument("--dataset", default=None,
                    help="dataset whose test split is used (default: the file's; a different one is refused)")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--out", default=None, help="folder for results.json")
+    p.add_argument("--out", default=None, help="folder for results.json (new or empty)")
+    _add_overwrite(p)
     _add_kernel(p, default_kernel=None)
     _add_preprocess(p)
     _add_common(p)
 
     p = sub.add_parser("baseline", help="KRR accuracy of random natural class-balanced subsets")
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--dataset", required=True, help="dataset to sample from and test on (see: datasets)")
+    p.add_argument("--per-class", type=int, default=10, help="images per class in each subset (default 10)")
     p.add_argument("--seeds", type=int, default=5, help="number of random subsets (seeds 0..N-1)")
     p.add_argument("--test-limit", type=int, default=None, help="use only the first N test images")
-    p.add_argument("--out", default=None, help="folder for results.json and natural.npz (the seed-0 subset)")
+    p.add_argument("--out", default=None,
+                   help="folder for results.json and natural.npz (the seed-0 subset), new or empty")
+    _add_overwrite(p)
     _add_kernel(p)
     _add_preprocess(p)
     _add_common(p)
@@ -174,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=("mse", "platt"), default=None,
                    help="KIP objective: mse (KIP's squared error, default) or platt (RFAD's cross-entropy of the KRR "
                         "predictions times a learned scale)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the initial support and the target batches (default 0)")
     p.add_argument("--steps", type=int, default=None, help="total steps (default 1000; with --resume: new total)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="evaluation interval, validation and test (default 100)")
@@ -199,18 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(memory_budget_mb=None)  # a resumed run keeps its own unless the option is given
 
     p = sub.add_parser("label-solve", help="solve the optimal labels of a natural support over the training set")
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--dataset", required=True, help="dataset whose training set the labels are solved over")
     p.add_argument("--support-size", type=int, default=100,
                    help="class-balanced natural support size (a multiple of the number of classes; default 100)")
     p.add_argument("--support", default=None,
                    help="use the images of this distilled-set .npz (or zoo:NAME) as the support")
-    p.add_argument("--seed", type=int, default=0, help="seed of the natural support sample")
+    p.add_argument("--seed", type=int, default=None, help="seed of the natural support sample (default 0)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     p.add_argument("--block-size", type=int, default=5000, help="training images per kernel block (5000)")
     p.add_argument("--ls-reg", type=NON_NEGATIVE, default=1e-6,
                    help="ridge on K_st K_ts, relative to its trace / n (default 1e-6)")
-    p.add_argument("--out", default=None, help="output folder (default runs/ls-DATASET-SIZE)")
+    p.add_argument("--out", default=None, help="output folder, new or empty (default runs/ls-DATASET-SIZE)")
+    _add_overwrite(p)
     _add_kernel(p)
     _add_preprocess(p)
     _add_common(p)
@@ -221,12 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="test data (default: the file's metadata)")
     p.add_argument("--natural-per-class", type=int, default=None,
                    help="instead of a file, a random natural class-balanced subset of this size (baseline)")
-    p.add_argument("--model", choices=("convnet", "convnet3", "fc", "evalnet"), default="convnet")
+    p.add_argument("--model", choices=("convnet", "convnet3", "fc", "evalnet"), default="convnet",
+                   help="finite network: the KIP ConvNet (default), it without the first conv (convnet3), a fully "
+                        "connected net (fc), or the field's evaluation ConvNet (evalnet: width 128, instance norm)")
     p.add_argument("--width", type=int, default=None, help="channels / units (convnet 128, fc 1024)")
     p.add_argument("--depth", type=int, default=None, help="conv blocks (3) or hidden layers (1)")
-    p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    p.add_argument("--parameterization", choices=("standard", "ntk"), default="standard",
+                   help="weight parameterization of the finite network (default standard)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per seed (default 1000)")
+    p.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd",
+                   help="sgd (momentum 0.9, cosine schedule; default) or adam")
     p.add_argument("--lr", type=POSITIVE, default=None,
                    help="learning rate (default 0.05; 0.01 for convnet and convnet3, which have no normalisation)")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=5e-4,
@@ -235,12 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mse on the (learned) labels or cross-entropy on their argmax")
     p.add_argument("--label-scale", type=POSITIVE, default=1.0,
                    help="mse: fit label-scale x the labels (RFAD's finite-network protocol; default 1)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="images per step (default 256; the whole set when it is smaller)")
     p.add_argument("--augment", choices=("none", "crop", "flip-crop", "dsa"), default="none",
                    help="random translations of up to 4 pixels (crop), and left-right flips (flip-crop, for "
                         "natural images) of each batch; or DSA's evaluation augmentation (dsa: per batch one "
                         "of colour, crop, cutout, flip, scale, rotation)")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100, help="test-accuracy interval in steps (default 100)")
     p.add_argument("--val-size", type=int, default=None,
                    help="class-balanced training images held out as a validation split (the one kip holds "
                         "out), scored beside the test set; default 0, or 5000 with --tune")
@@ -249,17 +279,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "combination; NAME is lr, steps, optimizer, loss, augment, weight_decay, batch_size or "
                         "label_scale "
                         "(repeat the option for a grid, e.g. --tune lr=0.01,0.05 --tune steps=300,1000)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="training runs with seeds 0..N-1 (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
-    p.add_argument("--test-limit", type=int, default=None)
-    p.add_argument("--out", default=None, help="folder for results.json and transfer_curve.png")
+    p.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only")
+    p.add_argument("--out", default=None, help="folder for results.json and transfer_curve.png (new or empty)")
+    _add_overwrite(p)
     _add_preprocess(p)
     _add_common(p, kernel_options=False)  # finite networks train in float32 and need no kernel memory budget
 
     p = sub.add_parser("report", help="a static HTML report of run folders (works offline, no server)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders holding results.json, or folders of them")
-    p.add_argument("--out", required=True, help="report folder (index.html, runs/, img/)")
+    p.add_argument("--out", required=True, help="report folder, new or empty (index.html, runs/, img/)")
+    _add_overwrite(p, "report")
     p.add_argument("--zoo", action="store_true", help="add the distilled-set zoo's table and image grids")
 
     p = sub.add_parser("zoo", help="ready-made distilled sets shipped with kernel-distill (use them as zoo:NAME)")
@@ -272,38 +304,72 @@ def build_parser() -> argparse.ArgumentParser:
     q = zoo.add_parser("export", help="copy a zoo set (checksum verified) to a file or folder")
     q.add_argument("name", help="a zoo set name (from zoo list)")
     q.add_argument("path", help="destination .npz file, or a folder (then NAME.npz in it)")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace an existing file (never a run's file, nor one in a folder a live run holds)")
     q = zoo.add_parser("report", help="an HTML page of the zoo: its table and every set's image grid (offline)")
-    q.add_argument("--out", required=True, help="report folder (index.html, img/)")
+    q.add_argument("--out", required=True, help="report folder, new or empty (index.html, img/)")
+    _add_overwrite(q, "report")
 
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (``kill``, a batch scheduler's preemption, a container stop) ends a command the way Ctrl-C
-    does: a KIP run checkpoints and writes its outputs, then the command exits 130. Restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, the shell's convention
 
 
-def main(argv: list[str] | None = None) -> int:
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM (``kill``, a scheduler's preemption, a container stop) end a command the
+    same way: the first one raises ``KeyboardInterrupt``, so a KIP run checkpoints and writes its outputs;
+    later ones are ignored while that cleanup runs (a second Ctrl-C would otherwise land in the middle of a
+    file write or a destructor, and print Python's "Exception ignored in ..."). The exit code says which
+    signal came first: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+            raise KeyboardInterrupt
+
+    def exit_code(self) -> int:
+        return EXIT_SIGNAL.get(self.received, 130)
+
+    @contextlib.contextmanager
+    def installed(self, keep: bool = False):
+        """Handle both signals in the ``with`` block; ``keep``: leave later signals ignored afterwards (the
+        console script, whose interpreter shuts down next and must not be interrupted while it does)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.signal(s, self.handle) for s in EXIT_SIGNAL}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_IGN if keep and self.received is not None else handler)
+
+
+def main(argv: list[str] | None = None, *, _keep_signal_handlers: bool = False) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = ["kernel-distill", *(sys.argv[1:] if argv is None else argv)]  # for results.json
+    if args.command != "kip" and hasattr(args, "zca_reg"):  # kip resolves its own defaults (a resume keeps them)
+        args.zca_reg_given = args.zca_reg is not None
+        args.zca_reg = DEFAULT_ZCA_REG if args.zca_reg is None else args.zca_reg
+    signals = _Signals()
+    try:
+        with signals.installed(keep=_keep_signal_handlers):
+            return _run_command(args)
+    except KeyboardInterrupt:
+        print("kernel-distill: interrupted", file=sys.stderr)
+        return signals.exit_code()
+
+
+def _run_command(args) -> int:
     from kernel_distill.results import capture_code_version
 
     capture_code_version()
@@ -312,14 +378,10 @@ def main(argv: list[str] | None = None) -> int:
             import jax
 
             jax.config.update("jax_enable_x64", True)
-        with _terminate_as_interrupt():
-            return _COMMANDS[args.command](args)
+        return _COMMANDS[args.command](args)
     except KernelDistillError as e:
         print(f"kernel-distill: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("kernel-distill: interrupted", file=sys.stderr)
-        return 130
     except OSError as e:  # no space, no permission, not a folder: the path and the reason, not a traceback
         from kernel_distill.runs import describe_os_error
 
@@ -384,8 +446,8 @@ def _memory_budget_mb(args) -> float:
 
     if args.memory_budget_mb is None:
         return default_memory_budget_mb()
-    if args.memory_budget_mb <= 0:
-        raise KernelDistillError("--memory-budget-mb must be positive")
+    if args.memory_budget_mb < 1:  # below a MiB a kernel tile holds nothing
+        raise KernelDistillError(f"--memory-budget-mb must be at least 1 (MiB), got {args.memory_budget_mb:g}")
     return args.memory_budget_mb
 
 
@@ -408,9 +470,10 @@ def _distilled_path(text: str, args):
 
 
 def _cmd_datasets(args) -> int:
-    from kernel_distill.data import available_datasets, resolve_data_dir
+    from kernel_distill.data import available_datasets, check_data_dir_exists
 
-    print(f"data directory: {resolve_data_dir(args.data_dir)}")
+    root = check_data_dir_exists(args.data_dir)
+    print(f"data directory: {root}{'' if root.is_dir() else ' (not created yet: downloads create it)'}")
     rows = available_datasets(args.data_dir)
     width = max(len(r["name"]) for r in rows)
     for r in rows:
@@ -435,15 +498,18 @@ def _cmd_evaluate(args) -> int:
     _backend_options(args)
     distilled = load_distilled(_distilled_path(args.file, args))
     args.dataset = dataset_of(distilled, args.file, args.dataset)
-    with _output_folder(args.out):
+    _refuse_preprocessing_options(args, distilled, args.file)
+    with _output_folder(args, "evaluate"):
         return _evaluate(args, distilled)
 
 
-def _output_folder(out):
-    """Create, test and lock an output folder before any computation (nothing to do without one)."""
+def _output_folder(args, command: str, out=None):
+    """Create, test and lock the command's output folder before any computation (nothing without one)."""
     from kernel_distill.runs import claim_output_folder
 
-    return claim_output_folder(out) if out is not None else contextlib.nullcontext()
+    out = args.out if out is None else out
+    return (claim_output_folder(out, command, overwrite=args.overwrite) if out is not None
+            else contextlib.nullcontext())
 
 
 def _evaluate(args, distilled) -> int:
@@ -488,7 +554,7 @@ def _cmd_baseline(args) -> int:
     _check_positive("--test-limit", args.test_limit)
     _backend_options(args)
     dataset_info(args.dataset)
-    with _output_folder(args.out):
+    with _output_folder(args, "baseline"):
         return _baseline(args)
 
 
@@ -560,9 +626,12 @@ def _cmd_zoo(args) -> int:
     if args.zoo_command == "report":
         from kernel_distill.report import build_zoo_report
 
-        print(f"zoo report: {build_zoo_report(args.out).resolve()}")
+        from kernel_distill.runs import claim_output_folder
+
+        with claim_output_folder(args.out, "report", overwrite=args.overwrite):
+            print(f"zoo report: {build_zoo_report(args.out).resolve()}")
         return 0
-    destination = zoo.export(args.name, args.path)
+    destination = zoo.export(args.name, args.path, overwrite=args.overwrite)
     print(f"zoo:{args.name} -> {destination} (sha256 {zoo.entry(args.name)['sha256']})")
     return 0
 
@@ -572,7 +641,9 @@ def _cmd_demo(args) -> int:
     from kernel_distill.kernels import KernelSpec
     from kernel_distill.kip import KipConfig, prepare_for, run_kip
 
-    out = pathlib.Path(args.out)
+    from kernel_distill.runs import check_output_path
+
+    out = check_output_path(args.out)
     config = KipConfig(dataset="digits", per_class=10, kernel=KernelSpec("fc"), learn_labels=True, steps=1000,
                        eval_every=100, checkpoint_every=100)
     data = prepare_for(config, progress=False)
@@ -588,7 +659,10 @@ def _cmd_demo(args) -> int:
           "--learn-labels --steps 2000 --out runs/mnist-fc-10")
     from kernel_distill.report import build_report
 
-    index = build_report([out], out / "report")
+    from kernel_distill.runs import claim_output_folder
+
+    with claim_output_folder(out / "report", "report", overwrite=args.overwrite):
+        index = build_report([out], out / "report")
     print(f"report (open in a browser): {index.resolve()}")
     return 0
 
@@ -605,13 +679,23 @@ def _cmd_label_solve(args) -> int:
         given = load_distilled(_distilled_path(args.support, args))
         dataset_of(given, args.support, args.dataset)
         check_preprocessing_request(given, args.support, args.zca)
+        _refuse_preprocessing_options(args, given, args.support)
+        if args.seed is not None:
+            raise KernelDistillError(f"--seed draws a natural support; with --support the images are "
+                                     f"{args.support}'s: drop --seed")
         size = len(given.images)
     else:
         _check_positive("--support-size", args.support_size, allow_none=False)
         size = args.support_size
-    out = pathlib.Path(args.out or f"runs/ls-{args.dataset}-{size}")
-    with _output_folder(out):  # checked and locked before the solve
-        return _label_solve(args, given, out)
+    if args.seed is None:
+        args.seed = 0
+    if args.train_limit is not None and args.train_limit < size:
+        raise KernelDistillError(f"--train-limit {args.train_limit} gives fewer training targets than the {size} "
+                                 f"support images: their labels would be underdetermined; use --train-limit {size} "
+                                 f"or more")
+    out = args.out if args.out is not None else f"runs/ls-{args.dataset}-{size}"
+    with _output_folder(args, "label-solve", out) as folder:  # checked and locked before the solve
+        return _label_solve(args, given, folder)
 
 
 def _label_solve(args, given, out: pathlib.Path) -> int:
@@ -689,7 +773,7 @@ def _cmd_transfer(args) -> int:
         raise KernelDistillError(f"--val-size must be 0 or positive, got {args.val_size}")
     if args.tune_grid and not args.val_size:
         raise KernelDistillError("--tune needs a validation split: --val-size must be positive")
-    with _output_folder(args.out):
+    with _output_folder(args, "transfer"):
         return _transfer(args, config)
 
 
@@ -724,8 +808,10 @@ def _transfer(args, config) -> int:
     from kernel_distill.results import dataset_record, make_record
 
     start = time.perf_counter()
-    support = experiments.transfer_support(load_distilled(_distilled_path(args.file, args)) if args.file else None,
-                                           args.file,
+    distilled = load_distilled(_distilled_path(args.file, args)) if args.file else None
+    if distilled is not None:
+        _refuse_preprocessing_options(args, distilled, args.file)
+    support = experiments.transfer_support(distilled, args.file,
                                            args.dataset, args.natural_per_class, args.seed, args.data_dir, args.zca,
                                            args.zca_reg, progress=not args.no_progress, val_size=args.val_size)
     result = experiments.transfer(support, args.model, config, args.seeds, args.width, args.depth,
@@ -767,7 +853,10 @@ def _transfer(args, config) -> int:
 def _cmd_report(args) -> int:
     from kernel_distill.report import build_report, find_runs
 
-    index = build_report(args.runs, args.out, zoo=args.zoo)
+    from kernel_distill.runs import claim_output_folder
+
+    with claim_output_folder(args.out, "report", overwrite=args.overwrite):
+        index = build_report(args.runs, args.out, zoo=args.zoo)
     print(f"report of {len(find_runs(args.runs))} run(s){' and the zoo' if args.zoo else ''}: {index.resolve()}")
     return 0
 
@@ -811,7 +900,7 @@ def _cmd_kip(args) -> int:
 
     _check_positive("--test-limit", args.test_limit)
     _backend_options(args)
-    if args.resume:
+    if args.resume is not None:
         if args.out is not None:
             raise KernelDistillError(f"--out cannot be used with --resume: the run continues in {args.resume}")
         if args.overwrite:
@@ -820,11 +909,11 @@ def _cmd_kip(args) -> int:
         claim = claim_run_folder(out, resume=True)
     else:
         config = _kip_config_from_args(args)
-        out = args.out or f"runs/kip-{config.dataset}-{config.per_class}"
-        claim = claim_run_folder(out, overwrite=args.overwrite, run_files=RUN_FILES)
+        out = args.out if args.out is not None else f"runs/kip-{config.dataset}-{config.per_class}"
+        claim = claim_run_folder(out, overwrite=args.overwrite, run_files=RUN_FILES, command="kip")
     # The folder is checked, locked and (on resume) the request compared before any data is loaded.
     with claim:
-        if args.resume:
+        if args.resume is not None:
             saved, _ = load_checkpoint(out)
             config = _kip_config_from_args(args, saved)
             check_resume(out, config)
@@ -834,7 +923,7 @@ def _cmd_kip(args) -> int:
         data = prepare_for(config, args.data_dir, progress=not args.no_progress)
         start = time.perf_counter()
         with _open_backend(args) as backend:
-            summary = run_kip(config, data, out, resume=bool(args.resume), overwrite=args.overwrite,
+            summary = run_kip(config, data, out, resume=args.resume is not None, overwrite=args.overwrite,
                               progress=not args.no_progress, command_line=args.command_line, backend=backend)
     summary["seconds"] = time.perf_counter() - start
     chosen = "validation" if config.select_on == "validation" else "TEST (as the KIP papers did)"
@@ -864,7 +953,7 @@ _COMMANDS = {
 
 
 def entry_point():  # console script
-    sys.exit(main())
+    sys.exit(main(_keep_signal_handlers=True))
 
 
 if __name__ == "__main__":

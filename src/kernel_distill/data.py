@@ -17,6 +17,7 @@ mirror). ``digits`` (scikit-learn's bundled 8x8 digits) needs no files and is th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
@@ -161,6 +162,9 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     root = resolve_data_dir(data_dir)
     folder = root / name
     npz = folder / f"{split}.npz"
+    if npz.exists() and not npz.is_file():
+        raise DataError(f"{npz} is a folder, not an .npz file: move it away or replace it with the {name} {split} "
+                        f"split (arrays x and y)")
     if npz.is_file():
         return _check_arrays(*_read_npz(npz), info, str(npz))
     if info.lossy_alias:
@@ -186,7 +190,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
 
 
 def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
-    """What :func:`load_dataset` would find for each dataset without downloading, one dict per name."""
+    """What :func:`load_dataset` would find for each dataset without downloading, one dict per name.
+
+    ``.npz`` splits are checked for readability (their zip checksums and the arrays ``x`` and ``y``), so a
+    corrupt file shows as such here rather than in the middle of a run.
+    """
     root = resolve_data_dir(data_dir)
     rows = []
     for name, info in DATASETS.items():
@@ -194,6 +202,11 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
             where, status = "scikit-learn (bundled)", "ready"
         else:
             folder = root / name
+            problems = [p for p in (_npz_problem(folder / f"{s}.npz") for s in SPLITS) if p]
+            if problems:
+                rows.append(dict(name=name, status=f"UNREADABLE: {problems[0]}", location=str(folder),
+                                 description=info.description))
+                continue
             npz_ok = all((folder / f"{s}.npz").is_file() for s in SPLITS)
             originals_ok = all((folder / f.filename).is_file() for s in SPLITS for f in info.files[s])
             lossy = info.lossy_alias and all((root / info.lossy_alias / f"{s}.npz").is_file() for s in SPLITS)
@@ -207,6 +220,39 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
                 where, status = str(folder), "missing (downloads on first use)"
         rows.append(dict(name=name, status=status, location=where, description=info.description))
     return rows
+
+
+def _npz_problem(path: pathlib.Path) -> str | None:
+    """Why ``path`` is not a readable split file (``None`` if it is fine or absent), without loading it."""
+    import zipfile
+
+    if not path.exists():
+        return None
+    if not path.is_file():
+        return f"{path.name} is a folder"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+            names = set(archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"{path.name} is not a readable .npz ({type(e).__name__})"
+    if bad is not None:
+        return f"{path.name} is corrupt (member {bad} fails its checksum)"
+    if not {"x.npy", "y.npy"} <= names:
+        return f"{path.name} lacks the arrays x and y"
+    return None
+
+
+def check_data_dir_exists(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The data directory, refusing one that was named (argument or ``$KERNEL_DISTILL_DATA``) but does not
+    exist: a typo must not read as "every dataset missing"."""
+    root = resolve_data_dir(data_dir)
+    named = data_dir is not None or os.environ.get(DATA_DIR_ENV)
+    if named and not root.is_dir():
+        source = "--data-dir" if data_dir is not None else f"${DATA_DIR_ENV}"
+        raise DataError(f"{source}: {root} is not a folder" if root.exists() else
+                        f"{source}: the data folder {root} does not exist")
+    return root
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,6 +279,7 @@ def fetch(url: str, known_hash: str, folder: pathlib.Path, filename: str, progre
     import requests
 
     target = folder / filename
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -242,7 +289,13 @@ def fetch(url: str, known_hash: str, folder: pathlib.Path, filename: str, progre
     downloader = pooch.HTTPDownloader(progressbar=progress, timeout=timeout_s,
                                       headers={"User-Agent": "kernel-distill"})
     try:
-        path = pooch.retrieve(url, known_hash=known_hash, fname=filename, path=folder, downloader=downloader)
+        try:
+            path = pooch.retrieve(url, known_hash=known_hash, fname=filename, path=folder, downloader=downloader)
+        except BaseException:
+            if created:  # a failed first download leaves no empty dataset folder behind
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
     except ValueError as e:  # pooch's hash mismatch (the temporary file is already deleted)
         if "hash" not in str(e):
             raise

@@ -315,20 +315,21 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.augment not in AUGMENTATIONS:
-            raise KernelDistillError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+            raise KernelDistillError(f"--augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if self.optimizer not in ("sgd", "adam"):
-            raise KernelDistillError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            raise KernelDistillError(f"--optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.loss not in ("mse", "ce"):
-            raise KernelDistillError(f"loss must be 'mse' or 'ce', got {self.loss!r}")
+            raise KernelDistillError(f"--loss must be 'mse' or 'ce', got {self.loss!r}")
         for name in ("steps", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise KernelDistillError(f"{name} must be positive")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise KernelDistillError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.learning_rate > 0:
-            raise KernelDistillError("learning rate must be positive")
+            raise KernelDistillError(f"--lr must be positive, got {self.learning_rate}")
         if not (self.label_scale > 0 and math.isfinite(self.label_scale)):
-            raise KernelDistillError(f"label scale must be positive, got {self.label_scale}")
+            raise KernelDistillError(f"--label-scale must be positive, got {self.label_scale}")
         if self.loss == "ce" and self.label_scale != 1.0:
-            raise KernelDistillError("a label scale applies to the mse loss; ce reads only the labels' argmax")
+            raise KernelDistillError("--label-scale applies to the mse loss; --loss ce reads only the labels' argmax")
 
 
 def default_learning_rate(model_name: str) -> float:

@@ -256,7 +256,7 @@ def dataset_of(distilled: DistilledSet, source: str, requested: str | None) -> s
         return recorded
     if recorded and recorded != requested:
         raise KernelDistillError(f"{source} was made on {recorded}, not {requested}: its images and preprocessing "
-                                 f"belong to {recorded} (omit --dataset to use the file's)")
+                                 f"belong to {recorded} (use --dataset {recorded})")
     return requested
 
 

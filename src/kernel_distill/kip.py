@@ -115,28 +115,30 @@ class KipConfig:
             raise KernelDistillError(f"kernel must be a KernelSpec or its dict, got {self.kernel!r}")
         for name in ("dataset", "get", "init", "loss"):
             if not isinstance(getattr(self, name), str):
-                raise KernelDistillError(f"{name} must be a string, got {getattr(self, name)!r}")
+                raise KernelDistillError(f"{config_flag(name)} must be a string, got {getattr(self, name)!r}")
         for name in ("learn_labels", "zca", "rf_fixed_networks"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise KernelDistillError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise KernelDistillError(f"{config_flag(name)} must be true or false, got {getattr(self, name)!r}")
         for name in ("learning_rate", "reg", "zca_reg", "memory_budget_mb"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
                     or not math.isfinite(value):
-                raise KernelDistillError(f"{name} must be a finite number, got {value!r}")
+                raise KernelDistillError(f"{config_flag(name)} must be a finite number, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
-            raise KernelDistillError(f"seed must be an integer, got {self.seed!r}")
+            raise KernelDistillError(f"--seed must be an integer, got {self.seed!r}")
         if self.test_limit is not None and (isinstance(self.test_limit, bool) or
                                             not isinstance(self.test_limit, (int, np.integer)) or self.test_limit < 1):
-            raise KernelDistillError(f"test_limit must be a positive integer, got {self.test_limit!r}")
+            raise KernelDistillError(f"--test-limit must be a positive integer, got {self.test_limit!r}")
         if not self.zca_reg > 0:
-            raise KernelDistillError(f"zca_reg must be positive, got {self.zca_reg}")
-        positive = dict(per_class=self.per_class, target_batch_size=self.target_batch_size or 1, steps=self.steps,
+            raise KernelDistillError(f"--zca-reg must be positive, got {self.zca_reg}")
+        positive = dict(per_class=self.per_class, steps=self.steps,
                         eval_every=self.eval_every, checkpoint_every=self.checkpoint_every,
                         log_every=self.log_every)
+        if self.target_batch_size is not None:  # None: the default, capped by the smallest class
+            positive["target_batch_size"] = self.target_batch_size
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise KernelDistillError(f"{name} must be a positive integer, got {value!r}")
+                raise KernelDistillError(f"{config_flag(name)} must be a positive integer, got {value!r}")
         if self.init not in ("real", "noise", "file"):
             raise KernelDistillError(f"init must be 'real', 'noise' or 'file', got {self.init!r}")
         if (self.init == "file") != (self.init_file is not None):
@@ -146,27 +148,27 @@ class KipConfig:
             if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise KernelDistillError(f"{name} must be a non-empty string, got {getattr(self, name)!r}")
         if self.loss not in KIP_LOSSES:
-            raise KernelDistillError(f"loss must be one of {', '.join(KIP_LOSSES)}, got {self.loss!r}")
+            raise KernelDistillError(f"--loss must be one of {', '.join(KIP_LOSSES)}, got {self.loss!r}")
         if self.get not in ("ntk", "nngp"):
-            raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {self.get!r}")
+            raise KernelDistillError(f"--get must be 'ntk' or 'nngp', got {self.get!r}")
         if self.kernel.random_features is not None and self.get != "nngp":
             raise KernelDistillError(f"the {self.kernel.name} kernel approximates the NNGP only: use --get nngp")
         if self.rf_fixed_networks and self.kernel.random_features is None:
             raise KernelDistillError("--rf-fixed-networks needs a random-feature kernel (e.g. --kernel convnet-rf)")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise KernelDistillError(f"learning rate must be positive, got {self.learning_rate}")
+            raise KernelDistillError(f"--lr must be positive, got {self.learning_rate}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
-            raise KernelDistillError(f"reg must be non-negative, got {self.reg}")
+            raise KernelDistillError(f"--reg must be non-negative, got {self.reg}")
         if not isinstance(self.float64, (bool, np.bool_)):
             raise KernelDistillError(f"float64 must be true or false, got {self.float64!r}")
         if self.memory_budget_mb <= 0:
-            raise KernelDistillError("memory budget must be positive")
+            raise KernelDistillError(f"--memory-budget-mb must be positive, got {self.memory_budget_mb}")
         if self.select_on not in ("validation", "test"):
-            raise KernelDistillError(f"select_on must be 'validation' or 'test', got {self.select_on!r}")
+            raise KernelDistillError(f"--select-on must be 'validation' or 'test', got {self.select_on!r}")
         if self.val_size is not None and (not isinstance(self.val_size, (int, np.integer)) or self.val_size < 0):
-            raise KernelDistillError(f"val_size must be a non-negative integer, got {self.val_size!r}")
+            raise KernelDistillError(f"--val-size must be a non-negative integer, got {self.val_size!r}")
         if self.select_on == "validation" and self.val_size == 0:
-            raise KernelDistillError("selecting on the validation set needs val_size > 0 (or select_on='test')")
+            raise KernelDistillError("selecting on the validation set needs --val-size above 0 (or --select-on test)")
 
     @property
     def effective_val_size(self) -> int:
@@ -598,7 +600,8 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
     stays. ``command_line`` goes into ``results.json`` (default ``sys.argv``). ``config.float64`` turns
     on JAX's 64-bit mode for the run (and only for it).
     """
-    with runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_files=RUN_FILES) as folder:
+    with runs.claim_run_folder(out_dir, resume=resume, overwrite=overwrite, run_files=RUN_FILES,
+                               command="kip") as folder:
         with jax.enable_x64(True) if config.float64 else contextlib.nullcontext():
             return _run_kip_in(config, data, folder, resume, progress, log, command_line, backend)
 
@@ -611,10 +614,23 @@ def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) 
     """
     saved, state = load_checkpoint(out_dir)
     changes = runs.resume_changes(saved.to_dict(), config.to_dict(), RESUMABLE_FIELDS, flag_of)
-    if config.steps <= state.step:
+    if config.steps < state.step or (config.steps == state.step and outputs_complete(out_dir, state.step)):
         raise KernelDistillError(f"the checkpoint in {out_dir} is at step {state.step} and the run asks for "
                                  f"{config.steps} steps in all: nothing to do; give --steps above {state.step}")
     return state, changes
+
+
+def outputs_complete(out_dir: pathlib.Path, step: int) -> bool:
+    """Whether ``out_dir`` holds every output of its checkpoint's ``step``: ``results.json`` (written last)
+    says that step and each artifact it names exists. A run killed after its last checkpoint but before or
+    during these writes is not complete, and ``--resume`` finishes it without new steps."""
+    try:
+        record = json.loads((out_dir / "results.json").read_text())
+        recorded_step = record["metrics"]["steps"]
+        artifacts = record["artifacts"].values()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return recorded_step == step and all((out_dir / name).is_file() for name in artifacts)
 
 
 def _run_kip_in(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool,

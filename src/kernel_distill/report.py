@@ -16,11 +16,14 @@ the folder holds (``distilled.npz``, ``metrics.jsonl``) and skipped when it does
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
 import pathlib
 import re
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -243,11 +246,32 @@ def zoo_section(img_dir: pathlib.Path, img_prefix: str = "img/") -> str:
             + "".join(figures))
 
 
+@contextlib.contextmanager
+def _staged(out_dir: pathlib.Path):
+    """Build a report in a hidden folder inside ``out_dir`` and move it into place only once it is whole,
+    ``index.html`` last: a failure (a bad run, a full disk, Ctrl-C) leaves the previous report or none,
+    never half of one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".report-", suffix=".tmp", dir=out_dir))
+    try:
+        yield staging
+        for name in ("runs", "img"):
+            if (staging / name).is_dir():
+                if (out_dir / name).is_dir() and not (out_dir / name).is_symlink():
+                    shutil.rmtree(out_dir / name)
+                os.replace(staging / name, out_dir / name)
+        os.replace(staging / "index.html", out_dir / "index.html")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def build_zoo_report(out_dir: str | os.PathLike) -> pathlib.Path:
     """A page of the distilled-set zoo alone (``out_dir/index.html``, pictures in ``out_dir/img``)."""
     out_dir = pathlib.Path(out_dir)
-    body = "<h1>kernel-distill: the distilled-set zoo</h1>" + zoo_section(out_dir / "img")
-    return atomic_write_text(out_dir / "index.html", _page("kernel-distill zoo", body))
+    with _staged(out_dir) as staging:
+        body = "<h1>kernel-distill: the distilled-set zoo</h1>" + zoo_section(staging / "img")
+        atomic_write_text(staging / "index.html", _page("kernel-distill zoo", body))
+    return out_dir / "index.html"
 
 
 COLUMNS = ("run", "command", "method", "dataset", "support size", "test accuracy %", "selected on", "date", "commit")
@@ -259,7 +283,13 @@ def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pat
     ``zoo``: add the distilled-set zoo's table and image grids (:func:`zoo_section`).
     """
     out_dir = pathlib.Path(out_dir)
-    runs = [(path, read_results(path)) for path in find_runs(run_dirs)]
+    runs = [(path, read_results(path)) for path in find_runs(run_dirs)]  # every record checked before writing
+    with _staged(out_dir) as staging:
+        _write_report(runs, staging, zoo)
+    return out_dir / "index.html"
+
+
+def _write_report(runs: list, out_dir: pathlib.Path, zoo: bool) -> None:
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
     taken, rows, points = set(), [], []
@@ -298,4 +328,4 @@ def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pat
             f"<tbody>{''.join(rows)}</tbody></table>")
     if zoo:
         body += zoo_section(out_dir / "img")
-    return atomic_write_text(out_dir / "index.html", _page("kernel-distill report", body, SORT_SCRIPT))
+    atomic_write_text(out_dir / "index.html", _page("kernel-distill report", body, SORT_SCRIPT))

@@ -142,18 +142,56 @@ def validate_record(record: dict, source: str = "result record") -> dict:
     if record["schema"] != SCHEMA or record["schema_version"] != SCHEMA_VERSION:
         raise KernelDistillError(f"{source}: schema {record['schema']!r} version {record['schema_version']!r}, "
                                  f"expected {SCHEMA!r} version {SCHEMA_VERSION}")
-    if not isinstance(record["dataset"], dict) or "name" not in record["dataset"]:
-        raise KernelDistillError(f"{source}: 'dataset' must be an object with a 'name'")
+    for key in ("command", "method"):
+        if not isinstance(record[key], str) or not record[key]:
+            raise KernelDistillError(f"{source}: '{key}' must be a non-empty string, got {record[key]!r}")
+    for key in ("dataset", "selection", "metrics", "config", "provenance", "curves", "artifacts"):
+        if key in record and not isinstance(record[key], dict):
+            raise KernelDistillError(f"{source}: '{key}' must be a JSON object, got {type(record[key]).__name__}")
+    if "name" not in record["dataset"] or not isinstance(record["dataset"]["name"], (str, type(None))):
+        raise KernelDistillError(f"{source}: 'dataset' must be an object with a 'name' string")
+    for key, value in record["dataset"].items():
+        if key.startswith("num_") and not _is_count(value):
+            raise KernelDistillError(f"{source}: dataset.{key} must be a whole number, got {value!r}")
     if record["selection"].get("split") not in SELECTION_SPLITS:
         raise KernelDistillError(f"{source}: selection split must be one of {SELECTION_SPLITS}")
     missing = [k for k in PROVENANCE_KEYS if k not in record["provenance"]]
     if missing:
         raise KernelDistillError(f"{source}: provenance lacks {', '.join(missing)}")
     for key, value in record["metrics"].items():
-        if "accuracy" in key and isinstance(value, (int, float)) and not (0.0 <= value <= 1.0):
+        numbers = value if isinstance(value, list) else [value]
+        if not all(v is None or _is_number(v) for v in numbers):
+            raise KernelDistillError(f"{source}: metric {key} must be a number (or a list of numbers), got {value!r}")
+        if "accuracy" in key and any(v is not None and not (0.0 <= v <= 1.0) for v in numbers):
             raise KernelDistillError(f"{source}: metric {key} = {value} is not a fraction in [0, 1]")
+        if (key in ("support_size", "steps", "best_step") or key.startswith("num_")) and not _is_count(value):
+            raise KernelDistillError(f"{source}: metric {key} must be a whole number, got {value!r}")
+    for key, curve in record.get("curves", {}).items():
+        if not isinstance(curve, list) or not all(_is_point(p) for p in curve):
+            if not (isinstance(curve, list) and all(isinstance(row, list) and all(_is_number(v) for v in row)
+                                                    for row in curve)):
+                raise KernelDistillError(f"{source}: curve {key} must be a list of [step, value] pairs (or a "
+                                         f"matrix of numbers)")
+    for key, value in record.get("artifacts", {}).items():
+        if not isinstance(value, str):
+            raise KernelDistillError(f"{source}: artifact {key} must be a file name, got {value!r}")
+    wall = record["provenance"].get("wall_seconds")
+    if wall is not None and not _is_number(wall):
+        raise KernelDistillError(f"{source}: provenance.wall_seconds must be a number, got {wall!r}")
     json.dumps(record)  # must be JSON-serialisable
     return record
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return value is None or (_is_number(value) and float(value).is_integer() and value >= 0)
+
+
+def _is_point(point) -> bool:
+    return isinstance(point, list) and len(point) == 2 and all(_is_number(v) for v in point)
 
 
 def write_results(run_dir: str | os.PathLike, record: dict) -> pathlib.Path:

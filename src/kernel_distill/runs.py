@@ -27,6 +27,7 @@ import fcntl
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 
 from kernel_distill.errors import KernelDistillError
@@ -130,20 +131,25 @@ def _folder_lock(folder: pathlib.Path):
 
 @contextlib.contextmanager
 def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
-                     run_files: tuple[str, ...] = (), option: str = "--out"):
+                     run_files: tuple[str, ...] = (), run_folders: tuple[str, ...] = (), option: str = "--out",
+                     command: str | None = None):
     """Own ``folder`` for one run while the ``with`` block runs.
 
     A new run (``resume=False``) needs an empty or missing folder; with ``overwrite`` the files named in
-    ``run_files`` (and the config history) are deleted first, anything else is left alone. A resumed run
+    ``run_files`` and the folders in ``run_folders`` (and the config history) are deleted first, anything else
+    is left alone; given ``command``, a folder holding another command's run is refused even then. A resumed run
     needs the folder to exist. Either way the folder is tested for writing, locked, and cleared of stale
     temporary files. Yields the folder as a ``pathlib.Path``.
     """
-    folder = pathlib.Path(folder)
+    folder = check_output_path(folder, "--resume" if resume else option)
     if resume:
         if not folder.is_dir():
             raise KernelDistillError(f"cannot resume: {folder} is not a folder")
-    elif not overwrite and folder.resolve() not in _HELD:
-        _refuse_if_not_empty(folder, option)
+    elif folder.resolve() not in _HELD:
+        if not overwrite:
+            _refuse_if_not_empty(folder, option)
+        elif command is not None and folder.is_dir():
+            _refuse_other_owner(folder, command, option)
     created = not folder.exists()
     ensure_writable_folder(folder)
     with _folder_lock(folder) as outermost:
@@ -154,6 +160,9 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
                     if overwrite:
                         for name in (*run_files, HISTORY_NAME):
                             (folder / name).unlink(missing_ok=True)
+                        for name in run_folders:
+                            if (folder / name).is_dir() and not (folder / name).is_symlink():
+                                shutil.rmtree(folder / name)
                     else:
                         _refuse_if_not_empty(folder, option)  # a run that finished between the check and the lock
             yield folder
@@ -166,10 +175,112 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
             raise
 
 
-def claim_output_folder(folder: str | os.PathLike):
-    """For a command that writes a fixed set of files (label-solve, transfer): the folder is created, tested
-    for writing and locked before any computation; its previous outputs are replaced, each atomically."""
-    return claim_run_folder(folder, overwrite=True)
+# What each command writes into its folder. ``--overwrite`` replaces only these files of an earlier run of
+# the same command; a folder that holds another command's run is never touched.
+OUTPUT_FILES = {
+    "kip": ("config.json", "checkpoint.npz", "metrics.jsonl", "distilled.npz", "distilled_best.npz", "grid.png",
+            "curve.png", "results.json"),
+    "label-solve": ("distilled.npz", "label_covariance.png", "results.json"),
+    "evaluate": ("results.json",),
+    "baseline": ("natural.npz", "results.json"),
+    "transfer": ("transfer_curve.png", "results.json"),
+    "report": ("index.html", "runs", "img"),
+}
+# Files only a KIP run writes: a folder holding one is a KIP run even without its results.json.
+_KIP_MARKERS = ("checkpoint.npz", "config.json", "metrics.jsonl", HISTORY_NAME)
+
+
+def folder_owner(folder: pathlib.Path) -> str | None:
+    """The command whose run (or report) ``folder`` holds, or ``None`` for a folder of other files.
+
+    Read from ``results.json``'s ``command`` (``demo`` runs are ``kip`` runs), else from the files only one
+    command writes (a KIP checkpoint, a report's ``index.html``).
+    """
+    folder = pathlib.Path(folder)
+    results = folder / "results.json"
+    if results.is_file():
+        try:
+            command = json.loads(results.read_text()).get("command")
+        except (OSError, ValueError, AttributeError):
+            command = None
+        if isinstance(command, str) and command:
+            return command
+        return "an unknown command"  # a results.json nobody can read is still somebody's
+    if any((folder / name).exists() for name in _KIP_MARKERS):
+        return "kip"
+    if (folder / "index.html").is_file():
+        return "report"
+    return None
+
+
+def check_output_path(path: str | os.PathLike | None, option: str = "--out") -> pathlib.Path | None:
+    """Refuse an empty path and a symbolic link that points nowhere, with one line each."""
+    if path is None:
+        return None
+    if str(path).strip() == "":
+        raise KernelDistillError(f"{option} is empty: give a folder name (use {option} . for the current folder)")
+    path = pathlib.Path(path)
+    if path.is_symlink() and not path.exists():
+        raise KernelDistillError(f"{option} {path} is a symbolic link to {os.readlink(path)}, which does not exist")
+    return path
+
+
+def claim_output_folder(folder: str | os.PathLike, command: str, *, overwrite: bool = False,
+                        option: str = "--out"):
+    """Own ``folder`` for one run of ``command`` (label-solve, evaluate, baseline, transfer, report): the same
+    rules as a KIP run folder.
+
+    A missing or empty folder is created, tested for writing and locked before any computation. A non-empty
+    one is refused unless ``overwrite``; with ``overwrite`` only an earlier run of the same ``command`` (or a
+    folder of unrelated files) is accepted, and only ``command``'s own files (:data:`OUTPUT_FILES`) are
+    deleted: another command's run (a KIP run above all) is refused whatever the options.
+    """
+    path = check_output_path(folder, option)
+    if overwrite and path.is_dir() and path.resolve() not in _HELD:
+        _refuse_other_owner(path, command, option)
+    own = OUTPUT_FILES.get(command, ())
+    return claim_run_folder(path, overwrite=overwrite, run_files=tuple(n for n in own if "." in n),
+                            run_folders=tuple(n for n in own if "." not in n), option=option)
+
+
+def _refuse_other_owner(folder: pathlib.Path, command: str, option: str) -> None:
+    owner = folder_owner(folder)
+    family = {"demo": "kip"}
+    if owner is not None and family.get(owner, owner) != family.get(command, command):
+        raise KernelDistillError(
+            f"{option} {folder} holds {_article(owner)} {owner} run; --overwrite replaces only an earlier {command} "
+            f"run's outputs and never another command's: choose another folder")
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+@contextlib.contextmanager
+def claim_output_file(path: str | os.PathLike, *, overwrite: bool = False, option: str = "PATH"):
+    """Own one output file (``zoo export``, ``export``) while the ``with`` block writes it.
+
+    An existing file is refused unless ``overwrite``; a file of a run folder (one that holds a run's
+    ``results.json`` or checkpoint) is refused even then, and so is any path in a folder a live run has
+    locked. A folder that was never a run folder gets no lock file of ours. Yields the path.
+    """
+    path = check_output_path(path, option)
+    if path.is_dir():
+        raise KernelDistillError(f"{option} {path} is a folder; give a file path")
+    folder = path.parent
+    if path.exists():
+        if not overwrite:
+            raise KernelDistillError(f"{option} {path} exists: choose another path or replace it with --overwrite")
+        owner = folder_owner(folder)
+        if owner is not None:
+            raise KernelDistillError(f"{option} {path} belongs to the {owner} run in {folder}; --overwrite never "
+                                     f"replaces a run's files: choose another path")
+    if (folder / LOCK_NAME).is_file():
+        with _folder_lock(folder):
+            yield path
+    else:
+        ensure_writable_folder(folder)
+        yield path
 
 
 def _refuse_if_not_empty(folder: pathlib.Path, option: str):

@@ -40,12 +40,20 @@ from kernel_distill.kernels.spec import RF_NORMS, AvgPool, Dense, Flatten, Kerne
 ARRAYS_PER_IMAGE = 4
 
 
+MAX_RANDOM_FEATURES = dict(models=4096, width=16384)
+
+
 def check_random_features(rf) -> None:
     """Validate a :class:`kernel_distill.kernels.spec.RandomFeatures` (raises one-line errors)."""
     for name in ("models", "width"):
         value = getattr(rf, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise KernelDistillError(f"random features: {name} must be a positive integer, got {value!r}")
+        if value > MAX_RANDOM_FEATURES[name]:
+            # A file's metadata is read before anything is allocated: an absurd size must fail here, in one
+            # line, not as an out-of-memory kill minutes later.
+            raise KernelDistillError(f"random features: {name} {value} is beyond the {MAX_RANDOM_FEATURES[name]} "
+                                     f"this package supports")
     if isinstance(rf.seed, bool) or not isinstance(rf.seed, (int, np.integer)) or rf.seed < 0:
         raise KernelDistillError(f"random features: seed must be a non-negative integer, got {rf.seed!r}")
     if rf.norm not in RF_NORMS:

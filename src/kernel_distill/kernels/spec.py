@@ -61,6 +61,9 @@ Layer = Dense | Conv | Relu | AvgPool | Flatten
 AFFINE_LAYERS = (Dense, Conv)
 
 
+MAX_DEPTH = 100
+
+
 def fc_layers(depth: int) -> tuple:
     """``depth`` hidden Dense + ReLU layers, then a Dense readout."""
     return (Flatten(),) + (Dense(), Relu()) * depth + (Dense(),)
@@ -223,6 +226,11 @@ class KernelSpec:
         if self.depth < arch.min_depth:
             raise KernelDistillError(
                 f"the {self.architecture} kernel needs depth >= {arch.min_depth}, got {self.depth}")
+        if self.depth > MAX_DEPTH:
+            # Checked before anything is built: a file's metadata asking for 10^9 layers must fail in one line,
+            # not trace a graph until the OS kills the process.
+            raise KernelDistillError(f"kernel depth {self.depth} is beyond the {MAX_DEPTH} layers this package "
+                                     f"supports")
         for name, low in (("W_std", 0.0), ("b_std", 0.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):

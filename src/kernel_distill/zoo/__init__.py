@@ -109,18 +109,24 @@ def load(name: str):
     return load_distilled(path(name))
 
 
-def export(name: str, destination: str | os.PathLike) -> pathlib.Path:
-    """Copy zoo set ``name`` (verified) to ``destination``: a file path, or a folder (then ``NAME.npz`` in it)."""
-    from kernel_distill.atomic import atomic_write_bytes
+def export(name: str, destination: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
+    """Copy zoo set ``name`` (verified) to ``destination``: a file path, or a folder (then ``NAME.npz`` in it).
 
-    source = path(name)
-    destination = pathlib.Path(destination)
+    An existing file is replaced only with ``overwrite``, and never a run's file or one in a folder a live run
+    holds (:func:`kernel_distill.runs.claim_output_file`).
+    """
+    from kernel_distill.atomic import atomic_write_bytes
+    from kernel_distill.runs import check_output_path, claim_output_file
+
+    destination = check_output_path(destination, "PATH")
     if destination.is_dir():
         destination = destination / f"{name}.npz"
     if destination.suffix != ".npz":
         raise KernelDistillError(f"{destination}: a distilled set is an .npz file; give a path ending in .npz or "
                                  f"a folder")
-    return atomic_write_bytes(destination, source.read_bytes())
+    source = path(name)
+    with claim_output_file(destination, overwrite=overwrite) as target:
+        return atomic_write_bytes(target, source.read_bytes())
 
 
 def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False,
