@@ -132,7 +132,7 @@ def _folder_lock(folder: pathlib.Path):
 @contextlib.contextmanager
 def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
                      run_files: tuple[str, ...] = (), run_folders: tuple[str, ...] = (), option: str = "--out",
-                     command: str | None = None):
+                     command: str | None = None, resumable: bool = True):
     """Own ``folder`` for one run while the ``with`` block runs.
 
     A new run (``resume=False``) needs an empty or missing folder; with ``overwrite`` the files named in
@@ -147,7 +147,7 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
             raise KernelDistillError(f"cannot resume: {folder} is not a folder")
     elif folder.resolve() not in _HELD:
         if not overwrite:
-            _refuse_if_not_empty(folder, option)
+            _refuse_if_not_empty(folder, option, resumable)
         elif command is not None and folder.is_dir():
             _refuse_other_owner(folder, command, option)
     created = not folder.exists()
@@ -164,7 +164,7 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
                             if (folder / name).is_dir() and not (folder / name).is_symlink():
                                 shutil.rmtree(folder / name)
                     else:
-                        _refuse_if_not_empty(folder, option)  # a run that finished between the check and the lock
+                        _refuse_if_not_empty(folder, option, resumable)  # one that finished since the check
             yield folder
         except BaseException:
             if outermost and created and not _visible_contents(folder):
@@ -240,7 +240,7 @@ def claim_output_folder(folder: str | os.PathLike, command: str, *, overwrite: b
         _refuse_other_owner(path, command, option)
     own = OUTPUT_FILES.get(command, ())
     return claim_run_folder(path, overwrite=overwrite, run_files=tuple(n for n in own if "." in n),
-                            run_folders=tuple(n for n in own if "." not in n), option=option)
+                            run_folders=tuple(n for n in own if "." not in n), option=option, resumable=False)
 
 
 def _refuse_other_owner(folder: pathlib.Path, command: str, option: str) -> None:
@@ -283,12 +283,13 @@ def claim_output_file(path: str | os.PathLike, *, overwrite: bool = False, optio
         yield path
 
 
-def _refuse_if_not_empty(folder: pathlib.Path, option: str):
+def _refuse_if_not_empty(folder: pathlib.Path, option: str, resumable: bool = True):
     contents = _visible_contents(folder)
     if contents:
         shown = ", ".join(contents[:6]) + (f" and {len(contents) - 6} more" if len(contents) > 6 else "")
+        resume = f"continue the run there with --resume {folder}, " if resumable else ""
         raise KernelDistillError(f"{option} {folder} is not empty (it holds {shown}): choose a new folder, "
-                                 f"continue the run there with --resume {folder}, or replace it with --overwrite")
+                                 f"{resume}or replace it with --overwrite")
 
 
 # ----------------------------------------------------------------------------------------------------
