@@ -214,7 +214,8 @@ def _previous_evaluate(d: pathlib.Path):
     """A folder holding an evaluate run's results.json."""
     record = json.loads((d / "run" / "results.json").read_text())
     (d / "ev").mkdir()
-    (d / "ev" / "results.json").write_text(json.dumps(dict(record, command="evaluate", method="file")))
+    evaluate_record = dict(record, command="evaluate", method="file", artifacts={})
+    (d / "ev" / "results.json").write_text(json.dumps(evaluate_record))
 
 
 def _results_edit(edit):
@@ -477,6 +478,26 @@ CASES: list[Case] = [
          "does not exist", _symlink("dangling.npz", "nowhere.npz")),
     Case("zoo", "report --out into a finished KIP run", ("zoo", "report", "--out", f"{D}/run", "--overwrite"),
          "holds a kip run"),
+    # -- export: to PyTorch / Hugging Face formats (issue 29), under the same folder rules
+    Case("export", "SET does not exist", ("export", f"{D}/missing.npz", f"{D}/out.safetensors", "--format",
+                                          "safetensors"), "no such file"),
+    Case("export", "OUT is an existing file", ("export", SET, f"{D}/F", "--format", "safetensors"),
+         "ending in .safetensors"),
+    Case("export", "safetensors onto an existing file", ("export", SET, f"{D}/old.safetensors", "--format",
+                                                         "safetensors"), "exists",
+         _write_bytes("old.safetensors", b"an earlier file")),
+    Case("export", "imagefolder into a finished KIP run", ("export", SET, f"{D}/run", "--format", "imagefolder"),
+         "is not empty"),
+    Case("export", "parquet into a finished KIP run, with --overwrite",
+         ("export", SET, f"{D}/run", "--format", "parquet", "--overwrite"), "holds a kip run"),
+    Case("export", "a run folder that wrote no distilled set", ("export", f"{D}/ev", f"{D}/out.safetensors",
+                                                                "--format", "safetensors"), "wrote no distilled set",
+         _previous_evaluate),
+    Case("export", "a released KIP file (no preprocessing) as PNGs",
+         ("export", f"{D}/released.npz", f"{D}/png", "--format", "imagefolder"), "carries no preprocessing",
+         _with("released.npz", metadata=None, preprocess_mean=None, preprocess_std=None)),
+    Case("export", "--format unknown", ("export", SET, f"{D}/o", "--format", "onnx"), "invalid choice"),
+    Case("export", 'OUT ""', ("export", SET, "", "--format", "parquet"), "OUT is empty"),
     # -- report: a results.json that breaks the schema is refused before anything is written (item 6)
     Case("report", "results.json: a string where a number belongs", ("report", f"{D}/run", "--out", f"{D}/rep"),
          "must be a number", _results_edit(_metrics(test_accuracy="97%"))),

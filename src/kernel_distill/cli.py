@@ -92,6 +92,7 @@ def _open_backend(args):
     return contextlib.nullcontext() if options.backend == "local" else open_backend(options)
 
 
+EXPORT_FORMATS = ("safetensors", "imagefolder", "parquet")  # export.FORMATS, spelt out so --help does not load it
 KERNEL_CHOICES = ("fc", "convnet", "convnet3", "convnet-rf", "convnet3-rf")
 RF_NORM_CHOICES = ("none", "instance")  # kernels.spec.RF_NORMS, spelt out so --help does not import JAX
 
@@ -309,6 +310,18 @@ def build_parser() -> argparse.ArgumentParser:
     q = zoo.add_parser("report", help="an HTML page of the zoo: its table and every set's image grid (offline)")
     q.add_argument("--out", required=True, help="report folder, new or empty (index.html, img/)")
     _add_overwrite(q, "report")
+
+    p = sub.add_parser("export", help="write a distilled set for PyTorch / Hugging Face users (docs/INTEROP.md)")
+    p.add_argument("set", metavar="SET", help="a distilled-set .npz, a run folder, or zoo:NAME")
+    p.add_argument("out", metavar="OUT",
+                   help="safetensors: a .safetensors file; imagefolder, parquet: a folder (new or empty)")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True,
+                   help="safetensors (tensors + preprocessing, exact), imagefolder (PNGs per class in pixel space "
+                        "+ labels.csv) or parquet (one row per image, loadable with Hugging Face datasets)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export in OUT (never another command's files)")
+    p.add_argument("--data-dir", default=None, help="where zoo sets that are downloaded are kept")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -636,6 +649,31 @@ def _cmd_zoo(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from kernel_distill import export
+    from kernel_distill.runs import claim_output_file, claim_output_folder
+
+    if args.format == "safetensors":
+        if not str(args.out).endswith(".safetensors"):
+            raise KernelDistillError(f"OUT {args.out}: a safetensors export is one file; give a path ending in "
+                                     f".safetensors")
+        claim = claim_output_file(args.out, overwrite=args.overwrite, option="OUT")
+    else:
+        claim = claim_output_folder(args.out, "export", overwrite=args.overwrite, option="OUT")
+    src = export.load_source(args.set, args.data_dir, progress=not args.no_progress)
+    with claim:
+        summary = export.export(src, args.out, args.format)
+    n, k = src.distilled.images.shape[0], src.distilled.num_classes
+    print(f"{args.set}: {n} images, {k} classes -> {summary['path']} ({args.format}; source sha256 "
+          f"{src.sha256[:12]}...)")
+    if summary.get("why"):
+        print(f"note: {summary['why']}")
+    if summary.get("clipped_fraction"):
+        print(f"note: {100 * summary['clipped_fraction']:.2f}% of the pixel values lay outside [0, 1] and were "
+              f"clipped in the PNGs (the safetensors and parquet exports keep them exactly)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     """KIP on scikit-learn's digits (bundled, no files): 10 learned images and labels per class."""
     from kernel_distill.kernels import KernelSpec
@@ -942,6 +980,7 @@ def _cmd_kip(args) -> int:
 _COMMANDS = {
     "datasets": _cmd_datasets,
     "evaluate": _cmd_evaluate,
+    "export": _cmd_export,
     "baseline": _cmd_baseline,
     "demo": _cmd_demo,
     "kip": _cmd_kip,

@@ -185,7 +185,9 @@ OUTPUT_FILES = {
     "baseline": ("natural.npz", "results.json"),
     "transfer": ("transfer_curve.png", "results.json"),
     "report": ("index.html", "runs", "img"),
+    "export": ("export.json", "labels.csv", "preprocessing.safetensors", "train", "data"),
 }
+STAGED_COMMANDS = ("report",)
 # Files only a KIP run writes: a folder holding one is a KIP run even without its results.json.
 _KIP_MARKERS = ("checkpoint.npz", "config.json", "metrics.jsonl", HISTORY_NAME)
 
@@ -238,7 +240,9 @@ def claim_output_folder(folder: str | os.PathLike, command: str, *, overwrite: b
     path = check_output_path(folder, option)
     if overwrite and path.is_dir() and path.resolve() not in _HELD:
         _refuse_other_owner(path, command, option)
-    own = OUTPUT_FILES.get(command, ())
+    # A report replaces its files itself, whole, once it is built (report._staged): a failed build keeps the
+    # earlier report. The other commands start from a folder cleared of their earlier outputs, as kip does.
+    own = () if command in STAGED_COMMANDS else OUTPUT_FILES.get(command, ())
     return claim_run_folder(path, overwrite=overwrite, run_files=tuple(n for n in own if "." in n),
                             run_folders=tuple(n for n in own if "." not in n), option=option, resumable=False)
 
