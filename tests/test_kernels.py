@@ -168,10 +168,33 @@ def test_default_memory_budget_is_512_mib_on_a_cpu_and_an_eighth_of_an_accelerat
                 raise self.stats
             return self.stats
 
-    assert default_memory_budget_mb() == 512.0  # this machine's JAX runs on the CPU
     assert default_memory_budget_mb(Device("cpu", {"bytes_limit": 2**40})) == 512.0
     assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 80 * 2**30})) == 80 * 1024 / 8
     assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 2**40})) == 16384.0  # capped
     assert default_memory_budget_mb(Device("gpu", {"bytes_limit": 2 * 2**30})) == 512.0  # floored
     assert default_memory_budget_mb(Device("tpu", None)) == 512.0
     assert default_memory_budget_mb(Device("gpu", RuntimeError("no stats"))) == 512.0
+
+
+def _expected_budget_mb(device) -> float:
+    """The documented rule, written out here without the package's constants: 512 MiB on a CPU; on an
+    accelerator an eighth of ``memory_stats()["bytes_limit"]``, at least 512 and at most 16,384 MiB (512
+    when the device reports no limit)."""
+    if device.platform == "cpu":
+        return 512.0
+    try:
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    except Exception:
+        limit = None
+    if not limit:
+        return 512.0
+    return float(min(16384.0, max(512.0, limit / 8 / 2**20)))
+
+
+def test_default_memory_budget_follows_the_rule_for_the_device_this_test_runs_on():
+    from kernel_distill.kernels import default_memory_budget_mb
+
+    device = jax.devices()[0]
+    expected = _expected_budget_mb(device)
+    assert default_memory_budget_mb() == expected, (device.platform, expected)
+    assert default_memory_budget_mb(device) == expected

@@ -74,21 +74,21 @@ def test_evaluate_blocks_agree_with_numpy(rng):
 
 
 def test_digits_accuracy_with_natural_support():
-    """Real data: the first 10 images per class of digits give 82.7% with the FC NTK (chance: 10%)."""
+    """Real data: the first 10 images per class of digits give 82.7% with the FC NTK (297 of the 359 test
+    images; chance: 10%). The bound leaves two images for other float rounding."""
     x_train, y_train = load_dataset("digits", "train")
     x_test, y_test = load_dataset("digits", "test")
     pre = fit_preprocessor(x_train)
     idx = np.concatenate([np.flatnonzero(y_train == c)[:10] for c in range(10)])
     result = evaluate(make_kernel_fn(architecture="fc"), pre.apply(x_train[idx]), centered_one_hot(y_train[idx], 10),
                       pre.apply(x_test), y_test, progress=False)
-    assert result.accuracy > 0.75
+    assert result.accuracy >= 295 / 359  # measured 297 / 359 = 82.73%
 
 
 def test_mnist_accuracy_with_natural_support(shared_data_dir):
-    """Real MNIST: 100 natural images, FC NTK, on 2,000 test images.
-
-    docs/BENCHMARKS.md measures 78.2 +- 2.0% for random 10/class subsets (5 seeds, whole test set); there is no
-    verified published value for this baseline, so the bounds are only a sanity range.
+    """Real MNIST: the first 10 images per class, FC NTK, on the first 2,000 test images: measured 65.15%
+    (1,303 images; CPU, 2026-12-01), checked to 10 images. Random 10/class subsets do better on the whole test
+    set (docs/BENCHMARKS.md: 78.2 +- 2.0%, 5 seeds); these first images are a weak draw.
     """
     x_train, y_train = load_dataset("mnist", "train", data_dir=shared_data_dir)
     x_test, y_test = load_dataset("mnist", "test", data_dir=shared_data_dir)
@@ -96,7 +96,7 @@ def test_mnist_accuracy_with_natural_support(shared_data_dir):
     idx = np.concatenate([np.flatnonzero(y_train == c)[:10] for c in range(10)])
     result = evaluate(make_kernel_fn(architecture="fc"), pre.apply(x_train[idx]), centered_one_hot(y_train[idx], 10),
                       pre.apply(x_test[:2000]), y_test[:2000], progress=False)
-    assert 0.65 < result.accuracy < 0.95
+    assert abs(result.accuracy - 0.6515) <= 10 / 2000
 
 
 def test_singular_support_is_a_clear_error():

@@ -72,8 +72,9 @@ def test_cli_outputs_and_accuracy_gain(tmp_path, capsys):
     assert code == 0
     record = read_results(out)
     metrics = record["metrics"]
-    # Measured 78.3% -> 92.8% on digits' 359 test images.
-    assert metrics["test_accuracy"] > metrics["test_accuracy_original_labels"] + 0.05
+    # Measured 78.27% -> 92.76% (281 -> 333 of digits' 359 test images; CPU, 2026-12-01); two images of margin.
+    assert metrics["test_accuracy_original_labels"] >= 279 / 359 and metrics["test_accuracy"] >= 331 / 359
+    assert metrics["test_accuracy"] > metrics["test_accuracy_original_labels"] + 0.12
     assert record["selection"]["split"] == "none"  # Label Solve selects nothing: no validation split needed
     assert len(record["curves"]["label_covariance"]) == 10
     assert load_distilled(out / "distilled.npz").metadata["method"] == "label_solve"
