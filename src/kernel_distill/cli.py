@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "label_scale "
                         "(repeat the option for a grid, e.g. --tune lr=0.01,0.05 --tune steps=300,1000)")
     p.add_argument("--seeds", type=int, default=3, help="training runs with seeds 0..N-1 (default 3)")
+    p.add_argument("--ranking", action="store_true",
+                   help="also score the set by the field's standard (DD-Ranking): the same recipe on a random "
+                        "class-balanced subset of the same size, with hard labels, with the augmentation switched, "
+                        "and on the set's images with one-hot labels: gain over random (IOR), HLR, LRS, ARS "
+                        "(docs/TRANSFER.md)")
+    p.add_argument("--full-set-accuracy", type=_number(0.0), default=None, metavar="FRACTION",
+                   help="with --ranking: the full training set's hard-label test accuracy under the same recipe "
+                        "(a record of benchmarks/ranking.py), for HLR and LRS")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
     p.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only")
     p.add_argument("--out", default=None, help="folder for results.json and transfer_curve.png (new or empty)")
@@ -804,6 +812,12 @@ def _cmd_transfer(args) -> int:
                          eval_every=args.eval_every, augment=args.augment, label_scale=args.label_scale)
     if (args.file is None) == (args.natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
+    if args.ranking and args.file is None:
+        raise KernelDistillError("--ranking scores a distilled set against random subsets: give a FILE")
+    if args.full_set_accuracy is not None and not (args.ranking and args.full_set_accuracy <= 1):
+        raise KernelDistillError("--full-set-accuracy is a fraction in [0, 1] and goes with --ranking")
+    if args.ranking and args.tune:
+        raise KernelDistillError("--ranking scores one fixed recipe; choose it first with --tune, then give it")
     args.tune_grid = _tune_grid(args.tune, config)
     if args.val_size is None:
         args.val_size = 5000 if args.tune_grid else 0
@@ -855,6 +869,14 @@ def _transfer(args, config) -> int:
     result = experiments.transfer(support, args.model, config, args.seeds, args.width, args.depth,
                                   args.parameterization, args.data_dir, args.test_limit, not args.no_progress,
                                   tune_grid=args.tune_grid)
+    ranking = None
+    if args.ranking:
+        ranking = experiments.ranking_runs(support, args.model, config, args.seeds, args.width, args.depth,
+                                           args.parameterization, args.data_dir, args.test_limit,
+                                           args.full_set_accuracy, progress=not args.no_progress)
+        result["metrics"].update({f"ranking_{k}": v for k, v in ranking["scores"].items()})
+        result["metrics"].update({f"ranking_accuracy_{k}": v for k, v in ranking["accuracies"].items()})
+        _print_ranking(ranking)
     metrics, dataset, source = result["metrics"], support["dataset"], support["source"]
     if result["tuning"]:
         chosen = result["tuning"]["candidates"][result["tuning"]["best"]]
@@ -870,7 +892,10 @@ def _transfer(args, config) -> int:
     run_config = dict(source=source, file=args.file, natural_per_class=args.natural_per_class, seed=args.seed,
                       model=args.model, width=args.width, depth=args.depth, parameterization=args.parameterization,
                       seeds=args.seeds, train=result["train"], zca=args.zca, zca_reg=args.zca_reg,
-                      test_limit=args.test_limit, val_size=args.val_size, tuning=result["tuning"])
+                      test_limit=args.test_limit, val_size=args.val_size, tuning=result["tuning"],
+                      ranking=ranking and dict(runs=ranking["runs"], stds=ranking["stds"],
+                                               toggled_augment=ranking["toggled_augment"],
+                                               full_set_accuracy=args.full_set_accuracy))
     curves = {f"transfer_test_accuracy_seed{r['seed']}": r["curve"] for r in result["runs"]}
     artifacts = {}
     if args.out:
@@ -886,6 +911,21 @@ def _transfer(args, config) -> int:
                          wall_seconds=time.perf_counter() - start, argv=args.command_line)
     _finish(args, record, args.out)
     return 0
+
+
+def _print_ranking(ranking: dict) -> None:
+    acc, scores = ranking["accuracies"], ranking["scores"]
+    shown = ", ".join(f"{k} {100 * v:.2f}%" for k, v in acc.items())
+    print(f"DD-Ranking runs (test accuracy, mean over seeds): {shown}")
+    parts = [f"IOR {100 * scores['ior']:+.2f} points"] if "ior" in scores else []
+    if "hlr" in scores:
+        parts.append(f"HLR {100 * scores['hlr']:.2f} points")
+    for key in ("lrs", "ars"):
+        if key in scores:
+            parts.append(f"{key.upper()} {100 * scores[key]:.2f}%")
+    if "hlr" not in scores:
+        parts.append("HLR and LRS need --full-set-accuracy")
+    print("DD-Ranking scores: " + "; ".join(parts))
 
 
 def _cmd_report(args) -> int:

@@ -295,3 +295,109 @@ def transfer(support: dict, model: str, train_config, seeds: int, width: int | N
     return dict(metrics=metrics, runs=runs, train=dataclasses.asdict(train_config), checksums=checksums,
                 tuning=tuning and dict(grid=tune_grid, candidates=tuning["candidates"], best=tuning["best"],
                                        tuning_seed=TUNING_SEED))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The field's evaluation standard (DD-Ranking, :mod:`kernel_distill.ranking`).
+
+RANKING_AUGMENTATION = "dsa"  # the augmentation switched on for the ARS runs when the recipe has none
+
+
+def ranking_runs(support: dict, model: str, train_config, seeds: int, width: int | None = None,
+                 depth: int | None = None, parameterization: str = "standard", data_dir=None,
+                 test_limit: int | None = None, full_hard_accuracy: float | None = None, progress: bool = True,
+                 log: Callable = print) -> dict:
+    """Train the networks DD-Ranking compares, all with ``train_config`` (the recipe) and seeds ``0..seeds-1``,
+    and score them on the test set.
+
+    * ``set``: the distilled set with its own labels (the recipe as given);
+    * ``random``: per seed ``s``, a class-balanced random subset of the training set of the same size (seed
+      ``s``), natural labels, the same recipe and the set's preprocessing;
+    * ``set_hard`` / ``random_hard``: both with hard labels (cross-entropy on the argmax, label scale 1);
+    * ``set_natural_labels``: the set's images with its labels' argmax as one-hot labels, the recipe as given
+      (what the learned labels add; skipped for a set whose labels are already one-hot);
+    * ``set_aug_toggled`` / ``random_aug_toggled``: augmentation switched (``dsa`` on if the recipe has none,
+      off otherwise), for the augmentation-robust score.
+
+    ``full_hard_accuracy``: the full training set's accuracy with hard labels under the same recipe (a
+    record; see ``benchmarks/ranking.py``), for HLR and LRS. Returns ``dict(accuracies, stds, scores,
+    runs, recipe, toggled_augment, checksums)``; accuracies are means over seeds, as fractions.
+    """
+    from kernel_distill import ranking
+    from kernel_distill.finite import build_model, train_seeds
+
+    dataset = support["dataset"]
+    info = dataset_info(dataset)
+    checksums = dict(support.get("checksums", {}))
+    x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
+    if test_limit:
+        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    pre = support["preprocessor"]
+    z_test = pre.apply(x_test)
+    n, num_classes = len(support["x"]), info.num_classes
+    if n % num_classes:
+        raise KernelDistillError(f"a random subset of the same size must be class-balanced: {n} images for "
+                                 f"{num_classes} classes")
+    per_class = n // num_classes
+
+    def model_fn():
+        return build_model(model, num_classes, width, depth, parameterization)
+
+    train_config = dataclasses.replace(train_config, eval_every=train_config.steps)  # score once, at the end
+    hard = dataclasses.replace(train_config, loss="ce", label_scale=1.0)
+    toggled_augment = RANKING_AUGMENTATION if train_config.augment == "none" else "none"
+    labels = np.asarray(support["y"], np.float32)
+    one_hot = centered_one_hot(labels.argmax(axis=1), num_classes)
+    variants = {"set": (train_config, labels), "set_hard": (hard, labels),
+                "set_aug_toggled": (dataclasses.replace(train_config, augment=toggled_augment), labels)}
+    if not np.allclose(labels, one_hot):
+        variants["set_natural_labels"] = (train_config, one_hot)
+    accuracies, stds, runs = {}, {}, {}
+    for name, (config, y) in variants.items():
+        log(f"{name}: {n} images, loss {config.loss}, augment {config.augment}")
+        result = train_seeds(model_fn, support["x"], y, z_test, y_test, config, range(seeds), progress=progress)
+        accuracies[name], stds[name] = result["mean"], result["std"]
+        runs[name] = [r["test_accuracy"] for r in result["runs"]]
+    random_variants = {"random": train_config, "random_hard": hard,
+                       "random_aug_toggled": dataclasses.replace(train_config, augment=toggled_augment)}
+    subsets = [natural_subset(x_raw, y_raw, per_class, num_classes, seed) for seed in range(seeds)]
+    for name, config in random_variants.items():
+        log(f"{name}: {seeds} random subsets of {n} images, loss {config.loss}, augment {config.augment}")
+        accs = []
+        for seed, (xs, ys) in enumerate(subsets):
+            result = train_seeds(model_fn, pre.apply(xs), centered_one_hot(ys, num_classes), z_test, y_test, config,
+                                 [seed], progress=progress)
+            accs.append(result["runs"][0]["test_accuracy"])
+        accuracies[name], stds[name] = float(np.mean(accs)), float(np.std(accs, ddof=1)) if seeds > 1 else 0.0
+        runs[name] = accs
+    if full_hard_accuracy is not None:
+        accuracies["full_hard"] = float(full_hard_accuracy)
+    scores = ranking.scores(accuracies, augmented=train_config.augment != "none")
+    return dict(accuracies=accuracies, stds=stds, scores=scores, runs=runs, recipe=dataclasses.asdict(train_config),
+                toggled_augment=toggled_augment, checksums=checksums, num_test=len(y_test))
+
+
+def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, width: int | None = None,
+                      depth: int | None = None, parameterization: str = "standard", data_dir=None,
+                      test_limit: int | None = None, progress: bool = True) -> dict:
+    """The hard-label accuracy of networks trained on the whole training split (DD-Ranking's ``real-hard``):
+    cross-entropy, the recipe's optimiser, learning rate, batch, weight decay and augmentation, for
+    ``train_config.steps`` steps; standardised per channel (fitted on the training split)."""
+    from kernel_distill.finite import build_model, train_seeds
+
+    info = dataset_info(dataset)
+    checksums = {}
+    x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
+    if test_limit:
+        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    pre = fit_preprocessor(x_raw)
+    config = dataclasses.replace(train_config, loss="ce", label_scale=1.0, eval_every=train_config.steps)
+    result = train_seeds(lambda: build_model(model, info.num_classes, width, depth, parameterization),
+                         pre.apply(x_raw), centered_one_hot(y_raw, info.num_classes), pre.apply(x_test), y_test,
+                         config, range(seeds), progress=progress)
+    return dict(test_accuracy=result["mean"], test_accuracy_std=result["std"],
+                test_accuracies=[r["test_accuracy"] for r in result["runs"]], num_train=len(y_raw),
+                num_test=len(y_test), train_seconds=sum(r["seconds"] for r in result["runs"]),
+                recipe=dataclasses.asdict(config), checksums=checksums)
