@@ -26,7 +26,8 @@ def test_baseline_then_evaluate_round_trip(tmp_path, capsys):
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary == read_results(tmp_path / "base")  # --json prints the record results.json holds
     metrics = summary["metrics"]
-    assert len(metrics["test_accuracies"]) == 2 and 0.5 < metrics["test_accuracy"] <= 1
+    # measured 87.74% and 87.47% (2026-12-01): five natural images per class of digits, FC NTK
+    assert len(metrics["test_accuracies"]) == 2 and 0.85 < metrics["test_accuracy"] < 0.90
     assert metrics["test_accuracy"] == pytest.approx(np.mean(metrics["test_accuracies"]))
     code, out, _ = run(capsys, "evaluate", str(tmp_path / "base" / "natural.npz"), "--dataset", "digits",
                        "--no-progress", "--json", "--out", str(tmp_path / "eval"))

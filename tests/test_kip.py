@@ -30,13 +30,14 @@ def _config(**kwargs):
 
 
 def test_kip_beats_its_natural_initialisation(tmp_path, digits):
-    """Real data: 1 image per class of digits, 150 steps; measured 68.0% -> 95.0% test accuracy."""
+    """Real data: 1 image per class of digits, 150 steps; measured 61.56% -> 93.87% test accuracy (CPU,
+    2026-12-01)."""
     config = _config(per_class=1, steps=150, eval_every=150, target_batch_size=500)
     summary = run_kip(config, digits, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["test_accuracy"] for r in records if "test_accuracy" in r]
-    assert accuracies[0] < 0.8
-    assert summary["last_accuracy"] > accuracies[0] + 0.15
+    assert 0.59 < accuracies[0] < 0.64  # ten natural images
+    assert summary["last_accuracy"] > 0.915
     losses = [r["loss"] for r in records if "loss" in r]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
 
