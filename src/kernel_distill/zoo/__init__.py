@@ -188,21 +188,49 @@ def describe_method(e: dict) -> str:
     return text
 
 
+def _storage(e: dict) -> str:
+    storage = e.get("storage")
+    if not storage:
+        return "-"
+    return f"{(storage['image_bytes'] + storage['label_bytes']) / 1000:,.0f} kB"
+
+
+def _compute(e: dict) -> str:
+    seconds = e.get("wall_seconds")
+    if seconds is None:
+        return "-"
+    machine = str(e.get("machine", "")).lower()
+    # zoo_add records the JAX backend in brackets: "(cpu)" or "(gpu)"; anything else is said in `zoo show`
+    where = "GPU" if "(gpu)" in machine else "CPU" if "(cpu)" in machine else "mixed CPU + GPU"
+    return f"{seconds / 60:,.1f} min, {where}"
+
+
+def _points(value) -> str:
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
 def table_rows(entries: list[dict] | None = None) -> list[list[str]]:
-    """One row per set: name, dataset, method, per class, KRR %, transfer %, published %."""
+    """One row per set: name, dataset, method, per class, KRR %, transfer %, the DD-Ranking columns (gain over
+    random, hard / soft labels, LRS and ARS: ``-`` where not measured), storage, compute, published %."""
     rows = []
     for e in read_index() if entries is None else entries:
         transfer = e.get("transfer") or {}
         published = e.get("published") or {}
+        ranking = e.get("ranking") or {}
+        acc = ranking.get("accuracies", {})
         pub = _pct(published.get("accuracy")) + (f" ({published['what']})" if published.get("what") else "") \
             if published.get("accuracy") is not None else "-"
+        hard_soft = f"{_pct(acc.get('set_hard'))} / {_pct(acc.get('set'))}" if acc else "-"
         rows.append([f"`{e['name']}`", DATASET_NAMES.get(e["dataset"], e["dataset"]), describe_method(e),
                      str(e["per_class"]), _pct(e["krr"]["test_accuracy"]),
-                     _pct(transfer.get("mean"), transfer.get("std")) if transfer else "-", pub])
+                     _pct(transfer.get("mean"), transfer.get("std")) if transfer else "-",
+                     _points(ranking.get("ior")), hard_soft, _pct(ranking.get("lrs")), _pct(ranking.get("ars")),
+                     _storage(e), _compute(e), pub])
     return rows
 
 
-TABLE_HEADER = ["name", "dataset", "method", "per class", "KRR %", "transfer %", "published %"]
+TABLE_HEADER = ["name", "dataset", "method", "per class", "KRR %", "transfer %", "gain over random (IOR, points)",
+                "hard / soft labels %", "LRS %", "ARS %", "storage", "compute to make", "published %"]
 
 
 def markdown_table(entries: list[dict] | None = None) -> str:

@@ -1,0 +1,118 @@
+"""The zoo's sets scored by the field's current standard, DD-Ranking (kernel_distill.ranking, docs/TRANSFER.md).
+
+For each zoo set, with the zoo's own transfer recipe (the evaluation ConvNet, its steps, learning rate, batch,
+weight decay and loss, recorded in the index), runs ``kernel-distill transfer zoo:NAME --ranking``: the set,
+random class-balanced subsets of the same size, hard labels, the augmentation switched, and the set's images
+with one-hot labels, ``--seeds`` seeds each, on the whole test set. The full training set's hard-label
+accuracy under the same recipe (DD-Ranking's ``real-hard``, for HLR) is trained once per dataset and recipe,
+for ``--full-steps`` steps (the distilled sets' 300 steps are less than one pass over 60,000 images), and
+kept in ``--full-results``; a rerun reuses it, and skips sets already in ``--results``.
+
+Each record also carries the set's storage (image bytes + label bytes at float32) and the compute that
+made it (the zoo's recorded wall time and machine). ``benchmarks/tables.py`` makes the table of
+docs/BENCHMARKS.md from the records and ``tools/zoo_table.py`` the zoo columns of the README.
+
+    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/ranking.py --names mnist-kip-fc-1 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import time
+
+from _cli import cli  # benchmarks/ is on sys.path when a script runs
+from kernel_distill import zoo
+from kernel_distill.results import append_record, dataset_record, make_record, read_records
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "ranking.jsonl"
+FULL_RESULTS = HERE / "results" / "full_set.jsonl"
+
+
+def recipe_of(entry: dict) -> dict:
+    t = entry["transfer"]
+    return dict(model=t["model"], steps=t["steps"], learning_rate=t["learning_rate"], batch_size=t["batch_size"],
+                weight_decay=t["weight_decay"], loss=t["loss"], augment=t.get("augment") or "none",
+                label_scale=t.get("label_scale") or 1.0)
+
+
+def storage_bytes(entry: dict) -> dict:
+    """Image and label bytes of the set at float32 (what a user stores and loads), from the file itself."""
+    distilled = zoo.load(entry["name"])
+    return dict(storage_image_bytes=int(distilled.images.size * 4), storage_label_bytes=int(distilled.labels.size * 4))
+
+
+def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, path: pathlib.Path) -> dict:
+    """The full-set record of this dataset and recipe: read from ``path``, else trained now and appended."""
+    from kernel_distill.experiments import full_set_accuracy
+    from kernel_distill.finite import TrainConfig
+
+    key = dict(recipe, steps=full_steps, loss="ce", label_scale=1.0)
+    for record in (read_records(path) if path.is_file() else []):
+        if record["dataset"]["name"] == dataset and record["config"]["recipe_key"] == key and \
+                record["config"]["seeds"] == seeds:
+            return record
+    print(f"full training set of {dataset}: {full_steps} steps x {seeds} seed(s), hard labels ...", flush=True)
+    start = time.perf_counter()
+    config = TrainConfig(steps=full_steps, optimizer="sgd", learning_rate=recipe["learning_rate"],
+                         weight_decay=recipe["weight_decay"], loss="ce", batch_size=recipe["batch_size"],
+                         eval_every=full_steps, augment=recipe["augment"])
+    result = full_set_accuracy(dataset, recipe["model"], config, seeds=seeds, progress=False)
+    metrics = dict(test_accuracy=result["test_accuracy"], test_accuracy_std=result["test_accuracy_std"],
+                   test_accuracies=result["test_accuracies"], train_seconds=result["train_seconds"],
+                   num_train=result["num_train"], num_test=result["num_test"])
+    record = make_record("benchmark/full_set", "full_set", dataset_record(dataset, result["checksums"],
+                                                                           num_train=result["num_train"],
+                                                                           num_test=result["num_test"]),
+                         metrics, dict(recipe_key=key, seeds=seeds, train=result["recipe"]),
+                         wall_seconds=time.perf_counter() - start)
+    append_record(path, record)
+    print(f"  {100 * result['test_accuracy']:.2f}% ({result['train_seconds']:.0f} s)", flush=True)
+    return record
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--names", nargs="+", default=None, help="zoo sets (default: all, smallest first)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--full-steps", type=int, default=3000,
+                        help="steps of the full-set run (batch 128: 6.4 passes over 60,000 images)")
+    parser.add_argument("--full-seeds", type=int, default=1)
+    parser.add_argument("--results", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--full-results", type=pathlib.Path, default=FULL_RESULTS)
+    args = parser.parse_args()
+    entries = {e["name"]: e for e in zoo.read_index()}
+    names = args.names or sorted(entries, key=lambda n: (entries[n]["support_size"], entries[n]["bytes"]))
+    done = {r["config"]["set"] for r in (read_records(args.results) if args.results.is_file() else [])}
+    for name in names:
+        if name in done:
+            print(f"{name}: already in {args.results}")
+            continue
+        entry = entries[name]
+        recipe = recipe_of(entry)
+        full = full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results)
+        start = time.perf_counter()
+        record = cli("transfer", f"zoo:{name}", "--model", recipe["model"], "--steps", str(recipe["steps"]),
+                     "--lr", str(recipe["learning_rate"]), "--batch-size", str(recipe["batch_size"]),
+                     "--weight-decay", str(recipe["weight_decay"]), "--loss", recipe["loss"],
+                     "--label-scale", str(recipe["label_scale"]), "--augment", recipe["augment"],
+                     "--seeds", str(args.seeds), "--eval-every", str(recipe["steps"]), "--ranking",
+                     "--full-set-accuracy", repr(full["metrics"]["test_accuracy"]))
+        record["command"] = "benchmark/ranking"
+        record["method"] = entry["method"]
+        record["metrics"].update(storage_bytes(entry), make_seconds=entry.get("wall_seconds"))
+        record["config"].update(set=name, per_class=entry["per_class"], recipe=recipe,
+                                full_set=dict(steps=args.full_steps, seeds=args.full_seeds,
+                                              accuracy=full["metrics"]["test_accuracy"]),
+                                make_machine=entry.get("machine"))
+        record["provenance"]["wall_seconds"] = time.perf_counter() - start
+        append_record(args.results, record)
+        m = record["metrics"]
+        print(f"{name}: set {100 * m['ranking_accuracy_set']:.2f}%, random {100 * m['ranking_accuracy_random']:.2f}%, "
+              f"IOR {100 * m['ranking_ior']:+.2f}, HLR {100 * m['ranking_hlr']:.2f}, LRS {100 * m['ranking_lrs']:.2f}%, "
+              f"ARS {100 * m['ranking_ars']:.2f}% ({record['provenance']['wall_seconds']:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
