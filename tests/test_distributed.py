@@ -1,6 +1,8 @@
 """Distributed backends: the Ray backend computes exactly what the local one does, and survives a killed worker.
 
-One Ray instance for the module, on loopback (127.0.0.1), without dashboard or token, shut down at the end.
+One Ray instance for the module, on loopback (127.0.0.1), without dashboard or token, shut down at the end;
+the tests before its first use start (and stop) Ray instances of their own, through the backend. A Ray
+system process killed, or an address where nothing answers, ends a command with one line.
 Sizes are tiny (8x8 images, depth 2, a few steps): the tests are about the bookkeeping, not throughput.
 """
 
@@ -9,23 +11,31 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
+import warnings
 
 import jax
 import numpy as np
 import pytest
 
+from kernel_distill.distributed.cluster import (ClusterStopped, ClusterUnreachable, LocalRayHead,  # noqa: E402
+                                                check_address)
 from kernel_distill.distributed.ray_backend import LOOPBACK_ENVIRONMENT, RayBackend, WorkerFailed  # noqa: E402
 
 for _name, _value in LOOPBACK_ENVIRONMENT.items():  # before Ray is imported: it reads them at import
     os.environ.setdefault(_name, _value)
 ray = pytest.importorskip("ray", reason="the Ray tests need the ray extra: pip install -e '.[ray]'")
+psutil = pytest.importorskip("psutil", reason="installed with Ray")
 
 from kernel_distill import kernels  # noqa: E402
 from kernel_distill.data import prepare_dataset  # noqa: E402
 from kernel_distill.distributed import BackendOptions, LocalBackend, open_backend  # noqa: E402
 from kernel_distill.errors import KernelDistillError  # noqa: E402
-from kernel_distill.io import load_distilled  # noqa: E402
+from kernel_distill.io import DistilledSet, load_distilled, save_distilled  # noqa: E402
 from kernel_distill.kernels import KernelSpec, make_kernel_fn  # noqa: E402
 from kernel_distill.kip import KipConfig, load_checkpoint, run_kip  # noqa: E402
 from kernel_distill.krr import evaluate, krr_loss  # noqa: E402
@@ -33,9 +43,6 @@ from kernel_distill.label_solve import solve_labels  # noqa: E402
 from kernel_distill.preprocess import centered_one_hot  # noqa: E402
 
 SHAPES = {"fc": (6, 5, 2), "convnet": (8, 8, 2)}
-# Ray launches its own processes with fork + exec (subprocess), which JAX's at-fork hook warns about; the
-# child execs at once and never runs JAX. Ray's workers themselves are fresh interpreters.
-pytestmark = pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 
 
 def test_cli_starts_ray_on_loopback_and_shuts_it_down(tmp_path, capsys):
@@ -55,18 +62,150 @@ def test_cli_starts_ray_on_loopback_and_shuts_it_down(tmp_path, capsys):
     assert "--workers and --ray-address need --backend ray" in capsys.readouterr().err
 
 
+def _closed_port() -> int:
+    """A loopback port where nothing listens (just released by this process)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_ray_address_fails_at_once_with_one_line(tmp_path):
+    """``--ray-address`` where nothing listens: exit code 2 in seconds (Ray itself retries for many minutes),
+    one stderr line naming the address, no traceback, no Ray log lines."""
+    rng = np.random.default_rng(0)
+    save_distilled(tmp_path / "set.npz", DistilledSet(rng.standard_normal((10, 8, 8, 1)).astype(np.float32),
+                                                      np.eye(10, dtype=np.float32), metadata=dict(dataset="digits")))
+    address = f"127.0.0.1:{_closed_port()}"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "kernel_distill.cli", "evaluate", str(tmp_path / "set.npz"),
+                           "--backend", "ray", "--ray-address", address, "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.monotonic() - started
+    assert done.returncode == 2, done.stderr
+    assert seconds < 30
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"kernel-distill: error: cannot connect to the Ray cluster at {address}: nothing "
+                               f"answers there (connection refused)")
+
+
+def test_an_address_where_something_else_answers_is_not_a_ray_cluster():
+    """A server that is not gRPC (say the dashboard's HTTP port) is refused at once; so is a malformed address."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+
+        def answer():
+            connection, _ = server.accept()
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+        threading.Thread(target=answer, daemon=True).start()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(ClusterUnreachable, match=f"at {address}: something answers there, but not a Ray"):
+            BackendOptions("ray", address=address)
+    with pytest.raises(KernelDistillError, match="--ray-address takes 'auto' or HOST:PORT, got 'nowhere'"):
+        check_address("nowhere")
+
+
+def _work(rng):
+    """A tiny FC problem in float32 (JAX's precision here): support, KRR weights, 30 resident images."""
+    x_s, alpha, x = (rng.standard_normal(shape).astype(np.float32) for shape in ((5, 6), (5, 2), (30, 6)))
+    return make_kernel_fn(KernelSpec("fc", 1)), x_s, alpha, x
+
+
+def test_ray_backend_of_its_own_forks_nothing_here_and_a_killed_gcs_is_one_error(rng):
+    """With JAX running here and no Ray initialised, a command's Ray backend (``open_backend``) starts Ray in
+    a fresh interpreter (``ray_head.py``) and its driver in another (``driver.py``): nothing forks this
+    process (JAX warns at every fork of a JAX process) and this process never connects to Ray. Through the
+    driver process a KIP step and KRR predictions equal the local backend's. The GCS server killed: the next
+    call raises ClusterStopped, one line naming it, within seconds; ``close`` leaves no process of it behind."""
+    assert not ray.is_initialized()
+    jax.devices()  # JAX's at-fork warning is armed from here on
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backend = open_backend(BackendOptions("ray", workers=2, retries=1))
+    processes = []
+    try:
+        assert not [w for w in caught if "fork" in str(w.message)], [str(w.message) for w in caught]
+        assert not ray.is_initialized() and backend.num_workers == 2
+        kernel_fn, x_s, alpha, x = _work(rng)
+        y_s, y_t = rng.standard_normal((5, 2)).astype(np.float32), rng.standard_normal((9, 2)).astype(np.float32)
+        idx = rng.choice(30, 9, replace=False)
+        resident = backend.put(x)
+        ours = backend.kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, resident, idx, y_t)
+        local = LocalBackend().kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, x, idx, y_t)
+        assert backend.last_step["workers_used"] == 2
+        for got, ref in zip(ours, local):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(backend.predictions(kernel_fn, "ntk", x_s, alpha, resident, 8),
+                                   LocalBackend().predictions(kernel_fn, "ntk", x_s, alpha, x, 8), rtol=1e-5)
+        head = psutil.Process(backend.head.pid)
+        processes = head.children(recursive=True)
+        next(p for p in processes if p.name() == "gcs_server").kill()
+        killed = time.monotonic()
+        with pytest.raises(ClusterStopped) as error:
+            while time.monotonic() - killed < 60:
+                backend.predictions(kernel_fn, "ntk", x_s, alpha, resident, 8)
+        assert time.monotonic() - killed < 30
+        message = str(error.value)
+        assert message.startswith("the Ray cluster stopped: its GCS server (127.0.0.1:") and "\n" not in message
+    finally:
+        backend.close()
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        for process in alive:  # only if the test fails: leave nothing of ours behind
+            process.kill()
+    assert not ray.is_initialized() and backend.head is None and backend.driver is None
+    assert not alive
+
+
+def test_killed_raylet_ends_the_command_with_one_line(tmp_path):
+    """``kip --backend ray``: its raylet SIGKILLed (found by pid in the command's own process tree) while the
+    worker computes steps; the command exits with code 2 and one stderr line, not Ray's logs."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", "kernel_distill.cli", "kip", "--dataset", "digits", "--per-class", "1",
+         "--target-batch", "50", "--steps", "100000", "--eval-every", "100000", "--checkpoint-every", "100000",
+         "--backend", "ray", "--workers", "1", "--no-progress", "--out", str(tmp_path / "run")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, killed = time.monotonic() + 120, None
+        while killed is None and command.poll() is None and time.monotonic() < deadline:
+            tree = psutil.Process(command.pid).children(recursive=True)
+            if any("KernelWork" in p.name() for p in tree):  # ray::KernelWorker: steps are running
+                time.sleep(1.0)
+                next(p for p in tree if p.name() == "raylet").kill()
+                killed = time.monotonic()
+            time.sleep(0.2)
+        assert killed is not None, "the run never started its worker"
+        _, stderr = command.communicate(timeout=60)
+        assert time.monotonic() - killed < 30
+    finally:
+        if command.poll() is None:  # only if the test fails (its Ray head stops when this pipe closes)
+            command.kill()
+            command.wait()
+    assert command.returncode == 2, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("kernel-distill: error: the Ray cluster stopped: the raylet of this node "
+                               "(127.0.0.1:")
+
+
 @pytest.fixture(scope="module")
 def ray_instance():
     """Ray on loopback for this module, no dashboard, no token; shut down after. Six logical CPUs: the
-    three-worker backend lives for the whole module beside the two-worker ones of the fault tests."""
+    three-worker backend lives for the whole module beside the two-worker ones of the fault tests. Started
+    the backend's way (a fresh interpreter starts Ray's processes; this JAX process only connects)."""
     assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and os.environ["RAY_AUTH_MODE"] == "disabled"
-    ray.init(num_cpus=6, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False,
-             log_to_driver=False)
+    head = LocalRayHead(num_cpus=6)
     try:
-        assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
-        yield
+        ray.init(address=head.address, configure_logging=False, log_to_driver=False)
+        try:
+            assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+            yield
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
+        head.close()
 
 
 @pytest.fixture(scope="module")

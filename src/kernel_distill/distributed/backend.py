@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -133,7 +134,9 @@ class BackendOptions:
     """How to compute: ``backend`` ``"local"`` or ``"ray"``; for Ray, ``workers`` actors (``None``: one per
     GPU of the cluster, else one per CPU), ``address`` of an existing cluster (``"auto"``, ``"host:port"``) or
     ``None`` to start a local one for the command, and ``retries``: restarts of a failed worker (and retries
-    of its tasks) before the run stops with an error."""
+    of its tasks) before the run stops with an error. An ``address`` is checked here, by connecting to it:
+    where no Ray cluster answers, this raises
+    :class:`~kernel_distill.distributed.cluster.ClusterUnreachable` at once."""
 
     backend: str = "local"
     workers: int | None = None
@@ -150,13 +153,29 @@ class BackendOptions:
             raise KernelDistillError(f"retries must be non-negative, got {self.retries}")
         if self.backend == "local" and (self.workers not in (None, 1) or self.address is not None):
             raise KernelDistillError("--workers and --ray-address need --backend ray")
+        if self.backend == "ray" and self.address is not None:
+            # before any data is loaded: an address where no Ray cluster answers fails in seconds, naming it
+            # (ray.init would retry it for many minutes); RayBackend.start checks it again when it connects
+            from kernel_distill.distributed.cluster import check_address
+
+            check_address(self.address)
 
 
 def open_backend(options: BackendOptions | None = None, log=print) -> Backend:
-    """The backend ``options`` ask for (a started Ray backend for ``"ray"``); close it when done."""
+    """The backend ``options`` ask for (a started Ray backend for ``"ray"``); close it when done.
+
+    Ray's driver runs in a process of its own (:class:`~kernel_distill.distributed.driver.RayDriverBackend`),
+    so that a Ray system process that dies ends the command with one line, not with Ray ending this process;
+    if the caller has initialised Ray in this process, that Ray is used from here
+    (:class:`~kernel_distill.distributed.ray_backend.RayBackend`)."""
     options = options or BackendOptions()
     if options.backend == "local":
         return LocalBackend()
-    from kernel_distill.distributed.ray_backend import RayBackend
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        from kernel_distill.distributed.ray_backend import RayBackend
 
-    return RayBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)
+        return RayBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)
+    from kernel_distill.distributed.driver import RayDriverBackend
+
+    return RayDriverBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)

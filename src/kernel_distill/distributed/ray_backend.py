@@ -16,27 +16,36 @@ every call (no process-wide precision switch a worker could miss). A worker that
 and its unfinished calls are run again (``retries`` times); the calls are pure functions of their arguments,
 so the run's numbers do not change. When the retries are spent, the run stops with
 :class:`WorkerFailed`, naming the worker.
+
+Where Ray fails rather than a worker, a command gets one line too. Without an address the backend starts a
+Ray of its own on loopback, in a fresh interpreter (:class:`~kernel_distill.distributed.cluster.LocalRayHead`):
+starting Ray forks the process that starts it, which must not be one running JAX. An address is checked
+before ``ray.init`` (where nothing answers, :class:`ClusterUnreachable` in seconds). While a run waits for its
+workers the backend checks that the cluster's GCS server and this node's raylet still answer: when either is
+gone the run stops with :class:`ClusterStopped`, one line, and Ray's own log lines stay off the terminal.
+Commands run this class in a driver process of their own (:mod:`kernel_distill.distributed.driver`), since
+Ray's C++ code ends a driver process outright when its raylet dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernel_distill.distributed import shares
+from kernel_distill.distributed import cluster, shares
 from kernel_distill.distributed.backend import Backend, krr_loss_vjp
+from kernel_distill.distributed.cluster import LOOPBACK_ENVIRONMENT, ClusterStopped, ClusterUnreachable  # noqa: F401
 from kernel_distill.errors import KernelDistillError
 
-# A Ray started by this module listens on loopback only, without dashboard or token file. Ray reads these
-# when it is imported (and its processes inherit them), so they are set before the first ``import ray``.
-LOOPBACK_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 RESIDENT_CACHE = 8  # arrays an actor keeps (train, validation, test, labels: a few per run)
+WAIT_S = 1.0  # while waiting for workers, check the cluster this often
 
 
 class WorkerFailed(KernelDistillError):
@@ -45,20 +54,7 @@ class WorkerFailed(KernelDistillError):
 
 def import_ray(local: bool):
     """``import ray``; for a ``local`` instance first the loopback settings (unless the user set them)."""
-    if local:
-        for name, value in LOOPBACK_ENVIRONMENT.items():
-            os.environ.setdefault(name, value)
-        already = "ray" in sys.modules
-    try:
-        import ray
-    except ImportError:
-        raise KernelDistillError("--backend ray needs Ray: pip install 'kernel-distill[ray]'") from None
-    if local and already and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
-        # imported before the setting was in place: Ray decided its node address at import
-        import ray._private.ray_constants as constants
-
-        constants.ENABLE_RAY_CLUSTER = False
-    return ray
+    return cluster.import_ray(local)
 
 
 @functools.cache
@@ -134,40 +130,74 @@ class _Cast:
         return np.asarray(self.array[item], self.dtype)
 
 
+def _at_boundary(method):
+    """``method`` under :meth:`RayBackend._cluster_errors`: a stopped cluster is one line, not Ray's."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._cluster_errors():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class RayBackend(Backend):
     """Shares of the work on ``len(actors)`` Ray actors. Build with :meth:`start`; ``close`` ends the actors
     (and the Ray instance, if :meth:`start` started it)."""
 
     name = "ray"
 
-    def __init__(self, actors, retries: int, owns_ray: bool, log=print):
+    def __init__(self, actors, retries: int, owns_ray: bool, log=print, head: cluster.LocalRayHead | None = None,
+                 watch: cluster.ClusterWatch | None = None):
         self.actors = list(actors)
         self.num_workers = len(self.actors)
         self.retries = retries
         self.owns_ray = owns_ray
         self.log = log
+        self.head = head
+        self.watch = watch
         self._resident: dict[tuple, tuple] = {}
         self.workers = self.worker_info()
         self.last_step: dict = {}
 
     @classmethod
-    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3, log=print):
-        """Connect to Ray (``address``: ``"auto"``, ``"host:port"``; ``None`` starts a local instance on
-        loopback for this backend) and start ``workers`` actors, each with one GPU share when the cluster
-        has GPUs."""
-        ray = import_ray(local=address is None)
-        owns_ray = False
+    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3, log=print,
+              gcs_grace_s: float | None = None):
+        """Connect this process to Ray (``address``: ``"auto"``, ``"host:port"``; ``None`` starts a local
+        instance on loopback for this backend, :class:`~kernel_distill.distributed.cluster.LocalRayHead`)
+        and start ``workers`` actors, each with one GPU share when the cluster has GPUs. If Ray is already
+        initialised in this process, its cluster is used and ``address`` ignored. An address where no Ray
+        cluster answers fails at once with :class:`ClusterUnreachable`. ``gcs_grace_s``: seconds a silent
+        GCS is waited for before the run stops (default: 0 for a Ray this backend started, else
+        :data:`~kernel_distill.distributed.cluster.GCS_GRACE_S`).
+
+        Commands do not call this in their own process: :func:`~kernel_distill.distributed.open_backend`
+        runs it in a driver process of its own (:class:`~kernel_distill.distributed.driver.RayDriverBackend`),
+        since Ray ends a driver process outright (``_Exit(1)``, no exception) when its node's raylet dies
+        under one of its object-store calls."""
+        on_loopback = address is None or (address != "auto" and cluster.is_loopback(cluster.parse_address(address)[0]))
+        ray = import_ray(local=on_loopback)
+        owns_ray, head = False, None
         if not ray.is_initialized():
             if address is None:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False,
-                         _node_ip_address="127.0.0.1", configure_logging=False, log_to_driver=True)
+                head = cluster.LocalRayHead(workers or os.cpu_count() or 1)
+                target = head.address
             else:
-                try:
-                    ray.init(address=address, include_dashboard=False, configure_logging=False)
-                except (ConnectionError, ValueError, RuntimeError) as e:
-                    raise KernelDistillError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+                target = cluster.check_address(address)
+                if cluster.is_loopback(cluster.parse_address(target)[0]):
+                    import_ray(local=True)  # "auto" found a cluster on loopback: stay there
+            try:
+                _connect(ray, target)
+            except BaseException:
+                if head is not None:
+                    head.close()
+                raise
             owns_ray = True
+        watch = None
         try:
+            if gcs_grace_s is None:
+                gcs_grace_s = 0.0 if head is not None else cluster.GCS_GRACE_S
+            watch = _watch(ray, grace_s=gcs_grace_s)
             resources = ray.cluster_resources()
             gpus, cpus = resources.get("GPU", 0), resources.get("CPU", 0)
             if workers is None:
@@ -181,10 +211,14 @@ class RayBackend(Backend):
                                              f"{cpus:g}")
                 options.update(num_cpus=1)
             actors = [worker_class().options(**options).remote(i) for i in range(workers)]
-            backend = cls(actors, retries, owns_ray, log)
-        except BaseException:
+            backend = cls(actors, retries, owns_ray, log, head=head, watch=watch)
+        except BaseException as e:
             if owns_ray:
-                ray.shutdown()
+                _disconnect(ray)
+            if head is not None:
+                head.close()
+            if isinstance(e, Exception) and not isinstance(e, KernelDistillError):
+                _raise_if_cluster_failed(e, watch)
             raise
         return backend
 
@@ -198,34 +232,60 @@ class RayBackend(Backend):
         return dict(backend=self.name, workers=self.num_workers, retries=self.retries,
                     devices=sorted({d for w in self.workers for d in w["devices"]}))
 
-    def put(self, array):
-        import ray
+    def check_cluster(self) -> None:
+        """Raise :class:`ClusterStopped` if the cluster's GCS server or this node's raylet is gone."""
+        if self.watch is not None:
+            self.watch.check()
 
+    def put(self, array):
         """Put ``array`` in Ray's object store once; the same array (same memory, shape, dtype) again returns
         the same handle, so a run's evaluation sets are sent once, not at every evaluation."""
+        import ray
+
         array = np.asarray(array)
         key = (array.__array_interface__["data"][0], array.shape, array.strides, array.dtype.str)
         if key not in self._resident:
-            # a list, so Ray passes the reference itself (not its value) and the actor can keep what it read
-            self._resident[key] = (array, [ray.put(array), array.shape])  # holding the array: no reused memory
+            with self._cluster_errors():
+                # a list, so Ray passes the reference itself (not its value) and the actor can keep what it read
+                self._resident[key] = (array, [ray.put(array), array.shape])  # holding the array: no reused memory
         return self._resident[key][1]
+
+    @contextlib.contextmanager
+    def _cluster_errors(self):
+        """Check the cluster first; a failure of Ray itself inside becomes :class:`ClusterStopped` (one line)
+        when the cluster is gone, or is a system error of Ray's (errors of the computation pass through)."""
+        self.check_cluster()
+        try:
+            yield
+        except KernelDistillError:
+            raise
+        except Exception as e:
+            _raise_if_cluster_failed(e, self.watch)
+            raise
 
     def _gather(self, futures, what: str, workers=None):
         import ray
         import ray.exceptions
 
         workers = range(len(futures)) if workers is None else workers
+        with self._cluster_errors():
+            pending = list(futures)
+            while pending:  # waiting in short rounds, so a stopped cluster is noticed (and Ctrl-C at once)
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_S)
+                if pending:
+                    self.check_cluster()
         results = []
         for w, future in zip(workers, futures):
             try:
-                results.append(ray.get(future))
+                with self._cluster_errors():
+                    results.append(ray.get(future))
             except ray.exceptions.RayActorError as e:
+                self.check_cluster()  # a worker killed with its node is the cluster's failure, not the worker's
                 known = getattr(self, "workers", None)
                 pid = f", pid {known[w]['pid']} at start" if known else ""
-                reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise WorkerFailed(
                     f"Ray worker {w}{pid} failed for good while computing {what}, after {self.retries} "
-                    f"restart(s): {reason}") from None
+                    f"restart(s): {_first_line(e)}") from None
             except ray.exceptions.RayTaskError as e:
                 cause = e.cause if getattr(e, "cause", None) is not None else e
                 if isinstance(cause, KernelDistillError):
@@ -235,48 +295,57 @@ class RayBackend(Backend):
         return results
 
     def close(self) -> None:
+        """End the actors; disconnect from (and stop) the Ray instance :meth:`start` connected to (started)."""
         import ray
 
-        for actor in self.actors:
+        stopped = self.watch is not None and self.watch.stopped is not None
+        for actor in [] if stopped else self.actors:  # a stopped cluster cannot end them (they ended with it)
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 pass
         self.actors = []
         self._resident.clear()
-        if self.owns_ray and ray.is_initialized():
-            ray.shutdown()
+        if stopped and self.head is not None:  # end what is left of it first: then disconnecting is quick
+            self.head.close(cluster_stopped=True)
+            self.head = None
+        if self.owns_ray:
+            _disconnect(ray)
+            self.owns_ray = False
+        if self.head is not None:
+            self.head.close()
+            self.head = None
 
     # -- the work ------------------------------------------------------------------------------------
 
     def kip_loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
+        return kip_step(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t)
+
+    @_at_boundary
+    def kip_forward(self, kernel_fn, get, dtype: str, support: np.ndarray, train, idx: np.ndarray):
+        """A KIP step's kernel blocks ``(K_ts, K_ss, stats)``, the work split over the workers; the split is
+        kept for :meth:`kip_backward`, the step's second half."""
         import ray
 
-        started = time.perf_counter()
-        dtype = np.dtype(x_s.dtype).name
-        support = np.asarray(x_s)
         support_ref = ray.put(support)
-        idx = np.asarray(target_idx, np.int64)
         targets = shares.split_evenly(len(idx), self.num_workers)
         rows = shares.split_evenly(len(support), self.num_workers)
         busy = [w for w in range(self.num_workers) if targets[w][1] > targets[w][0] or rows[w][1] > rows[w][0]]
-        sent = support.nbytes + idx.nbytes
-
         futures = [self.actors[w].kip_forward.remote(kernel_fn, get, dtype, rows[w], train,
                                                      idx[targets[w][0]:targets[w][1]], support_ref) for w in busy]
         forward = self._gather(futures, "its KIP kernel blocks", busy)
         k_ts = np.concatenate([f[0] for f in forward])
         k_ss = np.concatenate([f[1] for f in forward])
-        received = k_ts.nbytes + k_ss.nbytes
+        self._kip_step = (kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy)
+        return k_ts, k_ss, dict(seconds=max(f[2] for f in forward), workers_used=len(busy),
+                                bytes_sent=support.nbytes + idx.nbytes, bytes_received=k_ts.nbytes + k_ss.nbytes)
 
-        driver_started = time.perf_counter()
-        loss, d_kss, d_kts, d_ys = krr_loss_vjp(jnp.asarray(k_ss), jnp.asarray(k_ts), jnp.asarray(y_s),
-                                                jnp.asarray(y_t), reg)
-        g = np.asarray(d_kss + d_kss.T)
-        d_kts = np.asarray(d_kts)
-        driver_seconds = time.perf_counter() - driver_started
-        sent += d_kts.nbytes + g.nbytes
-
+    @_at_boundary
+    def kip_backward(self, d_kts: np.ndarray, g: np.ndarray):
+        """The step's block VJPs summed over the workers, ``(dx, dstats, stats)``: ``d_kts`` the cotangent of
+        ``K_ts``, ``g`` that of ``K_ss`` plus its transpose."""
+        kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy = self._kip_step
+        self._kip_step = None
         futures = [self.actors[w].kip_backward.remote(
             kernel_fn, get, dtype, rows[w], train, idx[targets[w][0]:targets[w][1]], support_ref,
             d_kts[targets[w][0]:targets[w][1]], g[rows[w][0]:rows[w][1]]) for w in busy]
@@ -286,18 +355,9 @@ class RayBackend(Backend):
         for b in backward[1:]:
             dx = dx + b[0]
             dstats = tuple(a + c for a, c in zip(dstats, b[1]))
-        received += sum(b[0].nbytes + sum(s.nbytes for s in b[1]) for b in backward)
-
-        driver_started = time.perf_counter()
-        dx = jnp.asarray(dx) + shares.support_stats_vjp(kernel_fn, jnp.asarray(support),
-                                                        tuple(jnp.asarray(s) for s in dstats))
-        dx.block_until_ready()
-        driver_seconds += time.perf_counter() - driver_started
-        self.last_step = dict(seconds=time.perf_counter() - started, driver_seconds=driver_seconds,
-                              forward_seconds=max(f[2] for f in forward),
-                              backward_seconds=max(b[2] for b in backward), bytes_sent=int(sent),
-                              bytes_received=int(received), workers_used=len(busy))
-        return loss, dx, d_ys
+        received = sum(b[0].nbytes + sum(s.nbytes for s in b[1]) for b in backward)
+        return dx, dstats, dict(seconds=max(b[2] for b in backward), bytes_sent=d_kts.nbytes + g.nbytes,
+                                bytes_received=received)
 
     def _block_starts(self, n: int, block_size: int):
         block_size = min(block_size, max(1, n))
@@ -320,11 +380,13 @@ class RayBackend(Backend):
                                                           assigned[w], block_size) for w in busy]
         return busy, assigned, block_size, self._gather(futures, what, busy)
 
+    @_at_boundary
     def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
         *_, parts = self._map_blocks("normal_equations", "its Label-Solve partial sums", kernel_fn, get, x_support,
                                      (x, y), _length(x), block_size)
         return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
+    @_at_boundary
     def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
         n_rows = _length(x)
         alpha = np.asarray(alpha, np.float64)
@@ -338,6 +400,103 @@ class RayBackend(Backend):
                 out[start:start + rows] = part[offset:offset + rows]
                 offset += rows
         return out
+
+
+def kip_step(backend, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
+    """One KIP step on a Ray backend (this process's, or one in a driver process): the kernel blocks from the
+    workers (``backend.kip_forward``), the KRR loss's VJP here, the block VJPs from the workers
+    (``backend.kip_backward``), the support statistics' VJP here. Sets ``backend.last_step``."""
+    started = time.perf_counter()
+    dtype = np.dtype(x_s.dtype).name
+    support = np.asarray(x_s)
+    idx = np.asarray(target_idx, np.int64)
+    k_ts, k_ss, forward = backend.kip_forward(kernel_fn, get, dtype, support, train, idx)
+
+    driver_started = time.perf_counter()
+    loss, d_kss, d_kts, d_ys = krr_loss_vjp(jnp.asarray(k_ss), jnp.asarray(k_ts), jnp.asarray(y_s),
+                                            jnp.asarray(y_t), reg)
+    g = np.asarray(d_kss + d_kss.T)
+    d_kts = np.asarray(d_kts)
+    driver_seconds = time.perf_counter() - driver_started
+
+    dx, dstats, backward = backend.kip_backward(d_kts, g)
+    driver_started = time.perf_counter()
+    dx = jnp.asarray(dx) + shares.support_stats_vjp(kernel_fn, jnp.asarray(support),
+                                                    tuple(jnp.asarray(s) for s in dstats))
+    dx.block_until_ready()
+    driver_seconds += time.perf_counter() - driver_started
+    backend.last_step = dict(seconds=time.perf_counter() - started, driver_seconds=driver_seconds,
+                             forward_seconds=forward["seconds"], backward_seconds=backward["seconds"],
+                             bytes_sent=int(forward["bytes_sent"] + backward["bytes_sent"]),
+                             bytes_received=int(forward["bytes_received"] + backward["bytes_received"]),
+                             workers_used=forward["workers_used"])
+    return loss, dx, d_ys
+
+
+def _connect(ray, address: str) -> None:
+    """``ray.init`` to the cluster at ``address`` (checked to answer), with Ray's own logging quiet: no worker
+    output or Ray log lines on this process's terminal, so a failure is the one line the backend raises."""
+    for name in cluster.DRIVER_ONLY_ENVIRONMENT:  # read when this process's Ray connects
+        os.environ.setdefault(name, str(cluster.DRIVER_GCS_RECONNECT_TIMEOUT_S))
+    try:
+        ray.init(address=address, configure_logging=True, logging_level=logging.ERROR, log_to_driver=False)
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {_first_line(e)}") from None
+    _quiet_error_messages(True)
+
+
+def _disconnect(ray) -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    _quiet_error_messages(False)  # after: Ray's thread prints until the shutdown stops it
+
+
+def _quiet_error_messages(quiet: bool) -> None:
+    """Ray prints the cluster's error messages (a dead raylet's last 20 log lines, a dead worker's ...) on
+    the driver's stdout from a thread of its own, with no option of ``ray.init`` to stop it; this is the
+    switch Ray's own debugger (``ray.util.rpdb``) turns off while it runs. The backend reports those
+    failures itself, as one line."""
+    import ray._private.worker as ray_worker
+
+    if hasattr(ray_worker, "_worker_logs_enabled"):
+        ray_worker._worker_logs_enabled = not quiet
+
+
+def _watch(ray, grace_s: float) -> cluster.ClusterWatch:
+    """A :class:`~kernel_distill.distributed.cluster.ClusterWatch` of the connected cluster's GCS and of this
+    node's raylet (each left out when this Ray does not say where it is: Ray Client, another version)."""
+    try:
+        gcs = ray.get_runtime_context().gcs_address
+        cluster.parse_address(gcs)
+    except Exception:
+        gcs = None
+    try:  # Ray's own record of the node this process is connected to
+        node = ray._private.worker.global_worker.node
+        host, port = node.node_ip_address, node.node_manager_port
+    except Exception:
+        host, port = None, None
+    raylet = f"{host}:{port}" if host and isinstance(port, int) and port > 0 else None
+    if raylet and ":" in host:
+        raylet = f"[{host}]:{port}"
+    return cluster.ClusterWatch(gcs, raylet, grace_s)
+
+
+def _raise_if_cluster_failed(error: Exception, watch: cluster.ClusterWatch | None) -> None:
+    """Raise :class:`ClusterStopped` for ``error`` if the cluster is gone or ``error`` is a system error of
+    Ray's (not of the computation); otherwise return, and the caller re-raises ``error``."""
+    import ray.exceptions
+
+    if not isinstance(error, (ray.exceptions.RayError, ConnectionError)):
+        return
+    if watch is not None:
+        watch.check()
+    if isinstance(error, (ray.exceptions.RaySystemError, ConnectionError)):
+        raise ClusterStopped(f"the Ray cluster stopped: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def shares_dtype(x) -> str:
