@@ -105,6 +105,11 @@ def _pct(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def _signed_points(value) -> str:
+    """A DD-Ranking gain (a fraction) in percentage points, ``-`` when the run did not measure it."""
+    return "-" if value is None else f"{100 * value:+.2f}"
+
+
 def _label(record: dict) -> str:
     config = record["config"]
     if record["command"] == "kip":
@@ -274,7 +279,8 @@ def build_zoo_report(out_dir: str | os.PathLike) -> pathlib.Path:
     return out_dir / "index.html"
 
 
-COLUMNS = ("run", "command", "method", "dataset", "support size", "test accuracy %", "selected on", "date", "commit")
+COLUMNS = ("run", "command", "method", "dataset", "support size", "test accuracy %", "gain over random (IOR)",
+           "selected on", "date", "commit")
 
 
 def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pathlib.Path:
@@ -306,12 +312,13 @@ def _write_report(runs: list, out_dir: pathlib.Path, zoo: bool) -> None:
                  (html.escape(record["command"]), record["command"]), (html.escape(_label(record)), _label(record)),
                  (html.escape(str(record["dataset"]["name"])), record["dataset"]["name"]),
                  (str(size or ""), size if size else ""), (_pct(accuracy), accuracy if accuracy is not None else ""),
+                 (_signed_points(metrics.get("ranking_ior")), metrics.get("ranking_ior", "")),
                  (html.escape(record["selection"].get("split", "")), record["selection"].get("split", "")),
                  (html.escape(prov.get("date") or ""), prov.get("date") or ""),
                  (html.escape((prov.get("git_commit") or "")[:10]), prov.get("git_commit") or "")]
         numeric = ' class="num"'
         rows.append("<tr>" + "".join(
-            f"<td{numeric if i in (4, 5) else ''} data-value=\"{html.escape(str(value))}\">{text}</td>"
+            f"<td{numeric if i in (4, 5, 6) else ''} data-value=\"{html.escape(str(value))}\">{text}</td>"
             for i, (text, value) in enumerate(cells)) + "</tr>")
     plots.save_figure(out_dir / "img" / "accuracy-vs-size.png",
                       plots.accuracy_vs_size_figure(points, title="Test accuracy against support size"))
@@ -320,7 +327,9 @@ def _write_report(runs: list, out_dir: pathlib.Path, zoo: bool) -> None:
     note = (f"<p class=\"warning\">{test_selected} run(s) selected their support on the <b>test</b> set "
             f"(paper reproduction); their accuracies are optimistic.</p>") if test_selected else ""
     body = (f"<h1>kernel-distill report</h1><p>{len(runs)} run(s). Test accuracy is the reported support's "
-            f"(for KIP: the support selected on the split in the \"selected on\" column). Click a column header "
+            f"(for KIP: the support selected on the split in the \"selected on\" column). The gain over random "
+            f"is DD-Ranking's IOR, in points, for transfer runs made with <code>--ranking</code>: the set's "
+            f"accuracy minus that of random subsets of its size under the same recipe. Click a column header "
             f"to sort.</p>{note}"
             f"<figure><img src=\"img/accuracy-vs-size.png\" alt=\"test accuracy against support size\">"
             f"<figcaption>Test accuracy against support size, per method and dataset</figcaption></figure>"
