@@ -498,6 +498,12 @@ CASES: list[Case] = [
          _with("released.npz", metadata=None, preprocess_mean=None, preprocess_std=None)),
     Case("export", "--format unknown", ("export", SET, f"{D}/o", "--format", "onnx"), "invalid choice"),
     Case("export", 'OUT ""', ("export", SET, "", "--format", "parquet"), "OUT is empty"),
+    # -- Ray: an address where nothing listens fails at once (it used to retry until killed; item 8)
+    *[Case(command, "--ray-address 127.0.0.1:1 (nothing listening)",
+           (*argv, "--backend", "ray", "--ray-address", "127.0.0.1:1"), "nothing answers there")
+      for command, argv in [("evaluate", ("evaluate", SET)), ("baseline", ("baseline", "--dataset", "digits")),
+                            ("label-solve", ("label-solve", "--dataset", "digits", "--out", f"{D}/ls")),
+                            ("kip", ("kip", "--out", f"{D}/new", *RUN_ARGS))]],
     # -- report: a results.json that breaks the schema is refused before anything is written (item 6)
     Case("report", "results.json: a string where a number belongs", ("report", f"{D}/run", "--out", f"{D}/rep"),
          "must be a number", _results_edit(_metrics(test_accuracy="97%"))),
