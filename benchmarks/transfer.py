@@ -33,11 +33,13 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "transfer.jsonl"
 SOURCES = ("kip", "ls", "natural")
 
 
-def make_sets(root: pathlib.Path, name: str, per_class: int, kip_steps: int) -> None:
+def make_sets(root: pathlib.Path, name: str, per_class: int, kip_steps: int, kip_select_on: str = "validation") -> None:
     kip_dir = root / f"{name}-kip-{per_class}"
     if not (kip_dir / "distilled.npz").is_file():
+        # One evaluation, at the last step: the set used is the final support whichever split kip "selects" on;
+        # --kip-select-on test only makes all training images targets (no validation split held out).
         cli("kip", "--dataset", name, "--per-class", str(per_class), "--learn-labels", "--steps", str(kip_steps),
-            "--eval-every", str(kip_steps), "--out", str(kip_dir))
+            "--eval-every", str(kip_steps), "--select-on", kip_select_on, "--out", str(kip_dir))
     ls_dir = root / f"{name}-ls-{per_class}"
     if not (ls_dir / "distilled.npz").is_file():
         cli("label-solve", "--dataset", name, "--support-size", str(10 * per_class), "--out", str(ls_dir))
@@ -104,6 +106,10 @@ def main():
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     parser.add_argument("--per-class", nargs="+", type=int, default=[1, 10, 50])
     parser.add_argument("--kip-steps", type=int, default=2000)
+    parser.add_argument("--kip-select-on", choices=("validation", "test"), default="validation",
+                        help="kip's --select-on for the KIP sets; they are evaluated at their last step only and "
+                             "the final support is used, so this chooses nothing: test makes all training images "
+                             "targets, as the rows of commit c979632 (made before kip held out a validation split)")
     parser.add_argument("--models", nargs="+", default=["evalnet", "fc"], choices=MODELS)
     parser.add_argument("--width", type=int, default=None, help="model width (default: 1024 fc, 128 conv)")
     parser.add_argument("--train-steps", type=int, default=300)
@@ -136,7 +142,7 @@ def main():
     if not args.table_only:
         for name in args.datasets:
             for per_class in args.per_class:
-                make_sets(root, name, per_class, args.kip_steps)
+                make_sets(root, name, per_class, args.kip_steps, args.kip_select_on)
         # The small sets first, so that an interrupted run has whole rows to show.
         todo = sorted((cell for cell in cells if cell_key(cell) not in results), key=lambda c: c["per_class"])
         with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
