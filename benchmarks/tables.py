@@ -384,7 +384,37 @@ def render_transfer_protocol() -> str:
     return table(header, rows) + footer("transfer_protocol", records)
 
 
+def render_ranking() -> str:
+    """DD-Ranking's quantities for the zoo's sets (``benchmarks/ranking.py``), with the full-set records."""
+    records = list(newest(load("ranking"), lambda r: r["config"]["set"]).values())
+    rows = []
+    for r in records:
+        m, c = r["metrics"], r["config"]
+
+        def acc(name):
+            value = m.get(f"ranking_accuracy_{name}")
+            return "-" if value is None else f"{100 * value:.2f}"
+
+        def points(name):
+            value = m.get(f"ranking_{name}")
+            return "-" if value is None else f"{100 * value:+.2f}"
+
+        storage = (m.get("storage_image_bytes", 0) + m.get("storage_label_bytes", 0)) / 1000
+        rows.append([f"`{c['set']}`", acc("set"), acc("random"), points("ior"), acc("set_hard"), acc("random_hard"),
+                     acc("set_natural_labels"), f"{acc('set_aug_toggled')} / {acc('random_aug_toggled')}",
+                     f"{100 * c['full_set']['accuracy']:.2f} ({c['full_set']['steps']} steps)",
+                     f"{100 * m['ranking_hlr']:.2f}" if "ranking_hlr" in m else "-",
+                     f"{100 * m['ranking_lrs']:.2f}" if "ranking_lrs" in m else "-",
+                     f"{100 * m['ranking_ars']:.2f}" if "ranking_ars" in m else "-", f"{storage:,.0f} kB",
+                     machine(r), source(r)])
+    header = ["set", "set %", "random %", "IOR (points)", "set, hard labels %", "random, hard labels %",
+              "set images, one-hot labels %", "augmentation switched: set / random %", "full set, hard labels %",
+              "HLR (points)", "LRS %", "ARS %", "storage", "machine", "record"]
+    return table(header, rows) + footer("ranking", records)
+
+
 RENDERERS = {
+    "ranking": render_ranking,
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
     "kip_step": render_kip_step,

@@ -8,7 +8,6 @@ README's zoo table. Nothing is measured here: the scores come from ``benchmarks/
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 

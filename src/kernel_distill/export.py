@@ -329,7 +329,7 @@ def _metadata_from(header: dict, source: str) -> tuple[dict, bool]:
     except json.JSONDecodeError as e:
         raise KernelDistillError(f"{source}: its metadata is not valid JSON ({e})") from None
     validate_metadata(metadata, source)
-    return metadata, bool((preprocessing or {}).get("zca_layer_norm", True) in (True, None))
+    return metadata, (preprocessing or {}).get("zca_layer_norm") is not False
 
 
 def read_safetensors(path: str | os.PathLike) -> DistilledSet:
