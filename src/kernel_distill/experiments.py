@@ -32,9 +32,13 @@ def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, 
     return x_test, y_test
 
 
-def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: dict):
+def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: dict, limit: int | None = None):
+    """A split as loaded, its checksum recorded in ``checksums`` (of the whole split), then limited to its first
+    ``limit`` images (:func:`limit_test`) if given."""
     x, y = load_dataset(dataset, split, data_dir, progress=progress)
     checksums[split] = split_checksum(x, y)
+    if limit:
+        x, y = limit_test(x, y, limit)
     return x, y
 
 
@@ -95,9 +99,7 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
     info = dataset_info(dataset)
     checksums = {}
     x_train, y_train = _load_split(dataset, "train", data_dir, progress, checksums)
-    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
-    if test_limit:
-        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
     z_test = preprocessor.apply(x_test).astype(dtype)
     accuracies, first = [], None
@@ -275,9 +277,7 @@ def transfer(support: dict, model: str, train_config, seeds: int, width: int | N
         tuning = tune_transfer(support, model_fn, train_config, tune_grid, progress, log)
         train_config = tuning["config"]
     checksums = dict(support.get("checksums", {}))
-    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
-    if test_limit:
-        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     z_test = support["preprocessor"].apply(x_test)
     result = train_seeds(model_fn, support["x"], support["y"], z_test, y_test, train_config, range(seeds),
                          progress=progress, x_val=support.get("x_val"), y_val=support.get("y_val"))
@@ -330,9 +330,7 @@ def ranking_runs(support: dict, model: str, train_config, seeds: int, width: int
     info = dataset_info(dataset)
     checksums = dict(support.get("checksums", {}))
     x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
-    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
-    if test_limit:
-        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     pre = support["preprocessor"]
     z_test = pre.apply(x_test)
     n, num_classes = len(support["x"]), info.num_classes
@@ -389,9 +387,7 @@ def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, wi
     info = dataset_info(dataset)
     checksums = {}
     x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
-    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums)
-    if test_limit:
-        x_test, y_test = limit_test(x_test, y_test, test_limit)
+    x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     pre = fit_preprocessor(x_raw)
     config = dataclasses.replace(train_config, loss="ce", label_scale=1.0, eval_every=train_config.steps)
     result = train_seeds(lambda: build_model(model, info.num_classes, width, depth, parameterization),
