@@ -212,16 +212,36 @@ def render_label_solve() -> str:
                   "solve s", "peak RSS MB", "machine", "record"], rows) + footer("label_solve", records)
 
 
+IMAGE_VALUES = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 32 * 32 * 3}
+NUM_CLASSES = 10
+
+
+def storage_text(dataset: str, support_size: int) -> str:
+    """A set's storage as users load it: float32 images plus float32 soft labels (DD-Ranking counts both)."""
+    size = 4 * support_size * (IMAGE_VALUES[dataset] + NUM_CLASSES)
+    return f"{size / 1000:,.0f} kB"
+
+
+def points(value, reference) -> str:
+    return "-" if value is None or reference is None else f"{100 * (value - reference):+.2f}"
+
+
 def _transfer(model: str, loss: str, with_krr: bool, extra=()) -> str:
+    """One transfer table: per dataset and size, the KIP-FC set, the LS set and the natural subset (a random
+    class-balanced subset, seed 0, with one-hot labels) under one recipe, with the gain of each set over that
+    random subset, the other loss (hard labels: cross-entropy on the argmax, soft: MSE on the set's labels)
+    where it was measured, storage, and the compute that made each set where its record kept it."""
     records = [r for r in load("transfer") if r["config"]["model"] == model]
     chosen = newest(records, lambda r: (r["dataset"]["name"], r["config"]["per_class"], r["config"]["loss"],
                                         r["config"]["set"]))
     keys = sorted({(n, pc, lo) for n, pc, lo, _ in chosen if loss in ("any", lo)},
                   key=lambda k: (_dataset_key(k[0]), k[1], k[2] != "mse"))
+    other = {"mse": "ce", "ce": "mse"}.get(loss)
     rows = []
     for name, per_class, lo in keys:
         sets = {s: chosen.get((name, per_class, lo, s)) for s in ("kip-fc", "ls", "natural")}
         present = [r for r in sets.values() if r]
+        accuracy = {s: r["metrics"]["test_accuracy"] if r else None for s, r in sets.items()}
         row = [DATASET_NAMES.get(name, name), per_class]
         if loss == "any":
             row.append(lo.upper())
@@ -231,12 +251,23 @@ def _transfer(model: str, loss: str, with_krr: bool, extra=()) -> str:
                                   for s in ("kip-fc", "ls")))
         row += [pct(r["metrics"]["test_accuracy"], r["metrics"].get("test_accuracy_std")) if r else "-"
                 for r in sets.values()]
+        row.append(" / ".join(points(accuracy[s], accuracy["natural"]) for s in ("kip-fc", "ls")))
+        if other:
+            others = [chosen.get((name, per_class, other, s)) for s in ("kip-fc", "ls")]
+            row.append(" / ".join(pct(r["metrics"]["test_accuracy"]) if r else "-" for r in others))
+        row.append(storage_text(name, 10 * per_class))
+        made = [sets[s]["metrics"].get("make_seconds") if sets[s] else None for s in ("kip-fc", "ls")]
+        row.append(" / ".join("-" if m is None else f"{m:.0f}" for m in made))
         seconds = present[0]["metrics"].get("train_seconds_per_seed")
         row += [f"{seconds:.0f}" if seconds is not None else "-", source(present[0])]
         rows.append(row)
+    other_header = {"ce": ["KIP-FC / LS, hard labels (CE on argmax) %"],
+                    "mse": ["KIP-FC / LS, soft labels (MSE) %"]}.get(other, [])
     header = ["dataset", "per class"] + (["loss"] if loss == "any" else []) + list(extra) + \
         (["KRR % of KIP-FC / LS set"] if with_krr else []) + \
-        ["KIP-FC set %", "LS set %", "natural %", "train s / seed", "record"]
+        ["KIP-FC set %", "LS set %", "natural (random subset) %", "gain over random, KIP-FC / LS (points)"] + \
+        other_header + ["storage (images + labels, float32)", "make s, KIP-FC / LS", "train s / seed",
+                        "record"]
     used = [r for r in chosen.values() if loss in ("any", r["config"]["loss"])]
     return table(header, rows) + footer("transfer", used)
 
@@ -308,6 +339,8 @@ def render_rf_distillation() -> str:
     records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["per_class"],
                                 RF_DISTILLATION_SETS.index(r["config"]["set"])
                                 if r["config"]["set"] in RF_DISTILLATION_SETS else 9))
+    natural = {(r["dataset"]["name"], r["config"]["per_class"]): r["metrics"]["transfer_test_accuracy"]
+               for r in records if r["config"]["set"] == "natural"}
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
@@ -325,11 +358,13 @@ def render_rf_distillation() -> str:
                  if "exact_krr_test_accuracy" in m else "-")
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), c["per_class"], c["set"],
                      kernel_name, pct(m["krr_test_accuracy"]), exact,
-                     pct(m["transfer_test_accuracy"], m["transfer_test_accuracy_std"]), kip, published, machine(r),
+                     pct(m["transfer_test_accuracy"], m["transfer_test_accuracy_std"]),
+                     points(m["transfer_test_accuracy"], natural.get(key)) if c["set"] != "natural" else "",
+                     storage_text(r["dataset"]["name"], 10 * c["per_class"]), kip, published, machine(r),
                      source(r)])
     return table(["dataset", "per class", "set", "KRR kernel", "KRR test %", "exact-kernel KRR % (test images)",
-                  "evalnet test % (3 seeds)",
-                  "KIP run (CPU wall)", "published KRR / finite net % (exact ConvNet kernel)", "machine", "record"],
+                  "evalnet test % (3 seeds)", "evalnet gain over random (natural row, points)",
+                  "storage (images + labels, float32)", "KIP run (CPU wall)", "published KRR / finite net % (exact ConvNet kernel)", "machine", "record"],
                  rows) + footer("rf_distillation", records)
 
 
@@ -337,6 +372,8 @@ def render_transfer_tuned() -> str:
     """``kernel-distill transfer --tune`` records (copy a run's results.json line into transfer_tuned.jsonl)."""
     records = list(newest(load("transfer_tuned"), lambda r: (
         r["dataset"]["name"], r["config"]["source"], r["config"]["model"])).values())
+    natural = {(r["dataset"]["name"], r["config"]["model"], r["metrics"]["support_size"]): r["metrics"]["test_accuracy"]
+               for r in records if r["config"].get("natural_per_class")}
     rows = []
     for r in records:
         c, m, tuning = r["config"], r["metrics"], r["config"]["tuning"]
@@ -348,9 +385,12 @@ def render_transfer_tuned() -> str:
                      ", ".join(f"{k} {v}" for k, v in chosen.items()),
                      f"{100 * tuning['candidates'][tuning['best']]['val_accuracy']:.2f}", m["num_val"],
                      pct(m["test_accuracy"], m["test_accuracy_std"]), len(m["test_accuracies"]), m["num_test"],
-                     machine(r), source(r)])
+                     "" if c.get("natural_per_class") else points(m["test_accuracy"], natural.get(
+                         (r["dataset"]["name"], c["model"], m["support_size"]))),
+                     storage_text(r["dataset"]["name"], m["support_size"]), machine(r), source(r)])
     header = ["dataset", "support", "model", "grid (validation)", "chosen", "chosen val %", "val images",
-              "test % (mean +- std)", "seeds", "test images", "machine", "record"]
+              "test % (mean +- std)", "seeds", "test images", "gain over random (natural row, tuned alike; points)",
+              "storage (images + labels, float32)", "machine", "record"]
     return table(header, rows) + footer("transfer_tuned", records)
 
 
@@ -369,18 +409,25 @@ def render_transfer_protocol() -> str:
         _protocol_text(r["config"]["train"]))).values())
     records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["config"]["model"],
                                 _protocol_text(r["config"]["train"]), r["config"]["natural_per_class"] is not None))
+    def protocol_key(r):
+        return (r["dataset"]["name"], r["config"]["model"], r["metrics"]["support_size"],
+                _protocol_text(r["config"]["train"]))
+
+    natural = {protocol_key(r): r["metrics"]["test_accuracy"] for r in records if r["config"].get("natural_per_class")}
     rows = []
     for r in records:
         c, m = r["config"], r["metrics"]
         # A run's file is named by its folder too: many runs write distilled_best.npz.
         source_name = c["source"] if c.get("natural_per_class") else "/".join(pathlib.Path(c["source"]).parts[-2:])
+        gain = "" if c.get("natural_per_class") else points(m["test_accuracy"], natural.get(protocol_key(r)))
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), source_name, c["model"],
                      _protocol_text(dict(c["train"], batch_size=min(c["train"]["batch_size"], m["support_size"]))),
                      pct(m["test_accuracy"], m["test_accuracy_std"] if len(m["test_accuracies"]) > 1 else None),
-                     len(m["test_accuracies"]), m["num_test"], f"{m['train_seconds'] / len(m['test_accuracies']):.0f}",
-                     machine(r), source(r)])
+                     len(m["test_accuracies"]), m["num_test"], gain, storage_text(r["dataset"]["name"], m["support_size"]),
+                     f"{m['train_seconds'] / len(m['test_accuracies']):.0f}", machine(r), source(r)])
     header = ["dataset", "support", "model", "protocol (fixed in advance)", "test % (mean +- std)", "seeds",
-              "test images", "train s / seed", "machine", "record"]
+              "test images", "gain over random (natural row, same protocol; points)",
+              "storage (images + labels, float32)", "train s / seed", "machine", "record"]
     return table(header, rows) + footer("transfer_protocol", records)
 
 

@@ -65,16 +65,19 @@ def run_cell(root: pathlib.Path, cell: dict, results_path=RESULTS) -> dict:
     m = r["metrics"]
     train_seconds = m["train_seconds"] / cell["seeds"]
     # The set's own KRR accuracy, beside its transfer (KIP: its final support, distilled.npz, is the one used).
-    krr = None
+    krr = make_seconds = None
     if cell["source"] != "natural":
-        set_metrics = read_results(set_dir)["metrics"]
+        set_record = read_results(set_dir)
+        set_metrics = set_record["metrics"]
         krr = set_metrics.get("test_accuracy_final", set_metrics["test_accuracy"])
+        make_seconds = set_record["provenance"].get("wall_seconds")  # the compute that made the set
     set_name = {"kip": "kip-fc"}.get(cell["source"], cell["source"])
     append_record(results_path, dict(r, config=dict(r["config"], set=set_name,
                                                     per_class=cell["per_class"], loss=cell["loss"], steps=cell["steps"],
                                                     batch_size=cell["batch_size"], learning_rate=cell["lr"]),
                                      metrics=dict(m, train_seconds_per_seed=train_seconds,
-                                                  **({"set_krr_test_accuracy": krr} if krr is not None else {}))))
+                                                  **({"set_krr_test_accuracy": krr} if krr is not None else {}),
+                                                  **({"make_seconds": make_seconds} if make_seconds else {}))))
     return dict(cell, mean=m["test_accuracy"], std=m["test_accuracy_std"], accuracies=m["test_accuracies"],
                 train_seconds_per_seed=train_seconds)
 

@@ -42,3 +42,28 @@ def test_a_measured_record_replaces_a_transcribed_one(tables, tmp_path, monkeypa
     assert "90.02 (2000, on TEST)" in before and "90.02 (2000, on TEST)" not in after
     assert "50.00 (100, on validation)" in after and "measured" in after
     assert after.count("\n| MNIST | 1 | learned") == 1
+
+
+def test_transfer_tables_show_the_gain_over_the_random_subset_and_the_other_loss(tables, tmp_path, monkeypatch):
+    """The gain column is the set's accuracy minus the natural (random class-balanced) subset's under the
+    same recipe, the hard-label column is the CE record of the same set, storage is images + labels."""
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+
+    def record(set_name, loss, accuracy):
+        return make_record("benchmark/transfer", "transfer", dict(name="mnist", checksums={}),
+                           dict(test_accuracy=accuracy, test_accuracy_std=0.01, support_size=10, num_test=10000,
+                                train_seconds_per_seed=3.0, **({"make_seconds": 42.0} if set_name == "ls" else {})),
+                           dict(model="evalnet", set=set_name, per_class=1, loss=loss), wall_seconds=1.0)
+
+    with open(tmp_path / "transfer.jsonl", "w") as f:
+        for set_name, loss, accuracy in [("kip-fc", "mse", 0.25), ("ls", "mse", 0.625), ("natural", "mse", 0.5),
+                                         ("ls", "ce", 0.55)]:
+            f.write(json.dumps(record(set_name, loss, accuracy)) + "\n")
+    row = [line for line in tables._transfer("evalnet", "mse", with_krr=False).splitlines()
+           if line.startswith("| MNIST")]
+    assert len(row) == 1
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[5] == "-25.00 / +12.50"  # KIP-FC 25 - 50, LS 62.5 - 50
+    assert cells[6] == "- / 55.00"  # only the LS set was trained with hard labels
+    assert cells[7] == f"{10 * (784 + 10) * 4 / 1000:,.0f} kB"
+    assert cells[8] == "- / 42"
