@@ -43,12 +43,16 @@ def storage_bytes(entry: dict) -> dict:
     return dict(storage_image_bytes=int(distilled.images.size * 4), storage_label_bytes=int(distilled.labels.size * 4))
 
 
-def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, path: pathlib.Path) -> dict:
-    """The full-set record of this dataset and recipe: read from ``path``, else trained now and appended."""
+def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, path: pathlib.Path,
+                    preprocessor=None) -> dict:
+    """The full-set record of this dataset and recipe: read from ``path``, else trained now and appended.
+    A set preprocessed with ZCA (CIFAR-10) has the full set trained with that same ZCA."""
     from kernel_distill.experiments import full_set_accuracy
     from kernel_distill.finite import TrainConfig
 
     key = dict(recipe, steps=full_steps, loss="ce", label_scale=1.0)
+    if preprocessor is not None and preprocessor.uses_zca:
+        key["preprocessing"] = "the set's ZCA"
     for record in (read_records(path) if path.is_file() else []):
         if record["dataset"]["name"] == dataset and record["config"]["recipe_key"] == key and \
                 record["config"]["seeds"] == seeds:
@@ -58,7 +62,8 @@ def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, pat
     config = TrainConfig(steps=full_steps, optimizer="sgd", learning_rate=recipe["learning_rate"],
                          weight_decay=recipe["weight_decay"], loss="ce", batch_size=recipe["batch_size"],
                          eval_every=full_steps, augment=recipe["augment"])
-    result = full_set_accuracy(dataset, recipe["model"], config, seeds=seeds, progress=False)
+    result = full_set_accuracy(dataset, recipe["model"], config, seeds=seeds, progress=False,
+                               preprocessor=preprocessor if key.get("preprocessing") else None)
     metrics = dict(test_accuracy=result["test_accuracy"], test_accuracy_std=result["test_accuracy_std"],
                    test_accuracies=result["test_accuracies"], train_seconds=result["train_seconds"],
                    num_train=result["num_train"], num_test=result["num_test"])
@@ -92,7 +97,8 @@ def main():
             continue
         entry = entries[name]
         recipe = recipe_of(entry)
-        full = full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results)
+        full = full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results,
+                               zoo.load(name).preprocessor)
         start = time.perf_counter()
         record = cli("transfer", f"zoo:{name}", "--model", recipe["model"], "--steps", str(recipe["steps"]),
                      "--lr", str(recipe["learning_rate"]), "--batch-size", str(recipe["batch_size"]),

@@ -378,17 +378,18 @@ def ranking_runs(support: dict, model: str, train_config, seeds: int, width: int
 
 def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, width: int | None = None,
                       depth: int | None = None, parameterization: str = "standard", data_dir=None,
-                      test_limit: int | None = None, progress: bool = True) -> dict:
+                      test_limit: int | None = None, progress: bool = True, preprocessor=None) -> dict:
     """The hard-label accuracy of networks trained on the whole training split (DD-Ranking's ``real-hard``):
     cross-entropy, the recipe's optimiser, learning rate, batch, weight decay and augmentation, for
-    ``train_config.steps`` steps; standardised per channel (fitted on the training split)."""
+    ``train_config.steps`` steps; standardised per channel (fitted on the training split), or with
+    ``preprocessor`` (a distilled set's own, e.g. its ZCA: the full set then sees what the set's images saw)."""
     from kernel_distill.finite import build_model, train_seeds
 
     info = dataset_info(dataset)
     checksums = {}
     x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
-    pre = fit_preprocessor(x_raw)
+    pre = preprocessor if preprocessor is not None else fit_preprocessor(x_raw)
     config = dataclasses.replace(train_config, loss="ce", label_scale=1.0, eval_every=train_config.steps)
     result = train_seeds(lambda: build_model(model, info.num_classes, width, depth, parameterization),
                          pre.apply(x_raw), centered_one_hot(y_raw, info.num_classes), pre.apply(x_test), y_test,
