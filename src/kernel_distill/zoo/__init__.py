@@ -130,9 +130,10 @@ def export(name: str, destination: str | os.PathLike, overwrite: bool = False) -
 
 
 def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False,
-                  memory_budget_mb: float = 512.0) -> dict:
+                  memory_budget_mb: float = 512.0, test_limit: int | None = None) -> dict:
     """KRR test accuracy of a distilled-set file with the kernel, ``get`` and ``reg`` recorded in it, on its
     dataset's whole test split, in float32: the number an index entry's ``krr.test_accuracy`` holds.
+    ``test_limit``: only the test images :func:`kernel_distill.data.limit_test` keeps (``krr.subset``).
 
     The kernel is rebuilt from the file's metadata through :meth:`KernelSpec.from_dict` and
     :func:`make_kernel_fn`, so any architecture the package knows is measured the same way. Returns
@@ -153,7 +154,7 @@ def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False
     spec = KernelSpec.from_dict(meta["kernel"])
     get, reg = meta.get("get", "ntk"), meta.get("reg", DEFAULT_REG)
     dataset = dataset_of(distilled, str(file), None)
-    x_test, y_test = experiments.load_test_split(dataset, data_dir, None, progress)
+    x_test, y_test = experiments.load_test_split(dataset, data_dir, test_limit, progress)
     kernel_fn = make_kernel_fn(spec, memory_budget_bytes=int(memory_budget_mb * 2**20))
     result = experiments.evaluate_distilled(distilled, distilled.preprocessor, x_test, y_test, kernel_fn, reg, get,
                                             np.float32, progress=progress)
