@@ -258,8 +258,9 @@ def _transfer(request: TransferRequest, config, grid: dict | None, val_size: int
         plots.save_figure(out / "transfer_curve.png", plots.transfer_figure(curves, title=f"{net.model} on {source}"))
         artifacts["transfer_curve"] = "transfer_curve.png"
         log(f"outputs in {out}: results.json, transfer_curve.png")
-    return make_record("transfer", "transfer", dataset_record(dataset, result["checksums"], num_test=metrics["num_test"]),
-                       metrics, run_config, curves=curves, artifacts=artifacts, dtype="float32",
+    return make_record("transfer", "transfer",
+                       dataset_record(dataset, result["checksums"], num_test=metrics["num_test"]), metrics, run_config,
+                       curves=curves, artifacts=artifacts, dtype="float32",
                        selection=dict(split="validation", num_val=metrics["num_val"]) if result["tuning"] else None,
                        wall_seconds=time.perf_counter() - start, argv=argv(request.command_line))
 
