@@ -191,8 +191,8 @@ def main(argv=None) -> int:
     import re
 
     from kernel_distill import zoo
-    from kernel_distill.workflows.zoo import evaluate_file
     from kernel_distill.io import load_distilled
+    from kernel_distill.workflows.zoo import evaluate_file
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
