@@ -117,3 +117,28 @@ def test_requests_are_frozen():
     request = baseline.BaselineRequest(dataset="digits")
     with pytest.raises(AttributeError):
         request.seeds = 3
+
+
+def test_kip_and_export_requests_run_as_the_cli_does(tmp_path, capsys):
+    from kernel_distill.export import read_export
+    from kernel_distill.io import load_distilled
+    from kernel_distill.workflows import export, kip
+
+    argv = ["kip", "--dataset", "digits", "--per-class", "1", "--steps", "4", "--eval-every", "2",
+            "--checkpoint-every", "2", "--target-batch", "100", "--test-limit", "100", "--no-progress",
+            "--out", str(tmp_path / "cli")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    request = kip.KipRequest(dataset="digits", per_class=1, steps=4, eval_every=2, checkpoint_every=2,
+                             target_batch=100, test_limit=100, out=str(tmp_path / "python"), progress=False)
+    record = kip.run(request, log=lambda _: None)
+    cli = read_results(tmp_path / "cli")
+    assert record["config"] == cli["config"] and record["metrics"]["steps"] == cli["metrics"]["steps"] == 4
+    # a resumed run takes only the new total of steps; anything else is refused before data is loaded
+    with pytest.raises(KernelDistillError, match="--resume continues the saved run unchanged"):
+        kip.run(kip.KipRequest(resume=str(tmp_path / "python"), steps=6, per_class=2, progress=False))
+    summary = export.run(export.ExportRequest(str(tmp_path / "python"), str(tmp_path / "set.safetensors"),
+                                              "safetensors"), log=lambda _: None)
+    assert summary["exact"]
+    exported = read_export(tmp_path / "set.safetensors")
+    assert (exported.images == load_distilled(tmp_path / "python" / "distilled_best.npz").images).all()

@@ -20,7 +20,7 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, check_preprocessing_request, dataset_of
 from kernel_distill.krr import evaluate
 from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor
-from kernel_distill.results import split_checksum
+from kernel_distill.checksums import split_checksum
 
 
 def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, progress: bool = True):
