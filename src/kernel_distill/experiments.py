@@ -1,9 +1,10 @@
 """The work behind the commands that produce results: evaluate a file, natural baselines, Label Solve on a
 dataset, transfer to finite networks.
 
-Each function takes plain values (no ``argparse`` namespace) and returns a result dict whose ``metrics``
-go into ``results.json`` (see :mod:`kernel_distill.results`); the CLI only parses, calls these and
-reports, so notebooks and the report can call the same functions.
+Each function takes plain values (no ``argparse`` namespace, no output folder) and returns a result dict whose
+``metrics`` go into ``results.json`` (see :mod:`kernel_distill.results`). The commands' workflows
+(:mod:`kernel_distill.workflows`) check a request, own the run folder, call these and write the record;
+notebooks, benchmarks and tools call the same functions.
 """
 
 from __future__ import annotations
