@@ -9,8 +9,8 @@ and commit come from its ``results.json``; given an ``.npz``, ``--command`` is r
 ``--wall-seconds``/``--machine`` say what it cost). Then it
 
 1. copies the file's bytes into ``src/kernel_distill/zoo/sets/NAME.npz`` (the sha256 goes into the index);
-2. measures the KRR test accuracy with the kernel recorded in the file (:func:`kernel_distill.zoo.evaluate_file`,
-   the function the test suite re-runs);
+2. measures the KRR test accuracy with the kernel recorded in the file
+   (:func:`kernel_distill.workflows.zoo.evaluate_file`, the function the test suite re-runs);
 3. measures transfer: ``--transfer-model`` (default the evaluation ConvNet ``evalnet``) trained on the set
    for ``--transfer-steps`` (300) with ``--transfer-seeds`` (3) seeds, SGD momentum 0.9, cosine lr (the
    model's default), batch ``--transfer-batch`` (128), MSE on the set's labels, weight decay 5e-4: the
@@ -195,6 +195,7 @@ def main(argv=None) -> int:
 
     from kernel_distill import zoo
     from kernel_distill.io import load_distilled
+    from kernel_distill.workflows.zoo import evaluate_file
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
@@ -220,13 +221,13 @@ def main(argv=None) -> int:
         _zca_to_float16(target)
     print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
 
-    krr = zoo.evaluate_file(target, args.data_dir)
+    krr = evaluate_file(target, args.data_dir)
     print(f"KRR test accuracy ({krr['kernel']['architecture']} {krr['get']}, reg {krr['reg']:g}): "
           f"{100 * krr['test_accuracy']:.2f}% on {krr['num_test']} {krr['dataset']} test images "
           f"({krr['seconds']:.1f} s)", flush=True)
     # Random-feature kernels cost a forward pass of every network per test image: the zoo's test re-derives
     # them on the 2,000 test images limit_test keeps, so the index records that number too.
-    subset = (zoo.evaluate_file(target, args.data_dir, test_limit=ZOO_TEST_SUBSET)
+    subset = (evaluate_file(target, args.data_dir, test_limit=ZOO_TEST_SUBSET)
               if krr["kernel"].get("random_features") else None)
     transfer = None
     if not args.no_transfer:

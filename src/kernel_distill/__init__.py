@@ -2,12 +2,18 @@
 
 __version__ = "0.1.0"
 
-from kernel_distill.data import DATASETS, class_balanced_indices, load_dataset  # noqa: E402
-from kernel_distill.errors import DataError, KernelDistillError  # noqa: E402
-from kernel_distill.io import DistilledSet, load_distilled, save_distilled  # noqa: E402
-from kernel_distill.kernels import KernelFn, KernelSpec, make_kernel_fn  # noqa: E402
-from kernel_distill.krr import EvalResult, accuracy, evaluate, krr_loss, krr_predict  # noqa: E402
-from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor  # noqa: E402
+import importlib
+
+# The public names, each loaded from its module on first use (PEP 562): importing the package, or any
+# of its light modules (the command line's parser, the zoo index, the results schema), loads no JAX.
+_EXPORTS = {
+    "DATASETS": "data", "class_balanced_indices": "data", "load_dataset": "data",
+    "DataError": "errors", "KernelDistillError": "errors",
+    "DistilledSet": "io", "load_distilled": "io", "save_distilled": "io",
+    "KernelFn": "kernels", "KernelSpec": "kernels", "make_kernel_fn": "kernels",
+    "EvalResult": "krr", "accuracy": "krr", "evaluate": "krr", "krr_loss": "krr", "krr_predict": "krr",
+    "Preprocessor": "preprocess", "centered_one_hot": "preprocess", "fit_preprocessor": "preprocess",
+}
 
 __all__ = [
     "DATASETS", "DataError", "DistilledSet", "EvalResult", "KernelDistillError", "KernelFn", "KernelSpec",
@@ -15,3 +21,15 @@ __all__ = [
     "krr_loss", "krr_predict", "load_dataset", "load_distilled", "make_kernel_fn", "save_distilled",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"kernel_distill.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'kernel_distill' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

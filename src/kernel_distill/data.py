@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from kernel_distill.atomic import atomic_write_bytes, current_umask
+from kernel_distill.checksums import split_checksum
 from kernel_distill.errors import DataError
 from kernel_distill.preprocess import Preprocessor, fit_preprocessor
 
@@ -537,7 +538,7 @@ class PreparedData:
     ``x_train``/``x_val``/``x_test``: float32 NHWC (preprocessed); ``y_*``: int labels. The validation
     split is held out of the training split (``x_train`` does not contain it; it may be empty).
     ``raw_train``: the uint8 training images (to draw natural supports from). ``checksums``: per split
-    of the files as loaded (before any split or limit), see :func:`kernel_distill.results.split_checksum`.
+    of the files as loaded (before any split or limit), see :func:`kernel_distill.checksums.split_checksum`.
     """
 
     name: str
@@ -584,8 +585,6 @@ def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float 
 
     ``preprocessor``: use this one (a distilled file's own) instead of fitting one; ``zca`` is then ignored.
     """
-    from kernel_distill.results import split_checksum
-
     info = dataset_info(name)
     raw_train, y_train = load_dataset(name, "train", data_dir, progress=progress)
     raw_test, y_test = load_dataset(name, "test", data_dir, progress=progress)

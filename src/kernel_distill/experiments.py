@@ -1,9 +1,10 @@
 """The work behind the commands that produce results: evaluate a file, natural baselines, Label Solve on a
 dataset, transfer to finite networks.
 
-Each function takes plain values (no ``argparse`` namespace) and returns a result dict whose ``metrics``
-go into ``results.json`` (see :mod:`kernel_distill.results`); the CLI only parses, calls these and
-reports, so notebooks and the report can call the same functions.
+Each function takes plain values (no ``argparse`` namespace, no output folder) and returns a result dict whose
+``metrics`` go into ``results.json`` (see :mod:`kernel_distill.results`). The commands' workflows
+(:mod:`kernel_distill.workflows`) check a request, own the run folder, call these and write the record;
+notebooks, benchmarks and tools call the same functions.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import DistilledSet, check_preprocessing_request, dataset_of
 from kernel_distill.krr import evaluate
 from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor
-from kernel_distill.results import split_checksum
+from kernel_distill.checksums import split_checksum
 
 
 def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, progress: bool = True):

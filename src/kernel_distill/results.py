@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import hashlib
 import json
 import os
 import pathlib
@@ -37,6 +36,7 @@ import sys
 import numpy as np
 
 from kernel_distill.atomic import atomic_write_text
+from kernel_distill.checksums import split_checksum  # noqa: F401 (re-exported: its old home)
 from kernel_distill.errors import KernelDistillError
 
 SCHEMA = "kernel-distill/result"
@@ -48,15 +48,6 @@ REQUIRED = ("schema", "schema_version", "command", "method", "dataset", "selecti
 PROVENANCE_KEYS = ("package_version", "git_commit", "git_dirty", "python", "jax_version", "jaxlib_version",
                    "backend", "device", "dtype", "command_line", "wall_seconds", "date", "machine")
 SELECTION_SPLITS = ("validation", "test", "none")
-
-
-def split_checksum(x: np.ndarray, y: np.ndarray) -> str:
-    """``"sha256:<hex>"`` of a split's images and labels (shape, dtype and bytes), as loaded."""
-    digest = hashlib.sha256()
-    for array in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
-        digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
-    return f"sha256:{digest.hexdigest()}"
 
 
 def dataset_record(name: str | None, checksums: dict | None = None, **counts) -> dict:

@@ -14,8 +14,8 @@ one entry of ``kernel_distill/zoo/index.json``::
      "git_commit": "...", "added_with": "python tools/zoo_add.py ..."}
 
 Accuracies are fractions in [0, 1], as in result records. ``krr.test_accuracy`` is what
-:func:`evaluate_file` measures (the KRR kernel recorded in the file, on the whole test set); the test
-suite re-measures it for every set. Entries are added by ``tools/zoo_add.py`` (never by hand).
+:func:`kernel_distill.workflows.zoo.evaluate_file` measures (the KRR kernel recorded in the file, on the
+whole test set); the test suite re-measures it for every set. Entries are added by ``tools/zoo_add.py`` (never by hand).
 
 A name ``zoo:NAME`` is accepted wherever a distilled-set path is (:func:`resolve`); the file's sha256 is
 checked every time it is opened. An entry may also carry a ``url`` instead of a packaged file: it is then
@@ -30,6 +30,7 @@ import os
 import pathlib
 import shutil
 
+from kernel_distill.checksums import file_sha256
 from kernel_distill.errors import KernelDistillError
 
 ZOO_DIR = pathlib.Path(__file__).resolve().parent
@@ -62,12 +63,6 @@ def entry(name: str) -> dict:
             return e
     known = ", ".join(names()) or "(the zoo is empty)"
     raise KernelDistillError(f"no zoo set named {name!r}; known: {known} (kernel-distill zoo list)")
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    import pooch
-
-    return pooch.file_hash(str(path), alg="sha256")
 
 
 def path(name: str, data_dir=None, progress: bool = True) -> pathlib.Path:
@@ -109,57 +104,15 @@ def load(name: str):
     return load_distilled(path(name))
 
 
-def export(name: str, destination: str | os.PathLike, overwrite: bool = False) -> pathlib.Path:
-    """Copy zoo set ``name`` (verified) to ``destination``: a file path, or a folder (then ``NAME.npz`` in it).
+def __getattr__(name: str):
+    # The zoo is an index and measures nothing: measuring a set (evaluate_file) and copying one out (export)
+    # are workflows. Their old names here still work, forwarded on first use so that this module imports no
+    # kernel.
+    if name in ("evaluate_file", "export"):
+        from kernel_distill.workflows import zoo as workflow
 
-    An existing file is replaced only with ``overwrite``, and never a run's file or one in a folder a live run
-    holds (:func:`kernel_distill.runs.claim_output_file`).
-    """
-    from kernel_distill.atomic import atomic_write_bytes
-    from kernel_distill.runs import check_output_path, claim_output_file
-
-    destination = check_output_path(destination, "PATH")
-    if destination.is_dir():
-        destination = destination / f"{name}.npz"
-    if destination.suffix != ".npz":
-        raise KernelDistillError(f"{destination}: a distilled set is an .npz file; give a path ending in .npz or "
-                                 f"a folder")
-    source = path(name)
-    with claim_output_file(destination, overwrite=overwrite) as target:
-        return atomic_write_bytes(target, source.read_bytes())
-
-
-def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False,
-                  memory_budget_mb: float = 512.0, test_limit: int | None = None) -> dict:
-    """KRR test accuracy of a distilled-set file with the kernel, ``get`` and ``reg`` recorded in it, on its
-    dataset's whole test split, in float32: the number an index entry's ``krr.test_accuracy`` holds.
-    ``test_limit``: only the test images :func:`kernel_distill.data.limit_test` keeps (``krr.subset``).
-
-    The kernel is rebuilt from the file's metadata through :meth:`KernelSpec.from_dict` and
-    :func:`make_kernel_fn`, so any architecture the package knows is measured the same way. Returns
-    ``dict(test_accuracy, num_test, seconds, dataset, kernel, get, reg)``.
-    """
-    import numpy as np
-
-    from kernel_distill import experiments
-    from kernel_distill.io import dataset_of, load_distilled
-    from kernel_distill.kernels import KernelSpec, make_kernel_fn
-    from kernel_distill.krr import DEFAULT_REG
-
-    distilled = load_distilled(file)
-    meta = distilled.metadata
-    if "kernel" not in meta or distilled.preprocessor is None:
-        raise KernelDistillError(f"{file}: a zoo set must record its kernel and carry its preprocessing "
-                                 f"(a kernel-distill file, not a released KIP file)")
-    spec = KernelSpec.from_dict(meta["kernel"])
-    get, reg = meta.get("get", "ntk"), meta.get("reg", DEFAULT_REG)
-    dataset = dataset_of(distilled, str(file), None)
-    x_test, y_test = experiments.load_test_split(dataset, data_dir, test_limit, progress)
-    kernel_fn = make_kernel_fn(spec, memory_budget_bytes=int(memory_budget_mb * 2**20))
-    result = experiments.evaluate_distilled(distilled, distilled.preprocessor, x_test, y_test, kernel_fn, reg, get,
-                                            np.float32, progress=progress)
-    return dict(test_accuracy=result["metrics"]["test_accuracy"], num_test=result["metrics"]["num_test"],
-                seconds=result["seconds"], dataset=dataset, kernel=spec.to_dict(), get=get, reg=reg)
+        return getattr(workflow, {"evaluate_file": "evaluate_file", "export": "export_set"}[name])
+    raise AttributeError(f"module 'kernel_distill.zoo' has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
