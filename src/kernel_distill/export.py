@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
 import json
 import os
@@ -41,6 +40,7 @@ import numpy as np
 
 from kernel_distill.atomic import atomic_write_bytes, atomic_write_text
 from kernel_distill.errors import KernelDistillError
+from kernel_distill.hashing import file_sha256
 from kernel_distill.io import DistilledSet, validate_metadata
 from kernel_distill.preprocess import Preprocessor
 
@@ -69,14 +69,6 @@ class ExportSource:
     class_names: tuple[str, ...]
     label_scale: float | None = None
     command: str | None = None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_metadata(src: ExportSource) -> dict[str, str]:
