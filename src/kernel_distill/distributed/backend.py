@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernel_distill.errors import KernelDistillError
 from kernel_distill import kernels
+from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import KernelFn
 
 BACKENDS = ("local", "ray")

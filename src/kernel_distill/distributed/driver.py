@@ -35,8 +35,8 @@ import numpy as np
 
 from kernel_distill.distributed import cluster
 from kernel_distill.distributed.backend import Backend
-from kernel_distill.distributed.ray_backend import ShareBlocks
 from kernel_distill.distributed.cluster import ClusterStopped
+from kernel_distill.distributed.ray_backend import ShareBlocks
 from kernel_distill.errors import KernelDistillError
 
 # the driver process's entry point; -P: neither the working directory nor a script's folder on sys.path

@@ -168,6 +168,9 @@ class ShareBlocks:
     last_step: dict
 
     def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
+        if target_idx is None:  # the workers read the targets from the object store, by row
+            raise KernelDistillError("a Ray backend takes the target batch as row indices into a set handed over "
+                                     "with put, not None")
         started = time.perf_counter()
         support = np.asarray(x_s)
         idx = np.asarray(target_idx, np.int64)

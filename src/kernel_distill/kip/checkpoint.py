@@ -59,7 +59,7 @@ def load_checkpoint(out_dir: pathlib.Path) -> tuple[KipConfig, KipState]:
         raise KernelDistillError(f"cannot resume from {out_dir}: {CONFIG} is unreadable ({e})") from None
     try:
         with np.load(checkpoint_path, allow_pickle=False) as f:
-            leaves = tuple(f[f"opt_{i}"] for i in range(int(f["num_opt_leaves"])))
+            leaves = [f[f"opt_{i}"] for i in range(int(f["num_opt_leaves"]))]
             def optional(name):
                 value = float(f[name]) if name in f.files else math.nan
                 return None if math.isnan(value) else value

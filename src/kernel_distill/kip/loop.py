@@ -180,7 +180,7 @@ def _synced(inputs: RunInputs, state: KipState, device: DeviceState) -> KipState
     return dataclasses.replace(
         state, images=np.asarray(params["images"]),
         labels=np.asarray(params["labels"]) if inputs.config.learn_labels else np.asarray(inputs.fixed_labels),
-        opt_leaves=tuple(np.asarray(x) for x in jax.tree_util.tree_leaves(device.opt_state)),
+        opt_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(device.opt_state)],
         key=np.asarray(device.key), log_scale=float(params["log_scale"]) if "log_scale" in params else 0.0)
 
 

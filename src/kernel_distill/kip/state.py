@@ -18,7 +18,8 @@ class KipState:
     step: int
     images: np.ndarray  # float32 or float64 (the run's dtype) (n, H, W, C)
     labels: np.ndarray  # same dtype (n, num_classes)
-    opt_leaves: tuple  # optax state leaves, host arrays, in the optimiser state's tree order
+    opt_leaves: list  # optax state leaves, host arrays, in the optimiser state's tree order (a list: callers
+    # concatenate it)
     key: np.ndarray  # uint32 (2,)
     best_images: np.ndarray
     best_labels: np.ndarray

@@ -30,10 +30,10 @@ def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
             images = data.x_train[idx].astype(config.dtype)
         else:
             images = np.asarray(jax.random.normal(init_key, data.x_train[idx].shape), config.dtype)
-    state = KipState(step=0, images=images, labels=labels, opt_leaves=(), key=np.asarray(key),
+    state = KipState(step=0, images=images, labels=labels, opt_leaves=[], key=np.asarray(key),
                      best_images=images.copy(), best_labels=labels.copy())
     opt_state = optimizer.init(_state_params(state, config))
-    return dataclasses.replace(state, opt_leaves=tuple(np.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)))
+    return dataclasses.replace(state, opt_leaves=[np.asarray(x) for x in jax.tree_util.tree_leaves(opt_state)])
 
 
 def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarray, np.ndarray]:
