@@ -104,7 +104,7 @@ class KernelWorker:
         with jax.enable_x64(dtype == "float64"):
             x_t = shares.as_dtype(self._array(train)[idx], dtype)
             dx, dstats = shares.backward_share(kernel_fn, get, tuple(rows), x_t, shares.as_dtype(x_s, dtype),
-                                                   shares.as_dtype(d_kts, dtype), shares.as_dtype(g_rows, dtype))
+                                               shares.as_dtype(d_kts, dtype), shares.as_dtype(g_rows, dtype))
             dx, dstats = np.asarray(dx), tuple(np.asarray(s) for s in dstats)
         return dx, dstats, time.perf_counter() - started
 
@@ -385,7 +385,7 @@ class RayBackend(ShareBlocks, Backend):
         rows = shares.split_evenly(len(support), self.num_workers)
         busy = [w for w in range(self.num_workers) if targets[w][1] > targets[w][0] or rows[w][1] > rows[w][0]]
         futures = [self.actors[w].forward_share.remote(kernel_fn, get, dtype, rows[w], train,
-                                                     idx[targets[w][0]:targets[w][1]], support_ref) for w in busy]
+                                                       idx[targets[w][0]:targets[w][1]], support_ref) for w in busy]
         forward = self._gather(futures, "its kernel blocks", busy)
         k_ts = np.concatenate([f[0] for f in forward])
         k_ss = np.concatenate([f[1] for f in forward])
