@@ -22,8 +22,9 @@ A random-feature kernel (RFAD) has no block VJPs to distribute: its gradient goe
 networks' features directly (:func:`random_feature_loss_and_gradients`), with the same loss.
 
 This module sits between the kernels and the algorithms: it imports :mod:`kernel_distill.kernels` and
-nothing of KIP, KRR evaluation or the backends, which depend on it (or, the backends, only on its protocol
-by shape).
+nothing of KIP, KRR evaluation or the backends. KIP and :mod:`kernel_distill.krr` import it; the backends
+implement its protocol without importing it (their old entry point ``Backend.kip_loss_and_gradients``
+reaches it when called).
 """
 
 from __future__ import annotations
