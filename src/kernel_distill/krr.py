@@ -5,8 +5,9 @@ For a support set ``(X_s, y_s)`` of ``n`` points and targets ``X_t``::
     pred = K_ts (K_ss + reg * trace(K_ss) / n * I)^-1 y_s
 
 The regulariser is relative to the mean eigenvalue of ``K_ss`` (KIP's convention), so ``reg`` means the
-same across kernels and scales. ``krr_predict``/``krr_loss`` are differentiable JAX functions (used inside
-KIP's jitted step); :func:`evaluate` is the blocked, float64-solved test-set evaluation with a progress bar.
+same across kernels and scales. ``krr_predict``/``krr_loss`` are differentiable JAX functions, defined with
+KIP's gradient in :mod:`kernel_distill.objective`; :func:`evaluate` is the blocked, float64-solved test-set
+evaluation with a progress bar.
 """
 
 from __future__ import annotations
@@ -20,62 +21,10 @@ import numpy as np
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import KernelFn, RandomFeatureKernelFn
-
-DEFAULT_REG = 1e-6
-
-
-def ridge(k, reg: float = DEFAULT_REG):
-    """The ridge ``reg * trace(K) / n`` added to a kernel's diagonal: KIP's regulariser, relative to the
-    mean eigenvalue. ``k``: a square numpy or JAX array. Returns a scalar of the same kind."""
-    return reg * k.trace() / k.shape[0]
-
-
-def regularized(k_ss, reg: float = DEFAULT_REG):
-    """``K_ss + reg * trace(K_ss) / n * I``. ``(n, n) -> (n, n)``."""
-    return k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
-
-
-def krr_predict(k_ts, k_ss, y_s, reg: float = DEFAULT_REG):
-    """KRR predictions by a Cholesky solve.
-
-    Args:
-      k_ts: ``(n_t, n)`` kernel between targets and support.
-      k_ss: ``(n, n)`` support kernel.
-      y_s: ``(n, C)`` support labels.
-      reg: relative ridge regulariser.
-    Returns:
-      ``(n_t, C)`` predictions, in the dtype of the kernels.
-    """
-    factor = jax.scipy.linalg.cho_factor(regularized(k_ss, reg), lower=True)
-    return jnp.matmul(k_ts, jax.scipy.linalg.cho_solve(factor, y_s), precision=jax.lax.Precision.HIGHEST)
-
-
-def krr_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG):
-    """``0.5 * mean((pred - y_t)^2)`` over all entries of the ``(n_t, C)`` predictions. Scalar."""
-    return 0.5 * jnp.mean((krr_predict(k_ts, k_ss, y_s, reg) - y_t) ** 2)
-
-
-def krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg: float = DEFAULT_REG):
-    """RFAD's Platt-scaled cross-entropy of the KRR predictions: ``mean(CE(exp(log_scale) * pred, argmax y_t))``.
-
-    The KRR predictions are read as logits after a learned scale ``exp(log_scale)`` (Platt scaling; Loo et
-    al., NeurIPS 2022), so the loss asks for the right class to win rather than for every output to equal
-    its centred one-hot value. ``log_scale``: a scalar, learned beside the support. Scalar, in the dtype of
-    the kernels.
-    """
-    logits = jnp.exp(log_scale) * krr_predict(k_ts, k_ss, y_s, reg)
-    log_probs = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(log_probs, jnp.argmax(y_t, axis=-1)[:, None], axis=-1))
-
-
-KIP_LOSSES = ("mse", "platt")
-
-
-def kip_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG, log_scale=None):
-    """KIP's objective: :func:`krr_loss` when ``log_scale`` is ``None``, else :func:`krr_platt_loss`."""
-    if log_scale is None:
-        return krr_loss(k_ts, k_ss, y_s, y_t, reg)
-    return krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg)
+# The differentiable KRR predictor and KIP's losses live with their gradient in the objective module; they are
+# this module's names too, where every caller has found them.
+from kernel_distill.objective import (  # noqa: F401
+    DEFAULT_REG, KIP_LOSSES, kip_loss, krr_loss, krr_platt_loss, krr_predict, regularized, ridge)
 
 
 def accuracy(pred, labels) -> jax.Array:

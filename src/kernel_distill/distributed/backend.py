@@ -1,12 +1,18 @@
 """The backend interface: where kernel blocks, block VJPs and Label-Solve partial sums are computed.
 
-A backend computes three things for the library, each a sum or a concatenation over independent shares of
-the work, so any split gives the same numbers (up to floating-point summation order):
+A backend computes what the library's algorithms ask of kernels, each a sum or a concatenation over
+independent shares of the work, so any split gives the same numbers (up to floating-point summation order):
 
-* :meth:`Backend.kip_loss_and_gradients`: a KIP step's KRR loss and its gradients for the support, the
-  target batch given as indices into a resident training set;
+* :meth:`Backend.forward_blocks` and :meth:`Backend.backward_blocks`: the kernel blocks ``K_ts``, ``K_ss`` of
+  a support and a target batch drawn from a resident set, and the support's cotangent through them (the
+  block VJPs, summed over the shares): the :class:`kernel_distill.objective.BlockExecutor` protocol, on which
+  the KRR objective (:func:`kernel_distill.objective.loss_and_gradients`) takes KIP's gradient;
 * :meth:`Backend.normal_equations`: Label Solve's ``K_st K_ts`` and ``K_st y_t`` over a resident set;
 * :meth:`Backend.predictions`: KRR predictions on a resident set (evaluation).
+
+A backend knows kernels, not algorithms: nothing here imports KIP or the objective (the one exception is the
+old entry point :meth:`Backend.kip_loss_and_gradients`, kept for its callers, which hands the backend to the
+objective).
 
 Data that stays the same for a whole run (the training, validation and test images) is handed over once
 with :meth:`Backend.put`; the result is passed to the methods instead of the array. :class:`LocalBackend`
@@ -24,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernel_distill import kernels
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import KernelFn
 
@@ -39,35 +46,45 @@ def compute_dtype(*arrays) -> np.dtype:
     return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
 
 
-def krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg: float):
-    """The KRR loss and its cotangents ``(loss, dL/dK_ss, dL/dK_ts, dL/dy_s)`` (jitted, on the driver)."""
-    return _krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg)
-
-
-@jax.jit
-def _krr_loss_vjp(k_ss, k_ts, y_s, y_t, reg):
-    from kernel_distill.krr import krr_loss
-
-    loss, vjp = jax.vjp(lambda kss, kts, ys: krr_loss(kts, kss, ys, y_t, reg), k_ss, k_ts, y_s)
-    d_kss, d_kts, d_ys = vjp(jnp.ones_like(loss))
-    return loss, d_kss, d_kts, d_ys
-
-
 class Backend(abc.ABC):
     """Maps the shares of a kernel computation over some workers. Use as a context manager (or ``close``)."""
 
     name: str = "?"
     num_workers: int = 1
+    traceable: bool = False  # block methods are pure JAX functions (the objective on it can be jitted)
 
     def put(self, array: np.ndarray):
         """Hand ``array`` to the workers once; returns what the methods take in its place."""
         return np.asarray(array)
 
     @abc.abstractmethod
+    def forward_blocks(self, kernel_fn: KernelFn, get: str, x_s, targets, target_idx):
+        """``(K_ts (m, n), K_ss (n, n), residuals)`` for support ``x_s (n, ...)`` and the target batch
+        ``targets[target_idx]`` (``targets``: what :meth:`put` returned, or an array); in the dtype of ``x_s``.
+        ``residuals`` is what :meth:`backward_blocks` needs, opaque to the caller."""
+
+    @abc.abstractmethod
+    def backward_blocks(self, residuals, d_kts, g_ss):
+        """``dL/dx_s`` through both blocks of the last :meth:`forward_blocks`, summed over the shares:
+        ``d_kts (m, n)`` the cotangent of ``K_ts``, ``g_ss (n, n)`` that of ``K_ss`` through its first argument
+        (``G + G^T``). The support statistics' VJP included; in the dtype of ``x_s``."""
+
     def kip_loss_and_gradients(self, kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, train, target_idx,
                                y_t):
         """KRR loss of support ``(x_s (n, ...), y_s (n, C))`` on the target batch ``train[target_idx]`` with
-        labels ``y_t (m, C)``. Returns ``(loss, dL/dx_s, dL/dy_s)`` in the dtype of ``x_s``."""
+        labels ``y_t (m, C)``. Returns ``(loss, dL/dx_s, dL/dy_s)`` in the dtype of ``x_s``.
+
+        The old entry point of a KIP step, kept for its callers (KIP calls it, so that a wrapper around a
+        backend sees every step): :func:`kernel_distill.objective.loss_and_gradients` on this backend, one
+        compiled function on a :attr:`traceable` one. Defined once, here, for every backend; the objective
+        is imported when called, since backends sit below it."""
+        from kernel_distill import objective
+
+        if self.traceable:  # the target rows gathered here: the resident set is not copied into the call
+            x_t = jnp.asarray(np.asarray(train)[np.asarray(target_idx)], x_s.dtype)
+            return objective.compiled_loss_and_gradients(self, kernel_fn, get)(
+                reg, jnp.asarray(x_s), jnp.asarray(y_s), x_t, None, jnp.asarray(y_t))
+        return objective.loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t)
 
     @abc.abstractmethod
     def normal_equations(self, kernel_fn: KernelFn, get: str, x_support, x, y, block_size: int):
@@ -90,17 +107,36 @@ class Backend(abc.ABC):
         self.close()
 
 
+@dataclasses.dataclass(frozen=True)
 class LocalBackend(Backend):
-    """Everything in this process, one share: what kernel-distill does without ``--backend``."""
+    """Everything in this process, one share: what kernel-distill does without ``--backend``.
+
+    Its block methods are pure JAX functions of their arguments (no state: every instance is equal), so
+    the objective on this backend runs under ``jax.jit``: KIP's local step is one compiled function.
+    """
 
     name = "local"
+    traceable = True
 
-    def kip_loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
-        from kernel_distill.kip import krr_loss_and_gradients
+    def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
+        spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
+        x_t = targets if target_idx is None else targets[target_idx]
+        x_t = jnp.asarray(x_t).astype(x_s.dtype)
+        stats_s = kernels.tiled_self_stats(spec, x_s, budget)
+        stats_t = kernels.tiled_self_stats(spec, x_t, budget)
+        k_ss = kernels.kernel_matrix_from_stats(spec, x_s, stats_s, x_s, stats_s, get, budget)
+        k_ts = kernels.kernel_matrix_from_stats(spec, x_t, stats_t, x_s, stats_s, get, budget)
+        return k_ts, k_ss, (kernel_fn, get, x_s, stats_s, x_t, stats_t)
 
-        x_t = jnp.asarray(np.asarray(train)[np.asarray(target_idx)], x_s.dtype)
-        return _local_kip(kernel_fn, get, reg, jnp.asarray(x_s), jnp.asarray(y_s), x_t, jnp.asarray(y_t),
-                          krr_loss_and_gradients)
+    def backward_blocks(self, residuals, d_kts, g_ss):
+        kernel_fn, get, x_s, stats_s, x_t, stats_t = residuals
+        spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
+        dx_ss, dstats_ss, _, _ = kernels.kernel_matrix_vjp(spec, x_s, stats_s, x_s, stats_s, g_ss, get, budget,
+                                                           wrt=(True, False))
+        _, _, dx_ts, dstats_ts = kernels.kernel_matrix_vjp(spec, x_t, stats_t, x_s, stats_s, d_kts, get, budget,
+                                                           wrt=(False, True))
+        dstats = jax.tree_util.tree_map(jnp.add, dstats_ss, dstats_ts)
+        return dx_ss + dx_ts + kernels.tiled_self_stats_vjp(spec, x_s, dstats, budget)
 
     def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
         from kernel_distill.distributed.shares import normal_equation_share
@@ -113,20 +149,6 @@ class LocalBackend(Backend):
 
         starts = range(0, len(x), min(block_size, max(1, len(x))))
         return prediction_share(kernel_fn, get, x_support, alpha, x, starts, block_size)
-
-
-def _local_kip(kernel_fn, get, reg, x_s, y_s, x_t, y_t, fn):
-    return _jitted_local_kip(kernel_fn, get, fn)(reg, x_s, y_s, x_t, y_t)
-
-
-_LOCAL_KIP = {}
-
-
-def _jitted_local_kip(kernel_fn, get, fn):
-    key = (kernel_fn, get)
-    if key not in _LOCAL_KIP:
-        _LOCAL_KIP[key] = jax.jit(lambda reg, x_s, y_s, x_t, y_t: fn(kernel_fn, get, reg, x_s, y_s, x_t, y_t))
-    return _LOCAL_KIP[key]
 
 
 @dataclasses.dataclass(frozen=True)

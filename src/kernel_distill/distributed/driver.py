@@ -7,7 +7,8 @@ command does not talk to Ray itself: :class:`RayDriverBackend` starts :func:`ser
 (spawned with no Python code run between fork and exec, since the command's process runs JAX), and sends it
 each call over a socket pair. The driver process runs the in-process
 :class:`~kernel_distill.distributed.ray_backend.RayBackend`; the command's process keeps the JAX parts of a
-KIP step (:func:`~kernel_distill.distributed.ray_backend.kip_step`). When the driver process ends
+KIP step (the objective's VJP, and the support statistics' VJP of
+:class:`~kernel_distill.distributed.ray_backend.ShareBlocks`). When the driver process ends
 unexpectedly, the command checks the cluster and raises
 :class:`~kernel_distill.distributed.cluster.ClusterStopped`, one line; the driver process's own output
 (Ray's log lines) goes to a temporary file, whose last line a failure quotes.
@@ -35,11 +36,12 @@ import numpy as np
 from kernel_distill.distributed import cluster
 from kernel_distill.distributed.backend import Backend
 from kernel_distill.distributed.cluster import ClusterStopped
+from kernel_distill.distributed.ray_backend import ShareBlocks
 from kernel_distill.errors import KernelDistillError
 
 # the driver process's entry point; -P: neither the working directory nor a script's folder on sys.path
 _SERVE = "import sys; from kernel_distill.distributed.driver import serve; sys.exit(serve(int(sys.argv[1])))"
-CALLS = ("kip_forward", "kip_backward", "normal_equations", "predictions", "worker_info", "check_cluster")
+CALLS = ("forward_shares", "backward_shares", "normal_equations", "predictions", "worker_info", "check_cluster")
 
 
 class Resident:
@@ -126,7 +128,7 @@ class DriverProcess:
                 pass
 
 
-class RayDriverBackend(Backend):
+class RayDriverBackend(ShareBlocks, Backend):
     """The Ray backend with its driver in a process of its own (see the module's docstring). The same
     methods and attributes as :class:`~kernel_distill.distributed.ray_backend.RayBackend`; ``head`` is the
     Ray instance it started (``None`` on a cluster given by address), ``driver`` the driver process."""
@@ -216,16 +218,11 @@ class RayDriverBackend(Backend):
             self._resident[key] = (array, handle)  # holding the array: no reused memory
         return self._resident[key][1]
 
-    def kip_loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
-        from kernel_distill.distributed.ray_backend import kip_step
+    def forward_shares(self, kernel_fn, get, dtype, support, train, idx):
+        return self._call("forward_shares", kernel_fn, get, dtype, support, train, idx)
 
-        return kip_step(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t)
-
-    def kip_forward(self, kernel_fn, get, dtype, support, train, idx):
-        return self._call("kip_forward", kernel_fn, get, dtype, support, train, idx)
-
-    def kip_backward(self, d_kts, g):
-        return self._call("kip_backward", d_kts, g)
+    def backward_shares(self, d_kts, g):
+        return self._call("backward_shares", d_kts, g)
 
     def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
         return self._call("normal_equations", kernel_fn, get, np.asarray(x_support), x, y, block_size)

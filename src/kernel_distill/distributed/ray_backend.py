@@ -10,8 +10,9 @@ when the cluster has GPUs. What crosses the network:
   worker's target indices (int64) and, backward, its rows of ``dL/dK_ts`` and of ``G + G^T``;
   workers to driver: the kernel blocks forward, and the support's cotangents (images and statistics) back.
 
-The driver samples the target batch (the same key chain as the local step), computes the KRR loss's VJP and
-the optimiser update; workers compute only kernel blocks and block VJPs, in the dtype the driver names in
+The backend is a :class:`kernel_distill.objective.BlockExecutor` (:class:`ShareBlocks`): the driver samples
+the target batch (the same key chain as the local step), the objective computes the KRR loss's VJP there
+and KIP the optimiser update; workers compute only kernel blocks and block VJPs, in the dtype the driver names in
 every call (no process-wide precision switch a worker could miss). A worker that dies is restarted by Ray
 and its unfinished calls are run again (``retries`` times); the calls are pure functions of their arguments,
 so the run's numbers do not change. When the retries are spent, the run stops with
@@ -30,6 +31,7 @@ Ray's C++ code ends a driver process outright when its raylet dies.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -40,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernel_distill.distributed import cluster, shares
-from kernel_distill.distributed.backend import Backend, krr_loss_vjp
+from kernel_distill.distributed.backend import Backend
 from kernel_distill.distributed.cluster import LOOPBACK_ENVIRONMENT, ClusterStopped, ClusterUnreachable  # noqa: F401
 from kernel_distill.errors import KernelDistillError
 
@@ -89,20 +91,20 @@ class KernelWorker:
             self.resident[key] = ray.get(ref)
         return self.resident[key]
 
-    def kip_forward(self, kernel_fn, get, dtype, rows, train, idx, x_s):
+    def forward_share(self, kernel_fn, get, dtype, rows, train, idx, x_s):
         started = time.perf_counter()
         with jax.enable_x64(dtype == "float64"):
             x_t = shares.as_dtype(self._array(train)[idx], dtype)
-            k_ts, k_rs = shares.kip_forward_share(kernel_fn, get, tuple(rows), x_t, shares.as_dtype(x_s, dtype))
+            k_ts, k_rs = shares.forward_share(kernel_fn, get, tuple(rows), x_t, shares.as_dtype(x_s, dtype))
             k_ts, k_rs = np.asarray(k_ts), np.asarray(k_rs)
         return k_ts, k_rs, time.perf_counter() - started
 
-    def kip_backward(self, kernel_fn, get, dtype, rows, train, idx, x_s, d_kts, g_rows):
+    def backward_share(self, kernel_fn, get, dtype, rows, train, idx, x_s, d_kts, g_rows):
         started = time.perf_counter()
         with jax.enable_x64(dtype == "float64"):
             x_t = shares.as_dtype(self._array(train)[idx], dtype)
-            dx, dstats = shares.kip_backward_share(kernel_fn, get, tuple(rows), x_t, shares.as_dtype(x_s, dtype),
-                                                   shares.as_dtype(d_kts, dtype), shares.as_dtype(g_rows, dtype))
+            dx, dstats = shares.backward_share(kernel_fn, get, tuple(rows), x_t, shares.as_dtype(x_s, dtype),
+                                               shares.as_dtype(d_kts, dtype), shares.as_dtype(g_rows, dtype))
             dx, dstats = np.asarray(dx), tuple(np.asarray(s) for s in dstats)
         return dx, dstats, time.perf_counter() - started
 
@@ -141,7 +143,60 @@ def _at_boundary(method):
     return wrapper
 
 
-class RayBackend(Backend):
+@dataclasses.dataclass(frozen=True)
+class PendingBlocks:
+    """What :meth:`ShareBlocks.backward_blocks` needs of its forward pass: the kernel, the support (host
+    array, for its statistics' VJP here) and the forward's timing record."""
+
+    kernel_fn: object
+    support: np.ndarray
+    started: float  # time.perf_counter() when the forward pass began
+    returned: float  # ... and when the workers' blocks had arrived
+    forward: dict
+
+
+class ShareBlocks:
+    """The :class:`kernel_distill.objective.BlockExecutor` methods of a Ray backend, on top of its
+    ``forward_shares``/``backward_shares`` (this process's Ray, or a driver process's): the blocks and block
+    VJPs from the workers, the support statistics' VJP (added once, after the workers' sum) here.
+
+    Records each pass in ``last_step``: seconds of the whole, ``driver_seconds`` spent here between the
+    workers' two passes and after them (the objective's VJP, the statistics' VJP), ``forward_seconds``,
+    ``backward_seconds`` (the slowest worker's), bytes both ways, ``workers_used``.
+    """
+
+    last_step: dict
+
+    def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
+        if target_idx is None:  # the workers read the targets from the object store, by row
+            raise KernelDistillError("a Ray backend takes the target batch as row indices into a set handed over "
+                                     "with put, not None")
+        started = time.perf_counter()
+        support = np.asarray(x_s)
+        idx = np.asarray(target_idx, np.int64)
+        k_ts, k_ss, forward = self.forward_shares(kernel_fn, get, np.dtype(support.dtype).name, support, targets,
+                                                  idx)
+        pending = PendingBlocks(kernel_fn, support, started, time.perf_counter(), forward)
+        return jnp.asarray(k_ts), jnp.asarray(k_ss), pending
+
+    def backward_blocks(self, pending: PendingBlocks, d_kts, g_ss):
+        driver_seconds = time.perf_counter() - pending.returned  # the objective's VJP, between the two passes
+        dx, dstats, backward = self.backward_shares(np.asarray(d_kts), np.asarray(g_ss))
+        driver_started = time.perf_counter()
+        dx = jnp.asarray(dx) + shares.support_stats_vjp(pending.kernel_fn, jnp.asarray(pending.support),
+                                                        tuple(jnp.asarray(s) for s in dstats))
+        dx.block_until_ready()
+        driver_seconds += time.perf_counter() - driver_started
+        forward = pending.forward
+        self.last_step = dict(seconds=time.perf_counter() - pending.started, driver_seconds=driver_seconds,
+                              forward_seconds=forward["seconds"], backward_seconds=backward["seconds"],
+                              bytes_sent=int(forward["bytes_sent"] + backward["bytes_sent"]),
+                              bytes_received=int(forward["bytes_received"] + backward["bytes_received"]),
+                              workers_used=forward["workers_used"])
+        return dx
+
+
+class RayBackend(ShareBlocks, Backend):
     """Shares of the work on ``len(actors)`` Ray actors. Build with :meth:`start`; ``close`` ends the actors
     (and the Ray instance, if :meth:`start` started it)."""
 
@@ -318,38 +373,36 @@ class RayBackend(Backend):
 
     # -- the work ------------------------------------------------------------------------------------
 
-    def kip_loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
-        return kip_step(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t)
-
     @_at_boundary
-    def kip_forward(self, kernel_fn, get, dtype: str, support: np.ndarray, train, idx: np.ndarray):
-        """A KIP step's kernel blocks ``(K_ts, K_ss, stats)``, the work split over the workers; the split is
-        kept for :meth:`kip_backward`, the step's second half."""
+    def forward_shares(self, kernel_fn, get, dtype: str, support: np.ndarray, train, idx: np.ndarray):
+        """The kernel blocks ``(K_ts, K_ss, record)`` of a support and the target rows ``idx`` of the resident
+        ``train``, the work split over the workers; the split is kept for :meth:`backward_shares`, the
+        second half."""
         import ray
 
         support_ref = ray.put(support)
         targets = shares.split_evenly(len(idx), self.num_workers)
         rows = shares.split_evenly(len(support), self.num_workers)
         busy = [w for w in range(self.num_workers) if targets[w][1] > targets[w][0] or rows[w][1] > rows[w][0]]
-        futures = [self.actors[w].kip_forward.remote(kernel_fn, get, dtype, rows[w], train,
-                                                     idx[targets[w][0]:targets[w][1]], support_ref) for w in busy]
-        forward = self._gather(futures, "its KIP kernel blocks", busy)
+        futures = [self.actors[w].forward_share.remote(kernel_fn, get, dtype, rows[w], train,
+                                                       idx[targets[w][0]:targets[w][1]], support_ref) for w in busy]
+        forward = self._gather(futures, "its kernel blocks", busy)
         k_ts = np.concatenate([f[0] for f in forward])
         k_ss = np.concatenate([f[1] for f in forward])
-        self._kip_step = (kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy)
+        self._pending_shares = (kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy)
         return k_ts, k_ss, dict(seconds=max(f[2] for f in forward), workers_used=len(busy),
                                 bytes_sent=support.nbytes + idx.nbytes, bytes_received=k_ts.nbytes + k_ss.nbytes)
 
     @_at_boundary
-    def kip_backward(self, d_kts: np.ndarray, g: np.ndarray):
-        """The step's block VJPs summed over the workers, ``(dx, dstats, stats)``: ``d_kts`` the cotangent of
-        ``K_ts``, ``g`` that of ``K_ss`` plus its transpose."""
-        kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy = self._kip_step
-        self._kip_step = None
-        futures = [self.actors[w].kip_backward.remote(
+    def backward_shares(self, d_kts: np.ndarray, g: np.ndarray):
+        """The block VJPs of the last :meth:`forward_shares` summed over the workers, ``(dx, dstats, record)``:
+        ``d_kts`` the cotangent of ``K_ts``, ``g`` that of ``K_ss`` plus its transpose."""
+        kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy = self._pending_shares
+        self._pending_shares = None
+        futures = [self.actors[w].backward_share.remote(
             kernel_fn, get, dtype, rows[w], train, idx[targets[w][0]:targets[w][1]], support_ref,
             d_kts[targets[w][0]:targets[w][1]], g[rows[w][0]:rows[w][1]]) for w in busy]
-        backward = self._gather(futures, "its KIP block VJPs", busy)
+        backward = self._gather(futures, "its block VJPs", busy)
         dx = backward[0][0]
         dstats = backward[0][1]
         for b in backward[1:]:
@@ -400,37 +453,6 @@ class RayBackend(Backend):
                 out[start:start + rows] = part[offset:offset + rows]
                 offset += rows
         return out
-
-
-def kip_step(backend, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t):
-    """One KIP step on a Ray backend (this process's, or one in a driver process): the kernel blocks from the
-    workers (``backend.kip_forward``), the KRR loss's VJP here, the block VJPs from the workers
-    (``backend.kip_backward``), the support statistics' VJP here. Sets ``backend.last_step``."""
-    started = time.perf_counter()
-    dtype = np.dtype(x_s.dtype).name
-    support = np.asarray(x_s)
-    idx = np.asarray(target_idx, np.int64)
-    k_ts, k_ss, forward = backend.kip_forward(kernel_fn, get, dtype, support, train, idx)
-
-    driver_started = time.perf_counter()
-    loss, d_kss, d_kts, d_ys = krr_loss_vjp(jnp.asarray(k_ss), jnp.asarray(k_ts), jnp.asarray(y_s),
-                                            jnp.asarray(y_t), reg)
-    g = np.asarray(d_kss + d_kss.T)
-    d_kts = np.asarray(d_kts)
-    driver_seconds = time.perf_counter() - driver_started
-
-    dx, dstats, backward = backend.kip_backward(d_kts, g)
-    driver_started = time.perf_counter()
-    dx = jnp.asarray(dx) + shares.support_stats_vjp(kernel_fn, jnp.asarray(support),
-                                                    tuple(jnp.asarray(s) for s in dstats))
-    dx.block_until_ready()
-    driver_seconds += time.perf_counter() - driver_started
-    backend.last_step = dict(seconds=time.perf_counter() - started, driver_seconds=driver_seconds,
-                             forward_seconds=forward["seconds"], backward_seconds=backward["seconds"],
-                             bytes_sent=int(forward["bytes_sent"] + backward["bytes_sent"]),
-                             bytes_received=int(forward["bytes_received"] + backward["bytes_received"]),
-                             workers_used=forward["workers_used"])
-    return loss, dx, d_ys
 
 
 def _connect(ray, address: str) -> None:

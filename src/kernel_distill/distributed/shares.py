@@ -1,10 +1,11 @@
 """The work of one share, as pure jitted JAX functions: what a worker computes for its part of a step.
 
-A KIP step splits into shares ``w = 0 .. W-1``: share ``w`` owns a contiguous chunk of the target batch
-(rows of ``K_ts``) and a contiguous range of support rows (rows of ``K_ss``). The driver needs only the
-concatenated blocks forward and the sum of the shares' cotangents backward, so the result does not depend on
-how the work is split (up to floating-point summation order). Every function computes in the dtype of its
-inputs; callers cast first (:func:`as_dtype`), so no process-wide switch decides a worker's precision.
+The kernel blocks of a support and a target batch (a KIP step's) split into shares ``w = 0 .. W-1``:
+share ``w`` owns a contiguous chunk of the target batch (rows of ``K_ts``) and a contiguous range of support
+rows (rows of ``K_ss``). The driver needs only the concatenated blocks forward and the sum of the shares'
+cotangents backward, so the result does not depend on how the work is split (up to floating-point
+summation order). Every function computes in the dtype of its inputs; callers cast first (:func:`as_dtype`),
+so no process-wide switch decides a worker's precision.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _rows(tree, rows: tuple[int, int]):
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def kip_forward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s):
+def forward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s):
     """One share's kernel blocks: ``K(x_t, x_s)`` ``(m_w, n)`` and ``K(x_s[rows], x_s)`` ``(r_w, n)``."""
     spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
     stats_s = _stats(kernel_fn, x_s)
@@ -51,7 +52,7 @@ def kip_forward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t,
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def kip_backward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s, d_kts, g_rows):
+def backward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s, d_kts, g_rows):
     """One share's block VJPs, summed onto the support.
 
     Args:

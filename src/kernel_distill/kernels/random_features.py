@@ -14,7 +14,8 @@ which tends to the exact infinite-width NNGP as ``W`` grows; its relative error 
 
 A kernel matrix is then ``Phi(x1) Phi(x2)^T``: ``O(n * cost of M networks)`` instead of ``O(n1 * n2 *
 pixels^2)``, and KRR can be solved in feature space (:func:`kernel_distill.krr.feature_predictions`) when
-there are more support points than features.
+there are more support points than features. KIP's loss through these features is
+:func:`kernel_distill.objective.random_feature_loss_and_gradients`.
 
 Which networks: :class:`RandomFeatures` ``seed`` fixes them for evaluation (a file made with the kernel
 re-creates it exactly); KIP draws fresh networks from the run's key every step by default (see
@@ -207,32 +208,16 @@ def _compiled_features(spec: KernelSpec, budget: int):
     return jax.jit(lambda x: features(spec, fixed_network_params(spec, x.shape[1:], x.dtype), x, budget))
 
 
-def krr_loss_and_gradients(spec: KernelSpec, key, reg: float, x_s, y_s, x_t, y_t, budget: int,
-                           learn_labels: bool = True, log_scale=None):
-    """The KRR loss of a support on a target batch with the networks drawn from ``key``, and its gradients.
+def __getattr__(name: str):
+    """``krr_loss_and_gradients``, the random-feature KIP loss, moved to the objective module (the kernels do not
+    depend on the loss built on them); this old name stays, resolved when first asked for, so importing the
+    kernels never imports the objective."""
+    if name == "krr_loss_and_gradients":
+        from kernel_distill.objective import random_feature_loss_and_gradients
 
-    ``key=None`` uses the fixed evaluation networks. The target features need no backward pass.
-    ``log_scale=None``: the mean squared error (:func:`kernel_distill.krr.krr_loss`); a scalar: the
-    Platt-scaled cross-entropy (:func:`kernel_distill.krr.krr_platt_loss`) with that learned log scale.
-    Returns ``(loss, dL/dx_s, dL/dy_s)`` (``dL/dy_s`` is ``None`` unless ``learn_labels``), and with
-    ``log_scale`` also ``dL/dlog_scale`` as a fourth item.
-    """
-    from kernel_distill.krr import kip_loss
-
-    params = (fixed_network_params(spec, x_s.shape[1:], x_s.dtype) if key is None
-              else network_params(spec, key, x_s.shape[1:], x_s.dtype))
-    phi_t = jax.lax.stop_gradient(features(spec, params, x_t, budget))
-
-    def loss_fn(xs, ys, scale):
-        phi_s = features(spec, params, xs, budget)
-        return kip_loss(gram(phi_t, phi_s), gram(phi_s, phi_s), ys, y_t, reg, scale)
-
-    argnums = (0,) + ((1,) if learn_labels else ()) + ((2,) if log_scale is not None else ())
-    loss, grads = jax.value_and_grad(loss_fn, argnums=argnums)(x_s, y_s, log_scale)
-    grads = dict(zip(argnums, grads))
-    result = (loss, grads[0], grads.get(1))
-    return result if log_scale is None else result + (grads[2],)
+        return random_feature_loss_and_gradients
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["RandomFeatureKernelFn", "feature_dimension", "features", "fixed_network_params", "gram",
-           "krr_loss_and_gradients", "network_params", "readout_fan_in"]
+           "network_params", "readout_fan_in"]
