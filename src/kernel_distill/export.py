@@ -39,9 +39,8 @@ import re
 import numpy as np
 
 from kernel_distill.atomic import atomic_write_bytes, atomic_write_text
-from kernel_distill.checksums import file_sha256  # noqa: F401 (re-exported: its old home)
+from kernel_distill.checksums import file_sha256  # noqa: F401 (also re-exported: its old home)
 from kernel_distill.errors import KernelDistillError
-from kernel_distill.hashing import file_sha256
 from kernel_distill.io import DistilledSet, validate_metadata
 from kernel_distill.preprocess import Preprocessor
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from kernel_distill.data import PreparedData
 from kernel_distill.errors import KernelDistillError
-from kernel_distill.hashing import file_sha256
+from kernel_distill.checksums import file_sha256
 from kernel_distill.kip.config import KipConfig
 from kernel_distill.kip.state import KipState
 from kernel_distill.kip.step import _state_params
