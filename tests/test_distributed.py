@@ -38,6 +38,7 @@ from kernel_distill.errors import KernelDistillError  # noqa: E402
 from kernel_distill.io import DistilledSet, load_distilled, save_distilled  # noqa: E402
 from kernel_distill.kernels import KernelSpec, make_kernel_fn  # noqa: E402
 from kernel_distill.kip import KipConfig, load_checkpoint, run_kip  # noqa: E402
+from kernel_distill.objective import backend_loss_and_gradients  # noqa: E402
 from kernel_distill.krr import evaluate, krr_loss  # noqa: E402
 from kernel_distill.label_solve import solve_labels  # noqa: E402
 from kernel_distill.preprocess import centered_one_hot  # noqa: E402
@@ -133,8 +134,8 @@ def test_ray_backend_of_its_own_forks_nothing_here_and_a_killed_gcs_is_one_error
         y_s, y_t = rng.standard_normal((5, 2)).astype(np.float32), rng.standard_normal((9, 2)).astype(np.float32)
         idx = rng.choice(30, 9, replace=False)
         resident = backend.put(x)
-        ours = backend.kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, resident, idx, y_t)
-        local = LocalBackend().kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, x, idx, y_t)
+        ours = backend_loss_and_gradients(backend, kernel_fn, "ntk", 1e-3, x_s, y_s, resident, idx, y_t)
+        local = backend_loss_and_gradients(LocalBackend(), kernel_fn, "ntk", 1e-3, x_s, y_s, x, idx, y_t)
         assert backend.last_step["workers_used"] == 2
         for got, ref in zip(ours, local):
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-4, atol=1e-6)
@@ -234,8 +235,9 @@ def test_ray_kip_loss_and_gradients_equal_local_and_jax_grad(x64, rng, three_wor
     train = rng.standard_normal((20, *shape))
     idx = rng.choice(20, 11, replace=False)
     y_t = rng.standard_normal((11, 3))
-    ours = three_workers.kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, three_workers.put(train), idx, y_t)
-    local = LocalBackend().kip_loss_and_gradients(kernel_fn, "ntk", 1e-3, x_s, y_s, train, idx, y_t)
+    ours = backend_loss_and_gradients(three_workers, kernel_fn, "ntk", 1e-3, x_s, y_s, three_workers.put(train), idx,
+                                      y_t)
+    local = backend_loss_and_gradients(LocalBackend(), kernel_fn, "ntk", 1e-3, x_s, y_s, train, idx, y_t)
 
     def whole(a, b):
         return krr_loss(kernel_fn(train[idx], a), kernel_fn(a, a), b, y_t, 1e-3)
@@ -314,13 +316,13 @@ class _KillWorkerDuringStep:
     def __getattr__(self, name):
         return getattr(self.backend, name)
 
-    def kip_loss_and_gradients(self, *args):
+    def forward_blocks(self, *args):  # once per KIP step
         self.calls += 1
         if self.calls == self.at:
             pid = self.backend.worker_info()[self.worker]["pid"]
             self.killed.append(pid)
             threading.Timer(self.delay, os.kill, (pid, signal.SIGKILL)).start()
-        return self.backend.kip_loss_and_gradients(*args)
+        return self.backend.forward_blocks(*args)
 
 
 def test_killed_worker_is_restarted_and_the_run_ends_with_the_same_support(tmp_path, ray_instance, digits):

@@ -54,7 +54,9 @@ def test_checksums_keep_their_old_homes():
 
     assert results.split_checksum is data.split_checksum is checksums.split_checksum
     assert export.file_sha256 is zoo_index.file_sha256 is checksums.file_sha256
-    assert zoo_index.evaluate_file is zoo.evaluate_file and zoo_index.export is zoo.export_set
+    # The zoo is an index: measuring and copying sets out are workflows, and it does not forward to them.
+    assert not hasattr(zoo_index, "evaluate_file") and not hasattr(zoo_index, "export")
+    assert callable(zoo.evaluate_file) and callable(zoo.export_set)
 
 
 def _comparable(record: dict) -> dict:

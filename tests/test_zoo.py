@@ -21,6 +21,7 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import load_distilled
 from kernel_distill.kernels import KernelSpec
 from kernel_distill.results import read_results
+from kernel_distill.workflows.zoo import evaluate_file
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENTRIES = zoo.read_index()
@@ -84,7 +85,7 @@ def _preprocess(x, arrays, meta):
 
 
 def _independent_krr_accuracy(file, x_test, y_test, block=1000):
-    """KRR test accuracy of a zoo file by a path that does not go through ``zoo.evaluate_file``,
+    """KRR test accuracy of a zoo file by a path that does not go through ``workflows.zoo.evaluate_file``,
     ``experiments`` or ``krr``: the file and test split read with numpy, the preprocessing above, the
     package's kernel function (rebuilt from the file's metadata) for the kernel matrices only, and the
     ridge ``reg * trace(K_ss) / n`` solve in float64 with scipy."""
@@ -119,7 +120,7 @@ def _real_test_split(data_dir, dataset):
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=[e["name"] for e in ENTRIES])
 def test_packaged_set_reproduces_its_krr_accuracy_on_the_real_test_set(entry, shared_data_dir):
-    """The index's KRR number (written by tools/zoo_add.py through ``zoo.evaluate_file``) re-derived
+    """The index's KRR number (written by tools/zoo_add.py through ``workflows.zoo.evaluate_file``) re-derived
     independently on the whole real test set, to 0.1 point (10 images: float32 kernels, float64 solves).
     A random-feature set is re-derived on the 2,000 test images ``limit_test`` keeps (its ``krr.subset``,
     measured the same way): a forward pass of every network per test image is most of this suite's time."""
@@ -186,8 +187,8 @@ def test_zoo_add_measures_and_records(digits_zoo, tmp_path):
     assert entry["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
     assert file.read_bytes() == (tmp_path / "run" / "natural.npz").read_bytes()
     # The KRR number is the file's own kernel on the whole digits test split, as `evaluate` computes it, and
-    # the same number re-derived without zoo.evaluate_file (to one of the 359 test images: float32 kernels).
-    measured = zoo.evaluate_file(file)
+    # the same number re-derived without evaluate_file (to one of the 359 test images: float32 kernels).
+    measured = evaluate_file(file)
     assert measured["test_accuracy"] == entry["krr"]["test_accuracy"] and measured["num_test"] == 359
     x_test, y_test = load_dataset("digits", "test")
     independent = _independent_krr_accuracy(file, x_test, y_test)

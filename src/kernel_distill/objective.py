@@ -34,6 +34,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernel_distill.kernels import random_features as rf
 from kernel_distill.kernels.spec import KernelSpec
@@ -193,6 +194,23 @@ def compiled_loss_and_gradients(executor: BlockExecutor, kernel_fn, get: str):
     :func:`loss_and_gradients`.
     """
     return jax.jit(functools.partial(loss_and_gradients, executor, kernel_fn, get))
+
+
+def backend_loss_and_gradients(backend, kernel_fn, get: str, reg: float, x_s, y_s, targets, target_idx, y_t):
+    """:func:`loss_and_gradients` of a KIP step on a backend (:mod:`kernel_distill.distributed`): one compiled
+    function on a ``traceable`` backend (its blocks are pure JAX; the target rows are gathered here, so the
+    resident set is not copied into the call), the blocks on the backend's workers otherwise.
+
+    Args:
+      targets: what ``backend.put`` returned for the target set (or the array); target_idx: ``(m,)`` rows.
+    Returns:
+      ``(loss, dL/dx_s, dL/dy_s)`` in the dtype of ``x_s``.
+    """
+    if getattr(backend, "traceable", False):
+        x_t = jnp.asarray(np.asarray(targets)[np.asarray(target_idx)], x_s.dtype)
+        return compiled_loss_and_gradients(backend, kernel_fn, get)(
+            reg, jnp.asarray(x_s), jnp.asarray(y_s), x_t, None, jnp.asarray(y_t))
+    return loss_and_gradients(backend, kernel_fn, get, reg, x_s, y_s, targets, target_idx, y_t)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ independent shares of the work, so any split gives the same numbers (up to float
 * :meth:`Backend.normal_equations`: Label Solve's ``K_st K_ts`` and ``K_st y_t`` over a resident set;
 * :meth:`Backend.predictions`: KRR predictions on a resident set (evaluation).
 
-A backend knows kernels, not algorithms: nothing here imports KIP or the objective (the one exception is the
-old entry point :meth:`Backend.kip_loss_and_gradients`, kept for its callers, which hands the backend to the
-objective).
+A backend knows kernels, not algorithms: nothing here imports KIP or the objective; the objective takes a
+backend as its executor (:func:`kernel_distill.objective.backend_loss_and_gradients`).
 
 Data that stays the same for a whole run (the training, validation and test images) is handed over once
 with :meth:`Backend.put`; the result is passed to the methods instead of the array. :class:`LocalBackend`
@@ -68,23 +67,6 @@ class Backend(abc.ABC):
         """``dL/dx_s`` through both blocks of the last :meth:`forward_blocks`, summed over the shares:
         ``d_kts (m, n)`` the cotangent of ``K_ts``, ``g_ss (n, n)`` that of ``K_ss`` through its first argument
         (``G + G^T``). The support statistics' VJP included; in the dtype of ``x_s``."""
-
-    def kip_loss_and_gradients(self, kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, train, target_idx,
-                               y_t):
-        """KRR loss of support ``(x_s (n, ...), y_s (n, C))`` on the target batch ``train[target_idx]`` with
-        labels ``y_t (m, C)``. Returns ``(loss, dL/dx_s, dL/dy_s)`` in the dtype of ``x_s``.
-
-        The old entry point of a KIP step, kept for its callers (KIP calls it, so that a wrapper around a
-        backend sees every step): :func:`kernel_distill.objective.loss_and_gradients` on this backend, one
-        compiled function on a :attr:`traceable` one. Defined once, here, for every backend; the objective
-        is imported when called, since backends sit below it."""
-        from kernel_distill import objective
-
-        if self.traceable:  # the target rows gathered here: the resident set is not copied into the call
-            x_t = jnp.asarray(np.asarray(train)[np.asarray(target_idx)], x_s.dtype)
-            return objective.compiled_loss_and_gradients(self, kernel_fn, get)(
-                reg, jnp.asarray(x_s), jnp.asarray(y_s), x_t, None, jnp.asarray(y_t))
-        return objective.loss_and_gradients(self, kernel_fn, get, reg, x_s, y_s, train, target_idx, y_t)
 
     @abc.abstractmethod
     def normal_equations(self, kernel_fn: KernelFn, get: str, x_support, x, y, block_size: int):

@@ -134,10 +134,9 @@ def make_backend_step(backend, kernel_fn: KernelFn, config: KipConfig, optimizer
     def step(params, opt_state, key, fixed_labels, x_train, y_train):
         key, idx = sample(key)
         labels = params.get("labels", fixed_labels)
-        # through the backend's old entry point (the objective on it), so that a wrapper around a backend
-        # sees every step
-        loss, d_images, d_labels = backend.kip_loss_and_gradients(
-            kernel_fn, config.get, config.reg, params["images"], labels, train, np.asarray(idx), y_train[idx])
+        loss, d_images, d_labels = objective.backend_loss_and_gradients(
+            backend, kernel_fn, config.get, config.reg, params["images"], labels, train, np.asarray(idx),
+            y_train[idx])
         grads = {"images": d_images, "labels": d_labels} if "labels" in params else {"images": d_images}
         params, opt_state = update(params, grads, opt_state)
         return params, opt_state, key, loss

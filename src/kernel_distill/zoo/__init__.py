@@ -104,17 +104,6 @@ def load(name: str):
     return load_distilled(path(name))
 
 
-def __getattr__(name: str):
-    # The zoo is an index and measures nothing: measuring a set (evaluate_file) and copying one out (export)
-    # are workflows. Their old names here still work, forwarded on first use so that this module imports no
-    # kernel.
-    if name in ("evaluate_file", "export"):
-        from kernel_distill.workflows import zoo as workflow
-
-        return getattr(workflow, {"evaluate_file": "evaluate_file", "export": "export_set"}[name])
-    raise AttributeError(f"module 'kernel_distill.zoo' has no attribute {name!r}")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Presentation: the command line's list and the README's table come from the index alone.
 
