@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
 from kernel_distill.kernels.exact import (
-    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats)
-from kernel_distill.kernels.spec import Flatten, KernelSpec
+    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats, starts_flat)
+from kernel_distill.kernels.spec import KernelSpec
 
 Get = Literal["ntk", "nngp"]
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -64,10 +64,12 @@ ARRAYS_PER_PAIR = 12
 
 
 def pair_elements(spec: KernelSpec, image_shape: tuple) -> int:
-    """Entries of the largest kernel array one image pair needs (1 for flat networks)."""
-    if isinstance(spec.layers[0], Flatten):
+    """Entries of the largest kernel array one image pair needs (1 for flat networks): the input band, as
+    the band radius and the image shrink, never grow, along the walk."""
+    plan = layer_plan(spec.layers, *(image_shape[:2] if len(image_shape) == 3 else (1, 1)))
+    if starts_flat(plan):
         return 1
-    h, w, rh, rw = layer_plan(spec.layers, image_shape[0], image_shape[1])[0]
+    h, w, rh, rw = plan[0]
     return h * w * (2 * rh + 1) * (2 * rw + 1)
 
 
