@@ -34,8 +34,8 @@ import numpy as np
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
+from kernel_distill.kernels.inputs import check_inputs, float_pair
 from kernel_distill.kernels.layers import output_shape
-from kernel_distill.kernels.networks import LayerNet
 from kernel_distill.kernels.spec import (  # noqa: F401  (check_random_features: its old home was here)
     MAX_RANDOM_FEATURES, RF_NORM_LAYERS, KernelSpec, check_random_features)
 
@@ -57,8 +57,12 @@ def feature_layers(spec: KernelSpec) -> tuple:
     return tuple(layers)
 
 
-def _feature_net(spec: KernelSpec) -> LayerNet:
-    """The finite network up to (not including) its Dense readout."""
+def _feature_net(spec: KernelSpec):
+    """The finite network (:class:`~kernel_distill.kernels.networks.LayerNet`) up to its Dense readout."""
+    # Imported here, not at module level: flax takes ~0.7 s to import, and only random features need it
+    # (the exact kernels, and so `import kernel_distill`, do not). No import cycle: networks needs only layers.
+    from kernel_distill.kernels.networks import LayerNet
+
     return LayerNet(feature_layers(spec), num_classes=0, width=spec.random_features.width, parameterization="ntk",
                     W_std=spec.W_std, b_std=spec.b_std)
 
@@ -143,9 +147,7 @@ class RandomFeatureKernelFn:
         return self.memory_budget_bytes
 
     def check_inputs(self, x1, x2):
-        from kernel_distill.kernels.api import KernelFn
-
-        KernelFn(self.spec).check_inputs(x1, x2)
+        check_inputs(self.spec, x1, x2)
 
     def feature_dimension(self, image_shape: tuple) -> int:
         return feature_dimension(self.spec, image_shape)
@@ -156,8 +158,6 @@ class RandomFeatureKernelFn:
         return _compiled_features(self.spec, self.memory_budget_bytes)(x)
 
     def __call__(self, x1, x2=None, get: str = "nngp"):
-        from kernel_distill.kernels.api import float_pair
-
         check_get(get)
         return _compiled_matrix(self.spec, self.memory_budget_bytes)(*float_pair(x1, x2, self.check_inputs))
 
