@@ -175,7 +175,8 @@ def _walk(spec: KernelSpec, x1, stats1, partner, want_ntk: bool, self_mode: bool
 
 
 def self_stats(spec: KernelSpec, x):
-    """Per-image statistics that every kernel block needs: the pre-activation variance at each ReLU.
+    """Per-image statistics that every kernel block needs: the pre-activation variance at each ReLU (each
+    layer with ``needs_statistics``, its :meth:`~kernel_distill.kernels.layers.Layer.statistic`).
 
     Args:
       x: ``(b, H, W, C)`` images (any ``(b, ...)`` for ``fc``), preprocessed, float32 or float64.
