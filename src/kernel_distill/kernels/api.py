@@ -66,8 +66,8 @@ ARRAYS_PER_PAIR = 12
 
 
 def pair_elements(spec: KernelSpec, image_shape: tuple) -> int:
-    """Entries of the largest kernel array one image pair needs (1 for flat networks): the input band, as
-    the band radius and the image shrink, never grow, along the walk."""
+    """Entries of the largest kernel array one image pair needs (1 for flat networks): the input band (the
+    built-in layers only shrink the band radius and the image along the walk)."""
     plan = layer_plan(spec.layers, *(image_shape[:2] if len(image_shape) == 3 else (1, 1)))
     if starts_flat(plan):
         return 1
