@@ -2,9 +2,10 @@
 
 Models:
 
-* :class:`LayerNet`: the finite network of a kernel architecture (``convnet``, ``convnet3``, ``fc``), built
-  from the same layer list (:mod:`kernel_distill.kernels.spec`) as the exact kernel; ``width`` channels or
-  units; standard or NTK parameterization with the kernel's ``W_std``/``b_std``.
+* :class:`LayerNet` (:mod:`kernel_distill.kernels.networks`): the finite network of a kernel architecture
+  (``convnet``, ``convnet3``, ``fc``), composed from the same layer tuple as the exact kernel, each layer's
+  own finite rule (:mod:`kernel_distill.kernels.layers`); ``width`` channels or units; standard or NTK
+  parameterization with the kernel's ``W_std``/``b_std``.
 * :class:`EvalConvNet`: the field's standard evaluation network (DC, DSA, MTT, ...): ``depth`` blocks of
   (3x3 conv with bias, instance normalisation, ReLU, 2x2 average pool) of width 128, then a dense layer.
 
@@ -33,6 +34,7 @@ import optax
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import spec as spec_layers
+from kernel_distill.kernels.networks import LayerNet  # noqa: F401  (defined with the layers' rules; used here)
 
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 _DEFAULT_WIDTHS = {"convnet": 128, "convnet3": 128, "fc": 1024}
@@ -152,110 +154,8 @@ def augment_batch(images, key, kind: str):
     return out
 
 
-class _ParameterizedLayer(nn.Module):
-    """Fields and parameter creation shared by the dense and conv layers.
-
-    NTK parameterization: weights and biases ~ N(0, 1), scaled by ``W_std / sqrt(fan_in)`` and ``b_std`` in
-    the forward pass. Standard: weights ~ N(0, W_std^2 / fan_in), biases ~ N(0, b_std^2), unscaled.
-    Parameters are drawn in float32 even with 64-bit mode on, so a key gives the same network either way.
-    """
-
-    features: int
-    W_std: float = math.sqrt(2.0)
-    b_std: float = 0.1
-    parameterization: str = "standard"
-
-    def _parameters(self, kernel_shape: tuple, fan_in: int):
-        """Returns ``(weights, bias, weight scale, bias scale)``."""
-        if self.parameterization == "ntk":
-            w = self.param("kernel", nn.initializers.normal(1.0), kernel_shape, jnp.float32)
-            b = self.param("bias", nn.initializers.normal(1.0), (self.features,), jnp.float32)
-            return w, b, self.W_std / math.sqrt(fan_in), self.b_std
-        w = self.param("kernel", nn.initializers.normal(self.W_std / math.sqrt(fan_in)), kernel_shape, jnp.float32)
-        b = self.param("bias", nn.initializers.normal(self.b_std), (self.features,), jnp.float32)
-        return w, b, 1.0, 1.0
-
-
-class _Dense(_ParameterizedLayer):
-    """Dense layer in standard or NTK parameterization."""
-
-    @nn.compact
-    def __call__(self, x):
-        fan_in = x.shape[-1]
-        w, b, scale, bias_scale = self._parameters((fan_in, self.features), fan_in)
-        return scale * (x @ w) + bias_scale * b
-
-
-class _Conv(_ParameterizedLayer):
-    """3x3 SAME convolution in standard or NTK parameterization (NHWC)."""
-
-    @nn.compact
-    def __call__(self, x):
-        w, b, scale, bias_scale = self._parameters((3, 3, x.shape[-1], self.features), 9 * x.shape[-1])
-        # The parameters are drawn in float32; a float64 input (64-bit mode) is convolved in float64.
-        y = jax.lax.conv_general_dilated(x, w.astype(x.dtype), (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return scale * y + bias_scale * b
-
-
-def instance_normalize(x, epsilon: float = 1e-5):
-    """``(n, H, W, C)``: each image's channel shifted and scaled to mean 0, variance 1 over its positions.
-
-    What the evaluation ConvNet's per-channel GroupNorm computes at initialisation (scale 1, shift 0)."""
-    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-    variance = jnp.var(x, axis=(1, 2), keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(variance + epsilon)
-
-
 def _avg_pool(x):
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
-
-
-class LayerNet(nn.Module):
-    """The finite network of a kernel architecture, built from the same layer list as the exact kernel.
-
-    ``layers`` is a tuple from :mod:`kernel_distill.kernels.spec` (e.g. ``KernelSpec("convnet").layers``);
-    every hidden Dense or conv layer gets ``width`` units or channels, the final Dense ``num_classes``.
-    In the NTK parameterization with the kernel's ``W_std``/``b_std`` its output covariance over random
-    initialisations tends to the kernel's NNGP as the width grows (tested in
-    tests/test_kernels_montecarlo.py). ``(n, H, W, C) -> (n, num_classes)``.
-
-    ``instance_norm`` normalises each conv's output per image and channel over positions (no learned scale or
-    shift: the random-feature networks of ``RandomFeatures(norm="instance")``, which are never trained).
-
-    Parameters of the KIP ConvNet: ``(9 C + 1) w`` for the first conv, ``(9 w + 1) w`` for each further
-    conv, ``(w H' W' + 1) num_classes`` for the readout, ``H' = H // 2**depth``; of the FC net:
-    ``(d + 1) w + (depth - 1)(w + 1) w + (w + 1) num_classes``.
-    """
-
-    layers: tuple
-    num_classes: int
-    width: int
-    parameterization: str = "standard"
-    W_std: float = math.sqrt(2.0)
-    b_std: float = 0.1
-    instance_norm: bool = False
-
-    @nn.compact
-    def __call__(self, x):
-        common = dict(W_std=self.W_std, b_std=self.b_std, parameterization=self.parameterization)
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, spec_layers.Dense):
-                features = self.num_classes if i == len(self.layers) - 1 else self.width
-                x = _Dense(features, **common)(x)
-            elif isinstance(layer, spec_layers.Conv):
-                x = _Conv(self.width, **common)(x)
-                if self.instance_norm:
-                    x = instance_normalize(x)
-            elif isinstance(layer, spec_layers.Relu):
-                x = nn.relu(x)
-            elif isinstance(layer, spec_layers.AvgPool):
-                x = _avg_pool(x)
-            elif isinstance(layer, spec_layers.Flatten):
-                x = x.reshape(len(x), -1)
-            else:
-                raise KernelDistillError(f"LayerNet cannot build {layer!r}")
-        return x
 
 
 class EvalConvNet(nn.Module):

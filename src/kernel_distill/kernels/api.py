@@ -24,8 +24,10 @@ import jax.numpy as jnp
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
 from kernel_distill.kernels.exact import (
-    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats)
-from kernel_distill.kernels.spec import Flatten, KernelSpec
+    kernel_block, kernel_block_from_partner, layer_plan, partner_arrays, self_stats, starts_flat)
+from kernel_distill.kernels.inputs import check_inputs, float_pair  # noqa: F401  (float_pair: also from here)
+from kernel_distill.kernels.random_features import RandomFeatureKernelFn
+from kernel_distill.kernels.spec import KernelSpec
 
 Get = Literal["ntk", "nngp"]
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
@@ -64,10 +66,12 @@ ARRAYS_PER_PAIR = 12
 
 
 def pair_elements(spec: KernelSpec, image_shape: tuple) -> int:
-    """Entries of the largest kernel array one image pair needs (1 for flat networks)."""
-    if isinstance(spec.layers[0], Flatten):
+    """Entries of the largest kernel array one image pair needs (1 for flat networks): the input band (the
+    built-in layers only shrink the band radius and the image along the walk)."""
+    plan = layer_plan(spec.layers, *(image_shape[:2] if len(image_shape) == 3 else (1, 1)))
+    if starts_flat(plan):
         return 1
-    h, w, rh, rw = layer_plan(spec.layers, image_shape[0], image_shape[1])[0]
+    h, w, rh, rw = plan[0]
     return h * w * (2 * rh + 1) * (2 * rw + 1)
 
 
@@ -114,20 +118,6 @@ def self_stats_vjp(spec: KernelSpec, x, stats_cotangent):
     return vjp(tuple(stats_cotangent))[0]
 
 
-def float_pair(x1, x2, check):
-    """The inputs of a kernel call as arrays of one floating dtype (their common one; float32 for integers),
-    after ``check(x1, x2)``. Returns ``(x1, x2)``, with ``x2`` ``None`` when it was ``None`` or ``x1`` itself
-    (so the self statistics or features are computed once)."""
-    same = x2 is None or x2 is x1
-    x1 = jnp.asarray(x1)
-    x2 = x1 if same else jnp.asarray(x2)
-    check(x1, x2)
-    dtype = jnp.result_type(x1.dtype, x2.dtype)
-    if not jnp.issubdtype(dtype, jnp.floating):
-        dtype = jnp.float32
-    return x1.astype(dtype), None if same else x2.astype(dtype)
-
-
 @dataclasses.dataclass(frozen=True)
 class KernelFn:
     """A callable ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for one :class:`KernelSpec`.
@@ -161,22 +151,7 @@ class KernelFn:
         return min(self.memory_budget_bytes, tile)
 
     def check_inputs(self, x1, x2):
-        for name, x in (("x1", x1), ("x2", x2)):
-            if x.ndim < 2:
-                raise KernelDistillError(f"{name} must have a leading batch axis, got shape {x.shape}")
-            if self.spec.is_conv and x.ndim != 4:
-                raise KernelDistillError(
-                    f"the {self.spec.architecture} kernel needs NHWC images (n, H, W, C); {name} has shape {x.shape}")
-        if x1.shape[1:] != x2.shape[1:]:
-            raise KernelDistillError(f"x1 and x2 differ in shape past the batch axis: {x1.shape} vs {x2.shape}")
-        if self.spec.is_conv:
-            smallest = self.spec.min_spatial_size()
-            if min(x1.shape[1:3]) < smallest:
-                raise KernelDistillError(
-                    f"{self.spec.architecture} with depth {self.spec.depth} needs images of at least "
-                    f"{smallest}x{smallest} pixels (one 2x2 pool per block); got {x1.shape[1]}x{x1.shape[2]}")
-        if x1.shape[0] == 0 or x2.shape[0] == 0:
-            raise KernelDistillError("empty input: x1 and x2 need at least one row each")
+        check_inputs(self.spec, x1, x2)
 
 
 @functools.lru_cache(maxsize=64)
@@ -214,8 +189,6 @@ def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DE
     if tile_bytes is not None and tile_bytes <= 0:
         raise KernelDistillError("tile_bytes must be positive")
     if spec.random_features is not None:
-        from kernel_distill.kernels.random_features import RandomFeatureKernelFn
-
         return RandomFeatureKernelFn(spec, int(memory_budget_bytes))
     return KernelFn(spec=spec, memory_budget_bytes=int(memory_budget_bytes), tile_bytes=tile_bytes)
 

@@ -1,4 +1,10 @@
-"""Exact NNGP and NTK of one block of image pairs, by walking an architecture's layer list.
+"""Exact NNGP and NTK of one block of image pairs, by walking an architecture's layer tuple.
+
+The walk is generic: it computes the input covariance, then hands the state to each layer's own rule
+(:meth:`~kernel_distill.kernels.layers.Layer.kernel`, or the four statistics methods of a layer such as the
+ReLU that needs per-image statistics); the static plan asks each layer which offsets it needs
+(:meth:`~kernel_distill.kernels.layers.Layer.input_radius`). The band operators are in
+:mod:`kernel_distill.kernels.bands`.
 
 Conv nets: the banded representation
 ------------------------------------
@@ -32,10 +38,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from kernel_distill.kernels.numerics import EXACT, ZERO_NTK, affine, relu_kernels, std_and_inverse
-from kernel_distill.kernels.spec import AvgPool, Conv, Dense, Flatten, KernelSpec, Relu
+from kernel_distill.kernels.bands import band_gather
+from kernel_distill.kernels.bands import (  # noqa: F401  (their old names here, for tests and benchmarks)
+    band_mask as _band_mask, box3 as _box3, box3_conv as _box3_conv, box3_slices as _box3_slices,
+    center as _center, mask as _mask, pool as _pool)
+from kernel_distill.kernels.layers import Step
+from kernel_distill.kernels.numerics import EXACT, ZERO_NTK
+from kernel_distill.kernels.spec import KernelSpec
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -47,168 +57,34 @@ def layer_plan(layers: tuple, height: int, width: int) -> tuple:
     """``((H, W, rh, rw), ...)``: the spatial size and band radius of the state *before* each layer, plus
     one entry for the output (``None`` entries once the state is flat)."""
     sizes = []
-    h, w, flat = height, width, False
+    shape = (height, width, 1)  # channels do not matter to the plan
     for layer in layers:
-        sizes.append(None if flat else (h, w))
-        if isinstance(layer, AvgPool):
-            h, w = h // 2, w // 2
-        elif isinstance(layer, Flatten):
-            flat = True
-    sizes.append(None if flat else (h, w))
+        sizes.append(shape[:2] if len(shape) == 3 else None)
+        shape = layer.output_shape(shape, 1)
+    sizes.append(shape[:2] if len(shape) == 3 else None)
     radii = [None] * len(sizes)
     rh = rw = 0
     if sizes[-1] is not None:  # a list cut after its last ReLU (the self pass) ends spatial, at offset 0
         radii[-1] = (0, 0)
     for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
         if sizes[i] is None:
             continue
-        if isinstance(layer, AvgPool):
-            rh, rw = 2 * rh + 1, 2 * rw + 1
-        elif isinstance(layer, Flatten):
-            rh = rw = 0
+        rh, rw = layers[i].input_radius(rh, rw)
         h, w = sizes[i]
         rh, rw = min(rh, h - 1), min(rw, w - 1)
         radii[i] = (rh, rw)
     return tuple(None if s is None else (*s, *r) for s, r in zip(sizes, radii))
 
 
-@functools.lru_cache(maxsize=256)
-def _band_mask(h: int, w: int, rh: int, rw: int) -> np.ndarray:
-    """``(2rh+1, 2rw+1, H, W)``: 1 where the partner position ``p + d`` lies inside the image."""
-    ph = np.arange(-rh, rh + 1)[:, None] + np.arange(h)[None, :]
-    pw = np.arange(-rw, rw + 1)[:, None] + np.arange(w)[None, :]
-    inside_h = (ph >= 0) & (ph < h)
-    inside_w = (pw >= 0) & (pw < w)
-    return (inside_h[:, None, :, None] & inside_w[None, :, None, :]).astype(np.float64)
+def starts_flat(plan: tuple) -> bool:
+    """Whether the first layer flattens (the fc nets): the walk then starts from the flat input covariance
+    and skips it, instead of building a band only to read its offset 0."""
+    return plan[0] is not None and plan[1] is None
 
 
-def _mask(h, w, rh, rw, dtype):
-    return jnp.asarray(_band_mask(h, w, rh, rw), dtype)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Banded spatial operators. A band array ends in (2rh+1, 2rw+1, H, W): offsets, then positions (rows of
-# contiguous positions make the gathers and the 3x3 sums plain shifted copies).
-
-
-def band_gather(v, rh: int, rw: int):
-    """``out[..., i, j, p, q] = v[..., p + i - rh, q + j - rw]`` (0 outside). ``(..., H, W) -> (..., 2rh+1, 2rw+1, H, W)``."""
-    h, w = v.shape[-2:]
-    pad = [(0, 0)] * (v.ndim - 2) + [(rh, rh), (rw, rw)]
-    padded = jnp.pad(v, pad)
-    rows = jnp.stack([padded[..., i:i + h, :] for i in range(2 * rh + 1)], axis=-3)  # (..., Rh, H, W+2rw)
-    return jnp.stack([rows[..., j:j + w] for j in range(2 * rw + 1)], axis=-3)  # (..., Rh, Rw, H, W)
-
-
-def _box3_slices(k):
-    """The 3x3 average as one padded copy and nine shifted slices, summed in one fused pass."""
-    h, w = k.shape[-2:]
-    padded = jnp.pad(k, [(0, 0)] * (k.ndim - 2) + [(1, 1), (1, 1)])
-    return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) * (1.0 / 9.0)
-
-
-def _box3_conv(k):
-    """The 3x3 average as a one-channel convolution, every offset of every pair an image of the batch."""
-    h, w = k.shape[-2:]
-    weights = jnp.full((1, 1, 3, 3), 1.0 / 9.0, k.dtype)
-    out = jax.lax.conv_general_dilated(k.reshape(-1, 1, h, w), weights, (1, 1), [(1, 1), (1, 1)],
-                                       precision=EXACT)
-    return out.reshape(k.shape)
-
-
-@jax.custom_vjp
-def _box3(k):
-    """3x3 SAME average over the position axes of a band array (zero padding); offsets unchanged.
-
-    On a CPU it is a convolution: XLA does not fuse a convolution with its producers, so what feeds the
-    filter (the input band, the ReLU's outputs) is computed once and stored. Written as nine slices of a
-    padded copy, XLA folds the centre slice back into the unpadded producer and recomputes that producer in
-    every consumer loop: the ReLU's asin polynomial seven times per band entry for the two the maths needs,
-    and a 3-channel input band re-read from memory six times per pair. The convolution runs the CPU kernel
-    2.7-9.1x faster (docs/KERNELS.md). Accelerators keep the slices, fused into one pass with their
-    producers: that is what the H100 tables measured.
-
-    The filter is its own adjoint (a symmetric stencil with zero padding), so its VJP is the same operation
-    on the cotangent.
-    """
-    return _box3_conv(k) if jax.default_backend() == "cpu" else _box3_slices(k)
-
-
-_box3.defvjp(lambda k: (_box3(k), None), lambda _, g: (_box3(g),))
-
-
-def _resize_offsets(k, axis: int, radius: int):
-    """Crop or zero-pad a band array's offset axis symmetrically to ``2 radius + 1`` entries."""
-    current = (k.shape[axis] - 1) // 2
-    if current > radius:
-        return jax.lax.slice_in_dim(k, current - radius, current + radius + 1, axis=axis)
-    if current < radius:
-        pad = [(0, 0)] * k.ndim
-        pad[axis] = (radius - current, radius - current)
-        return jnp.pad(k, pad)
-    return k
-
-
-def _pool_axis(k, pos_axis: int, off_axis: int, out_radius: int):
-    """2x2/stride-2 VALID average along one spatial axis of a band array (half of the 2-D pool)."""
-    return _pool_axis_core(_resize_offsets(k, off_axis, 2 * out_radius + 1), pos_axis, off_axis, k.shape[pos_axis])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _pool_axis_core(k, pos_axis: int, off_axis: int, n_in: int):
-    """:func:`_pool_axis` of a band array whose offset axis is already ``2 (2 r_out + 1) + 1`` long;
-    ``n_in = k.shape[pos_axis]`` (static, for the VJP)."""
-    n_out = k.shape[pos_axis] // 2
-    r_out = (k.shape[off_axis] - 1) // 2
-    even = jax.lax.slice_in_dim(k, 0, 2 * n_out, stride=2, axis=pos_axis)
-    odd = jax.lax.slice_in_dim(k, 1, 2 * n_out, stride=2, axis=pos_axis)
-
-    def offsets(a, start):
-        return jax.lax.slice_in_dim(a, start, start + 2 * r_out - 1, stride=2, axis=off_axis)
-
-    return (offsets(even, 1) + offsets(even, 2) + offsets(odd, 0) + offsets(odd, 1)) / 4.0
-
-
-def _pool_axis_core_fwd(k, pos_axis, off_axis, n_in):
-    return _pool_axis_core(k, pos_axis, off_axis, n_in), None
-
-
-def _pool_axis_core_bwd(pos_axis, off_axis, n_in, _, g):
-    """The pool's adjoint written as one interleaving pass: an even input row ``2P`` receives ``g[P, j] / 4``
-    at offsets ``2j + 1`` and ``2j + 2``, an odd row ``2P + 1`` at ``2j`` and ``2j + 1``. With autodiff's four
-    strided scatters instead, the whole 28x28 float64 kernel VJP took 1.5x as long on a CPU."""
-    g = g / 4.0
-    twice = jnp.repeat(g, 2, axis=off_axis)
-    zero = jnp.zeros_like(jax.lax.slice_in_dim(g, 0, 1, axis=off_axis))
-    even = jnp.concatenate([zero, twice], axis=off_axis)
-    odd = jnp.concatenate([twice, zero], axis=off_axis)
-    rows = jnp.stack([even, odd], axis=pos_axis + 1)
-    shape = list(even.shape)
-    shape[pos_axis] *= 2
-    grad = rows.reshape(shape)
-    if n_in > shape[pos_axis]:  # an odd size: VALID pooling drops the last row
-        pad = [(0, 0)] * grad.ndim
-        pad[pos_axis] = (0, n_in - shape[pos_axis])
-        grad = jnp.pad(grad, pad)
-    return (grad,)
-
-
-_pool_axis_core.defvjp(_pool_axis_core_fwd, _pool_axis_core_bwd)
-
-
-def _pool(k, out_plan):
-    h, w, rh, rw = out_plan
-    nd = k.ndim
-    k = _pool_axis(k, nd - 2, nd - 4, rh)
-    k = _pool_axis(k, nd - 1, nd - 3, rw)
-    return k * _mask(h, w, rh, rw, k.dtype)
-
-
-def _center(k):
-    """The offset-0 entries of a band array: ``(..., Rh, Rw, H, W) -> (..., H, W)``."""
-    rh, rw = (k.shape[-4] - 1) // 2, (k.shape[-3] - 1) // 2
-    return k[..., rh, rw, :, :]
+def _steps(spec: KernelSpec, plan: tuple) -> tuple:
+    w2, b2 = spec.W_std ** 2, spec.b_std ** 2
+    return tuple(Step(plan[i], plan[i + 1], w2, b2) for i in range(len(plan) - 1))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,12 +101,8 @@ def _channel_sum(products, axis: int):
     return sum(jax.lax.index_in_dim(products, c, axis, keepdims=False) for c in range(channels))
 
 
-def _plan(spec: KernelSpec, x) -> tuple:
-    return layer_plan(spec.layers, *(x.shape[1:3] if x.ndim == 4 else (1, 1)))
-
-
-def _starts_flat(spec: KernelSpec) -> bool:
-    return isinstance(spec.layers[0], Flatten)
+def _plan(layers: tuple, x) -> tuple:
+    return layer_plan(layers, *(x.shape[1:3] if x.ndim == 4 else (1, 1)))
 
 
 def partner_arrays(spec: KernelSpec, x2, stats2):
@@ -238,96 +110,73 @@ def partner_arrays(spec: KernelSpec, x2, stats2):
 
     Every pair ``(x1[a], x2[b])`` reads ``x2[b]`` and its per-pixel statistics at the partner positions
     ``p + d``; gathering those once per ``x2`` image (instead of once per pair) is a third of the conv
-    kernel's time. Returns ``(input, relu_sides)``: the flattened ``(b2, D)`` inputs or their band
-    ``(b2, C, Rh, Rw, H, W)``, and per ReLU ``(std, 1/std)``, ``(b2,)`` or ``(b2, Rh, Rw, H, W)``.
+    kernel's time. Returns ``(input, sides)``: the flattened ``(b2, D)`` inputs or their band
+    ``(b2, C, Rh, Rw, H, W)``, and per layer that needs statistics its ``partner_statistic`` (for a ReLU
+    ``(std, 1/std)``, ``(b2,)`` or ``(b2, Rh, Rw, H, W)``).
     """
-    plan = _plan(spec, x2)
-    if _starts_flat(spec):
+    plan = _plan(spec.layers, x2)
+    if starts_flat(plan):
         inputs = x2.reshape(len(x2), -1)
     else:
         _, _, rh, rw = plan[0]
         inputs = band_gather(jnp.moveaxis(x2, -1, 1), rh, rw)
-    sides = []
-    relu_plans = [plan[i] for i, layer in enumerate(spec.layers) if isinstance(layer, Relu)]
-    for variance, here in zip(stats2, relu_plans):
-        std, inv = std_and_inverse(variance)
-        if here is not None:
-            std, inv = band_gather(std, *here[2:]), band_gather(inv, *here[2:])
-        sides.append((std, inv))
-    return inputs, tuple(sides)
+    with_statistics = [(layer, step) for layer, step in zip(spec.layers, _steps(spec, plan))
+                       if layer.needs_statistics]
+    sides = tuple(layer.partner_statistic(statistic, step)
+                  for statistic, (layer, step) in zip(stats2, with_statistics))
+    return inputs, sides
+
+
+def _input_covariance(x1, partner, plan: tuple, self_mode: bool):
+    """The input layer's covariance ``x1 . x2 / D``: ``(b1, b2)`` flat, or a band of ``x1[p] . x2[p + d] / C``
+    ``(b1, b2, Rh, Rw, H, W)``; in self mode ``x2 = x1`` and the ``b2`` axis is absent."""
+    if starts_flat(plan):
+        x1f = x1.reshape(len(x1), -1)
+        if self_mode:
+            return jnp.sum(x1f * x1f, axis=-1) / x1f.shape[-1]
+        return jnp.matmul(x1f, partner[0].T, precision=EXACT) / x1f.shape[-1]
+    x1c = jnp.moveaxis(x1, -1, 1)[:, :, None, None]  # (b1, C, 1, 1, H, W)
+    if self_mode:
+        return _channel_sum(x1c * band_gather(jnp.moveaxis(x1, -1, 1), *plan[0][2:]), axis=1) * (1.0 / x1.shape[-1])
+    return _channel_sum(x1c[:, None] * partner[0][None], axis=2) * (1.0 / x1.shape[-1])
 
 
 def _walk(spec: KernelSpec, x1, stats1, partner, want_ntk: bool, self_mode: bool):
-    """Propagate the kernel through ``spec.layers``.
+    """Propagate the kernel through ``spec.layers``, one layer rule at a time.
 
     Pair mode: ``partner = partner_arrays(spec, x2, stats2)``; returns ``(nngp, ntk)`` of shape
     ``(b1, b2)`` (``ntk`` None unless wanted).
-    Self mode (``stats1``, ``partner`` unused): returns the per-ReLU variances, a tuple of ``(b,)``
-    (flat) or ``(b, H_l, W_l)`` (spatial) arrays, the statistics every pair block needs.
+    Self mode (``stats1``, ``partner`` unused): returns the per-layer statistics (per ReLU its variances,
+    ``(b,)`` flat or ``(b, H_l, W_l)`` spatial), the statistics every pair block needs.
     """
     layers = spec.layers
-    if self_mode:  # only the variances at the ReLUs are wanted: stop at the last one, whose band is offset 0
-        relus = [i for i, layer in enumerate(layers) if isinstance(layer, Relu)]
-        layers = layers[:relus[-1] + 1] if relus else layers[:1]
-    plan = layer_plan(layers, *(x1.shape[1:3] if x1.ndim == 4 else (1, 1)))
-    w2, b2 = spec.W_std ** 2, spec.b_std ** 2
-    flat = _starts_flat(spec)
-    if flat:
-        x1f = x1.reshape(len(x1), -1)
-        if self_mode:
-            k = jnp.sum(x1f * x1f, axis=-1) / x1f.shape[-1]
-        else:
-            k = jnp.matmul(x1f, partner[0].T, precision=EXACT) / x1f.shape[-1]
-    else:  # a band of x1[p] . x2[p + d] / C
-        x1c = jnp.moveaxis(x1, -1, 1)[:, :, None, None]  # (b1, C, 1, 1, H, W)
-        if self_mode:
-            k = _channel_sum(x1c * band_gather(jnp.moveaxis(x1, -1, 1), *plan[0][2:]), axis=1) * (1.0 / x1.shape[-1])
-        else:
-            k = _channel_sum(x1c[:, None] * partner[0][None], axis=2) * (1.0 / x1.shape[-1])
+    if self_mode:  # only the statistics are wanted: stop at the last layer that needs them (a ReLU: offset 0)
+        needing = [i for i, layer in enumerate(layers) if layer.needs_statistics]
+        layers = layers[:needing[-1] + 1] if needing else layers[:1]
+    plan = _plan(layers, x1)
+    steps = _steps(spec, plan)
+    k = _input_covariance(x1, partner, plan, self_mode)
     ntk = ZERO_NTK if (want_ntk and not self_mode) else None
-    variances = []
-    relu_index = 0
-    for i in range(1 if flat else 0, len(layers)):
-        layer, here = layers[i], plan[i]
-        if isinstance(layer, Dense):
-            k, ntk = affine(k, ntk, w2, b2)
-        elif isinstance(layer, Conv):
-            h, w, rh, rw = here
-            k, ntk = affine(k, ntk, w2, b2, _box3, _mask(h, w, rh, rw, k.dtype))
-        elif isinstance(layer, Relu):
-            spatial = here is not None
-            if self_mode:
-                v = _center(k) if spatial else k
-                variances.append(v)
-                if not spatial:  # E[relu(z)^2] = var / 2, exactly
-                    k = k / 2.0
-                    continue
-                std, inv = std_and_inverse(v)
-                side1 = (std[..., None, None, :, :], inv[..., None, None, :, :])
-                side2 = (band_gather(std, *here[2:]), band_gather(inv, *here[2:]))
-            else:
-                std1, inv1 = std_and_inverse(stats1[relu_index])
-                std2, inv2 = partner[1][relu_index]
-                if spatial:
-                    side1 = (std1[:, None, None, None], inv1[:, None, None, None])
-                else:
-                    side1 = (std1[:, None], inv1[:, None])
-                side2 = (std2[None], inv2[None])
-            k, ntk = relu_kernels(k, *side1, *side2, ntk)
-            relu_index += 1
-        elif isinstance(layer, AvgPool):
-            k = _pool(k, plan[i + 1])
-            ntk = None if ntk is None else _pool(ntk, plan[i + 1])
-        elif isinstance(layer, Flatten):
-            k = jnp.mean(_center(k), axis=(-2, -1))
-            ntk = None if ntk is None else jnp.mean(_center(ntk), axis=(-2, -1))
+    statistics = []  # self mode: what the layers computed; pair mode: how many of stats1 were read
+    for layer, step in list(zip(layers, steps))[1 if starts_flat(plan) else 0:]:
+        if not layer.needs_statistics:
+            k, ntk = layer.kernel(k, ntk, step)
+        elif self_mode:
+            statistic = layer.statistic(k, step)
+            statistics.append(statistic)
+            k = layer.self_kernel(k, statistic, step)
+        else:
+            j = len(statistics)
+            k, ntk = layer.pair_kernel(k, ntk, stats1[j], partner[1][j], step)
+            statistics.append(stats1[j])
     if self_mode:
-        return tuple(variances)
+        return tuple(statistics)
     return k, ntk
 
 
 def self_stats(spec: KernelSpec, x):
-    """Per-image statistics that every kernel block needs: the pre-activation variance at each ReLU.
+    """Per-image statistics that every kernel block needs: the pre-activation variance at each ReLU (each
+    layer with ``needs_statistics``, its :meth:`~kernel_distill.kernels.layers.Layer.statistic`).
 
     Args:
       x: ``(b, H, W, C)`` images (any ``(b, ...)`` for ``fc``), preprocessed, float32 or float64.

@@ -2,8 +2,9 @@
 
 RFAD (Loo, Hasani, Amini & Rus, NeurIPS 2022) replaced KIP's exact ConvNet kernel by the features of
 random finite ConvNets: for ``M`` networks of width ``W``, drawn from the NTK-parameterised initialisation
-of :class:`kernel_distill.finite.LayerNet` (the same layer list as the exact kernel), let ``phi_m(x)`` be
-network ``m``'s input to its Dense readout (``fan_in`` entries). The readout's output covariance is
+of :class:`kernel_distill.kernels.networks.LayerNet` (the same layer tuple as the exact kernel, each layer's
+own finite rule; :func:`feature_layers`), let ``phi_m(x)`` be network ``m``'s input to its Dense readout
+(``fan_in`` entries). The readout's output covariance is
 ``W_std^2 / fan_in * phi(x) . phi(x') + b_std^2``, so with the feature vector
 
     Phi(x) = [W_std / sqrt(M * fan_in) * phi_1(x), ..., W_std / sqrt(M * fan_in) * phi_M(x), b_std]
@@ -34,52 +35,42 @@ import numpy as np
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import tiling
-from kernel_distill.kernels.spec import RF_NORMS, AvgPool, Dense, Flatten, KernelSpec
+from kernel_distill.kernels.inputs import check_inputs, float_pair
+from kernel_distill.kernels.layers import output_shape
+from kernel_distill.kernels.spec import (  # noqa: F401  (check_random_features: its old home was here)
+    MAX_RANDOM_FEATURES, RF_NORM_LAYERS, KernelSpec, check_random_features)
 
 # Arrays alive per image and model in the widest layer of a forward pass (activation, pre-activation,
 # conv output, pooled copy): a generous round number keeps the memory budget an upper bound.
 ARRAYS_PER_IMAGE = 4
 
 
-MAX_RANDOM_FEATURES = dict(models=4096, width=16384)
-
-
-def check_random_features(rf) -> None:
-    """Validate a :class:`kernel_distill.kernels.spec.RandomFeatures` (raises one-line errors)."""
-    for name in ("models", "width"):
-        value = getattr(rf, name)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise KernelDistillError(f"random features: {name} must be a positive integer, got {value!r}")
-        if value > MAX_RANDOM_FEATURES[name]:
-            # A file's metadata is read before anything is allocated: an absurd size must fail here, in one
-            # line, not as an out-of-memory kill minutes later.
-            raise KernelDistillError(f"random features: {name} {value} is beyond the {MAX_RANDOM_FEATURES[name]} "
-                                     f"this package supports")
-    if isinstance(rf.seed, bool) or not isinstance(rf.seed, (int, np.integer)) or rf.seed < 0:
-        raise KernelDistillError(f"random features: seed must be a non-negative integer, got {rf.seed!r}")
-    if rf.norm not in RF_NORMS:
-        raise KernelDistillError(f"random features: norm must be one of {', '.join(RF_NORMS)}, got {rf.norm!r}")
+def feature_layers(spec: KernelSpec) -> tuple:
+    """The random networks' layers: the architecture without its Dense readout and, for
+    ``RandomFeatures(norm="instance")``, an :class:`~kernel_distill.kernels.layers.InstanceNorm` after each
+    affine layer on images (each conv, before its ReLU)."""
+    norm_layer = RF_NORM_LAYERS[spec.random_features.norm]
+    layers = []
+    for layer in spec.layers[:-1]:
+        layers.append(layer)
+        if norm_layer is not None and layer.affine and layer.takes == "image":
+            layers.append(norm_layer())
+    return tuple(layers)
 
 
 def _feature_net(spec: KernelSpec):
-    """The finite network up to (not including) its Dense readout."""
-    from kernel_distill.finite import LayerNet  # finite imports kernels.spec: import here, not at module load
+    """The finite network (:class:`~kernel_distill.kernels.networks.LayerNet`) up to its Dense readout."""
+    # Imported here, not at module level: flax takes ~0.7 s to import, and only random features need it
+    # (the exact kernels, and so `import kernel_distill`, do not). No import cycle: networks needs only layers.
+    from kernel_distill.kernels.networks import LayerNet
 
-    return LayerNet(spec.layers[:-1], num_classes=0, width=spec.random_features.width, parameterization="ntk",
-                    W_std=spec.W_std, b_std=spec.b_std, instance_norm=spec.random_features.norm == "instance")
+    return LayerNet(feature_layers(spec), num_classes=0, width=spec.random_features.width, parameterization="ntk",
+                    W_std=spec.W_std, b_std=spec.b_std)
 
 
 def readout_fan_in(spec: KernelSpec, image_shape: tuple) -> int:
     """Entries of one network's readout input ``phi_m(x)`` for images of ``image_shape`` ``(H, W, C)``."""
-    width = spec.random_features.width
-    layers = spec.layers
-    if isinstance(layers[0], Flatten):
-        return width if any(isinstance(layer, Dense) for layer in layers[:-1]) else int(np.prod(image_shape))
-    h, w = image_shape[0], image_shape[1]
-    for layer in layers:
-        if isinstance(layer, AvgPool):
-            h, w = h // 2, w // 2
-    return h * w * width
+    return int(np.prod(output_shape(feature_layers(spec), image_shape, spec.random_features.width)))
 
 
 def feature_dimension(spec: KernelSpec, image_shape: tuple) -> int:
@@ -157,9 +148,7 @@ class RandomFeatureKernelFn:
         return self.memory_budget_bytes
 
     def check_inputs(self, x1, x2):
-        from kernel_distill.kernels.api import KernelFn
-
-        KernelFn(self.spec).check_inputs(x1, x2)
+        check_inputs(self.spec, x1, x2)
 
     def feature_dimension(self, image_shape: tuple) -> int:
         return feature_dimension(self.spec, image_shape)
@@ -170,8 +159,6 @@ class RandomFeatureKernelFn:
         return _compiled_features(self.spec, self.memory_budget_bytes)(x)
 
     def __call__(self, x1, x2=None, get: str = "nngp"):
-        from kernel_distill.kernels.api import float_pair
-
         check_get(get)
         return _compiled_matrix(self.spec, self.memory_budget_bytes)(*float_pair(x1, x2, self.check_inputs))
 

@@ -1,20 +1,10 @@
-"""Architectures as lists of layers, and the :class:`KernelSpec` that names one.
+"""Architectures as tuples of layers, and the :class:`KernelSpec` that names one.
 
 One definition serves every consumer: the exact infinite-width kernel (:mod:`kernel_distill.kernels.exact`),
-the finite flax networks (:mod:`kernel_distill.finite`) and the Monte-Carlo tests all walk the same tuple
-of layer objects. A new architecture is one function in :data:`ARCHITECTURE_REGISTRY`.
-
-Layers (all in the NTK parameterization of neural-tangents and the KIP papers: weights ~ N(0, 1), the
-pre-activation scaled by ``W_std / sqrt(fan_in)``, biases ``b_std * N(0, 1)``):
-
-* :class:`Dense`: a fully connected layer on a flat input.
-* :class:`Conv`: a 3x3 SAME convolution (zero padding), stride 1.
-* :class:`Relu`: ``max(0, z)``.
-* :class:`AvgPool`: 2x2 average pool, stride 2, VALID (an odd row or column is dropped).
-* :class:`Flatten`: NHWC -> (N, H * W * C).
-
-Widths are not part of a layer: the kernel is the infinite-width limit, and the finite networks take a
-width of their own.
+the finite flax networks (:class:`kernel_distill.kernels.networks.LayerNet`), the random-feature networks and
+the Monte-Carlo tests all walk the same tuple of layer objects, and each layer carries its own rules
+(:mod:`kernel_distill.kernels.layers`, where the layer classes live; they are importable from here too). A new
+architecture is one function in :data:`ARCHITECTURE_REGISTRY`.
 """
 
 from __future__ import annotations
@@ -26,39 +16,9 @@ from typing import Callable
 import numpy as np
 
 from kernel_distill.errors import KernelDistillError
-
-
-@dataclasses.dataclass(frozen=True)
-class Dense:
-    """Fully connected layer, ``W_std / sqrt(fan_in) * W x + b_std * b``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Conv:
-    """3x3 SAME convolution with zero padding, stride 1, ``W_std / sqrt(9 C_in)`` scaling."""
-
-    size: int = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Relu:
-    """Elementwise ReLU."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AvgPool:
-    """2x2 average pool, stride 2, VALID padding."""
-
-    size: int = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Flatten:
-    """NHWC -> (N, H * W * C)."""
-
-
-Layer = Dense | Conv | Relu | AvgPool | Flatten
-AFFINE_LAYERS = (Dense, Conv)
+from kernel_distill.kernels.layers import (  # noqa: F401  (the layer classes' home is layers; spec re-exports)
+    AvgPool, Conv, Dense, Flatten, InstanceNorm, Layer, Relu, min_spatial_size, needs_images, serial,
+    validate_layers)
 
 
 MAX_DEPTH = 100
@@ -66,17 +26,17 @@ MAX_DEPTH = 100
 
 def fc_layers(depth: int) -> tuple:
     """``depth`` hidden Dense + ReLU layers, then a Dense readout."""
-    return (Flatten(),) + (Dense(), Relu()) * depth + (Dense(),)
+    return serial(Flatten(), *(Dense(), Relu()) * depth, Dense())
 
 
 def convnet_layers(depth: int) -> tuple:
     """The KIP ConvNet: 3x3 conv + ReLU, then ``depth`` blocks of (conv, ReLU, 2x2 average pool), readout."""
-    return (Conv(), Relu()) + convnet3_layers(depth)
+    return serial(Conv(), Relu(), *convnet3_layers(depth))
 
 
 def convnet3_layers(depth: int) -> tuple:
     """The KIP ConvNet without the first conv + ReLU: ``depth`` blocks of (conv, ReLU, pool), readout."""
-    return (Conv(), Relu(), AvgPool()) * depth + (Flatten(), Dense())
+    return serial(*(Conv(), Relu(), AvgPool()) * depth, Flatten(), Dense())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +61,11 @@ ARCHITECTURES = tuple(ARCHITECTURE_REGISTRY)  # the built-in ones; the registry 
 
 def register_architecture(name: str, layers: Callable[[int], tuple], default_depth: int, min_depth: int = 0,
                           description: str = "") -> None:
-    """Add an architecture: ``layers(depth)`` must return a tuple of layer objects (see the module doc).
+    """Add an architecture: ``layers(depth)`` must return a tuple of layer objects
+    (:mod:`kernel_distill.kernels.layers`), e.g. built by :func:`serial`.
 
-    The exact kernel (:class:`KernelSpec` ``(name, depth)``) and the finite network
-    (:class:`kernel_distill.finite.LayerNet`) then both accept it.
+    The exact kernel (:class:`KernelSpec` ``(name, depth)``), the finite network
+    (:class:`kernel_distill.kernels.networks.LayerNet`) and the random features then all accept it.
     """
     if name in ARCHITECTURE_REGISTRY:
         raise KernelDistillError(f"architecture {name!r} is already registered")
@@ -112,31 +73,6 @@ def register_architecture(name: str, layers: Callable[[int], tuple], default_dep
         raise KernelDistillError("layers(depth) must return a tuple")
     validate_layers(layers(default_depth))
     ARCHITECTURE_REGISTRY[name] = Architecture(layers, default_depth, min_depth, description)
-
-
-def validate_layers(layers: tuple) -> None:
-    """The exact kernel supports: spatial layers (Conv, ReLU, AvgPool), one Flatten, then flat layers
-    (Dense, ReLU), ending in a Dense readout; the first affine layer comes before any ReLU."""
-    if not layers or not isinstance(layers[-1], Dense):
-        raise KernelDistillError("an architecture must end in a Dense readout")
-    flat = False
-    seen_affine = False
-    for layer in layers:
-        if not isinstance(layer, (Dense, Conv, Relu, AvgPool, Flatten)):
-            raise KernelDistillError(f"unknown layer {layer!r}")
-        if isinstance(layer, Flatten):
-            if flat:
-                raise KernelDistillError("an architecture can flatten only once")
-            flat = True
-        elif isinstance(layer, (Conv, AvgPool)) and flat:
-            raise KernelDistillError(f"{type(layer).__name__} after Flatten")
-        elif isinstance(layer, Dense) and not flat:
-            raise KernelDistillError("Dense before Flatten")
-        elif isinstance(layer, Relu) and not seen_affine:
-            raise KernelDistillError("a ReLU needs an affine layer before it")
-        if isinstance(layer, (Conv, AvgPool)) and (layer.size != (3 if isinstance(layer, Conv) else 2)):
-            raise KernelDistillError("only 3x3 convolutions and 2x2 pools are implemented")
-        seen_affine = seen_affine or isinstance(layer, AFFINE_LAYERS)
 
 
 def _from_strict_dict(cls, d, subject: str, fields_of: str):
@@ -151,8 +87,29 @@ def _from_strict_dict(cls, d, subject: str, fields_of: str):
     return cls(**d)
 
 
-# How the random networks' conv outputs may be normalised (:attr:`RandomFeatures.norm`).
-RF_NORMS = ("none", "instance")
+# How the random networks' conv outputs may be normalised (:attr:`RandomFeatures.norm`): the layer put after
+# each conv of the random networks (kernel_distill.kernels.random_features.feature_layers), or None.
+RF_NORM_LAYERS = {"none": None, "instance": InstanceNorm}
+RF_NORMS = tuple(RF_NORM_LAYERS)
+
+MAX_RANDOM_FEATURES = dict(models=4096, width=16384)
+
+
+def check_random_features(rf) -> None:
+    """Validate a :class:`RandomFeatures` (raises one-line errors)."""
+    for name in ("models", "width"):
+        value = getattr(rf, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise KernelDistillError(f"random features: {name} must be a positive integer, got {value!r}")
+        if value > MAX_RANDOM_FEATURES[name]:
+            # A file's metadata is read before anything is allocated: an absurd size must fail here, in one
+            # line, not as an out-of-memory kill minutes later.
+            raise KernelDistillError(f"random features: {name} {value} is beyond the {MAX_RANDOM_FEATURES[name]} "
+                                     f"this package supports")
+    if isinstance(rf.seed, bool) or not isinstance(rf.seed, (int, np.integer)) or rf.seed < 0:
+        raise KernelDistillError(f"random features: seed must be a non-negative integer, got {rf.seed!r}")
+    if rf.norm not in RF_NORMS:
+        raise KernelDistillError(f"random features: norm must be one of {', '.join(RF_NORMS)}, got {rf.norm!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +122,9 @@ class RandomFeatures:
       width: ``W``, channels (or units) of each hidden layer of those networks.
       seed: the evaluation networks are drawn from ``PRNGKey(seed)``; KIP draws fresh ones every step.
       norm: ``"none"`` (the architecture as it is: the features estimate its exact NNGP) or ``"instance"``:
-        each conv's output is normalised per image and channel over positions before its ReLU, as in the
-        evaluation ConvNet (:class:`kernel_distill.finite.EvalConvNet`). That is a different kernel, the
+        each conv's output is normalised per image and channel over positions before its ReLU (an
+        :class:`InstanceNorm` layer after each conv), as in the evaluation ConvNet
+        (:class:`kernel_distill.finite.EvalConvNet`). That is a different kernel, the
         NNGP of the instance-normalised network, which has no closed form here: only random features
         compute it. Conv architectures only.
     """
@@ -177,8 +135,6 @@ class RandomFeatures:
     norm: str = "none"
 
     def __post_init__(self):
-        from kernel_distill.kernels.random_features import check_random_features
-
         check_random_features(self)
 
     @classmethod
@@ -273,8 +229,9 @@ class KernelSpec:
 
     @property
     def is_conv(self) -> bool:
-        return any(isinstance(layer, Conv) for layer in self.layers)
+        """Whether the network takes NHWC images (it convolves or pools)."""
+        return needs_images(self.layers)
 
     def min_spatial_size(self) -> int:
         """Smallest image height/width the network accepts: each 2x2 pool halves it (VALID)."""
-        return 2 ** sum(isinstance(layer, AvgPool) for layer in self.layers)
+        return min_spatial_size(self.layers)
