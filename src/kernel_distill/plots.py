@@ -168,17 +168,3 @@ def accuracy_vs_size_figure(points: list[dict], title: str = ""):
         ax.set_title(title, fontsize=9)
     return fig
 
-
-# The PNG writers the commands used before the figure functions existed; kept as thin wrappers.
-
-
-def save_image_grid(path, images, labels, num_classes, class_names=None, title="", original_classes=None) -> None:
-    save_figure(path, image_grid_figure(images, labels, num_classes, class_names, title, original_classes))
-
-
-def save_learning_curve(path, records, title="") -> None:
-    save_figure(path, learning_curve_figure(records, title))
-
-
-def save_heatmap(path, matrix, row_label, col_label, tick_names=None, title="") -> None:
-    save_figure(path, heatmap_figure(matrix, row_label, col_label, tick_names, title))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 
 from kernel_distill.checksums import file_sha256
 from kernel_distill.errors import KernelDistillError
@@ -192,11 +191,3 @@ def markdown_table(entries: list[dict] | None = None) -> str:
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries)]
     return "\n".join(lines) + "\n"
 
-
-def copy_into_zoo(source: str | os.PathLike, name: str) -> pathlib.Path:
-    """Copy a set's bytes into the package (``sets/NAME.npz``); used by ``tools/zoo_add.py``."""
-    target = ZOO_DIR / "sets" / f"{name}.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if pathlib.Path(source).resolve() != target.resolve():
-        shutil.copyfile(source, target)
-    return target
