@@ -98,7 +98,7 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
     a :class:`DistilledSet` (metadata left to the caller).
     """
     info = dataset_info(dataset)
-    checksums = {}
+    checksums: dict[str, str] = {}
     x_train, y_train = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
@@ -174,29 +174,36 @@ def transfer_support(file_set: DistilledSet | None, source: str | None, dataset:
     Returns ``dict(x, y, preprocessor, dataset, source, checksums, x_val, y_val)`` (``x_val``/``y_val``
     None without validation).
     """
-    checksums = {}
+    checksums: dict[str, str] = {}
     if (file_set is None) == (natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
-    if file_set is None and not dataset:
-        raise KernelDistillError("--natural-per-class needs --dataset")
+    name = source if source is not None else "the distilled set"  # the file, in messages
     if file_set is not None:
-        dataset = dataset_of(file_set, source, dataset)
+        dataset = dataset_of(file_set, name, dataset)
+    elif not dataset:
+        raise KernelDistillError("--natural-per-class needs --dataset")
     info = dataset_info(dataset)
-    x_raw = y_raw = train_idx = val_idx = None
+    x_raw: np.ndarray | None = None
+    y_raw: np.ndarray | None = None
+    train_idx: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
     if natural_per_class is not None or val_size:
         x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
         train_idx, val_idx = validation_split(y_raw, val_size, info.num_classes)
     if file_set is not None:
-        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log,
+        preprocessor = preprocessing_for(file_set, name, dataset, data_dir, zca, zca_reg, progress, log,
                                          x_train=x_raw)
         support = dict(x=file_set.images, y=file_set.labels, source=source)
     else:
+        # a natural subset: the training split was loaded above
+        assert x_raw is not None and y_raw is not None and train_idx is not None and natural_per_class is not None
         preprocessor = fit_preprocessor(x_raw[train_idx], zca=zca, zca_reg=zca_reg)
         xs, ys = natural_subset(x_raw[train_idx], y_raw[train_idx], natural_per_class, info.num_classes, seed)
         support = dict(x=preprocessor.apply(xs), y=centered_one_hot(ys, info.num_classes),
                        source=f"{natural_per_class} natural images per class (seed {seed})")
     x_val = y_val = None
     if val_size:
+        assert x_raw is not None and y_raw is not None and val_idx is not None  # loaded above when val_size > 0
         x_val, y_val = preprocessor.apply(x_raw[val_idx]), y_raw[val_idx]
     return dict(support, preprocessor=preprocessor, dataset=dataset, checksums=checksums, x_val=x_val, y_val=y_val)
 
@@ -387,7 +394,7 @@ def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, wi
     from kernel_distill.finite import build_model, train_seeds
 
     info = dataset_info(dataset)
-    checksums = {}
+    checksums: dict[str, str] = {}
     x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     pre = preprocessor if preprocessor is not None else fit_preprocessor(x_raw)

@@ -298,7 +298,9 @@ def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pat
 def _write_report(runs: list, out_dir: pathlib.Path, zoo: bool) -> None:
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
-    taken, rows, points = set(), [], []
+    taken: set[str] = set()
+    rows: list[str] = []
+    points: list[dict] = []
     for run_dir, record in runs:
         name = _slug(run_dir, taken)
         figures = _run_figures(run_dir, record, out_dir / "img", name)

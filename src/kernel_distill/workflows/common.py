@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -115,7 +115,7 @@ def kernel_spec(choice: KernelChoice, fallback: dict | None = None):
     random = name.endswith("-rf")
     architecture = name[:-3] if random else name
     same_architecture = fallback.get("architecture") == architecture
-    kwargs = dict(architecture=architecture)
+    kwargs: dict[str, Any] = dict(architecture=architecture)
     kwargs["depth"] = choice.depth if choice.depth is not None else (
         fallback.get("depth") if same_architecture else None)
     for option in ("W_std", "b_std"):

@@ -162,12 +162,12 @@ def run(request: KipRequest, log: Log = print, on_record: OnRecord | None = None
     request.compute.backend_options()
     request.compute.enable_precision()
     resuming = request.resume is not None
-    if resuming:
+    if request.resume is not None:
         if request.out is not None:
             raise KernelDistillError(f"--out cannot be used with --resume: the run continues in {request.resume}")
         if request.overwrite:
             raise KernelDistillError("--overwrite cannot be used with --resume")
-        out = request.resume
+        out: str = request.resume
         claim = claim_run_folder(out, resume=True)
     else:
         config = kip_config(request)
@@ -176,9 +176,9 @@ def run(request: KipRequest, log: Log = print, on_record: OnRecord | None = None
     # The folder is checked, locked and (on resume) the request compared before any data is loaded.
     with claim:
         if resuming:
-            saved, _ = load_checkpoint(out)
+            saved, _ = load_checkpoint(pathlib.Path(out))
             config = kip_config(request, saved)
-            check_resume(out, config)
+            check_resume(pathlib.Path(out), config)
         if request.compute.backend != "local" and config.kernel.random_features is not None:
             raise KernelDistillError(f"KIP with the {config.kernel.name} kernel runs on the local backend only; "
                                      f"drop --backend {request.compute.backend}")

@@ -214,9 +214,9 @@ def _transfer(request: TransferRequest, config, grid: dict | None, val_size: int
 
     start = time.perf_counter()
     net, pre = request.network, request.preprocessing
-    distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress)) \
-        if request.file else None
-    if distilled is not None:
+    distilled = None
+    if request.file:
+        distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress))
         refuse_preprocessing_options(pre, distilled, request.file)
     support = experiments.transfer_support(distilled, request.file, request.dataset, request.natural_per_class,
                                            request.seed, request.data_dir, pre.zca, pre.reg,
