@@ -40,7 +40,7 @@ class LabelSolveRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("label-solve", help="solve the optimal labels of a natural support over the training set")
     p.add_argument("--dataset", required=True, help="dataset whose training set the labels are solved over")
     p.add_argument("--support-size", type=int, default=100,
