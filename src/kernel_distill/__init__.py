@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 import importlib
+from typing import Any
 
 # The public names, each loaded from its module on first use (PEP 562): importing the package, or any
 # of its light modules (the command line's parser, the zoo index, the results schema), loads no JAX.
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"kernel_distill.{_EXPORTS[name]}"), name)
         globals()[name] = value  # later lookups skip this hook
@@ -31,5 +32,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'kernel_distill' has no attribute {name!r}")
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))

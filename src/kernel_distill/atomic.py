@@ -11,6 +11,8 @@ import os
 import pathlib
 import tempfile
 
+from typing import Any
+
 import numpy as np
 
 
@@ -48,10 +50,11 @@ def current_umask() -> int:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write_bytes`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_savez(path: str | os.PathLike, **arrays) -> pathlib.Path:
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:
     """``np.savez`` to ``path`` atomically (uncompressed: distilled sets are small)."""
     buffer = _io.BytesIO()
     np.savez(buffer, **arrays)

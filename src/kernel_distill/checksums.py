@@ -18,7 +18,7 @@ def split_checksum(x: np.ndarray, y: np.ndarray) -> str:
     digest = hashlib.sha256()
     for array in (np.ascontiguousarray(x), np.ascontiguousarray(y)):
         digest.update(f"{array.dtype.str}{array.shape}".encode())
-        digest.update(memoryview(array).cast("B"))
+        digest.update(array.data.cast("B"))  # the bytes in memory order, as a memoryview of the array
     return f"sha256:{digest.hexdigest()}"
 
 

@@ -18,6 +18,8 @@ import json
 import signal
 import sys
 import threading
+from types import FrameType, ModuleType
+from typing import Iterator
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.workflows import COMMAND_MODULES
@@ -28,7 +30,7 @@ from kernel_distill.workflows.arguments import (  # noqa: F401 (RF_NORM_CHOICES:
 _WORKFLOWS = {module.replace("_", "-"): module for module in COMMAND_MODULES}
 
 
-def _workflow(command: str):
+def _workflow(command: str) -> ModuleType:
     return importlib.import_module(f"kernel_distill.workflows.{_WORKFLOWS[command]}")
 
 
@@ -45,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal's number, the shell's convention
+# 128 + the signal's number, the shell's convention
+EXIT_SIGNAL: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class _Signals:
@@ -55,19 +58,19 @@ class _Signals:
     file write or a destructor, and print Python's "Exception ignored in ..."). The exit code says which
     signal came first: 130 for SIGINT, 143 for SIGTERM."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
 
-    def handle(self, signum, frame):
+    def handle(self, signum: int, frame: FrameType | None) -> None:
         if self.received is None:
             self.received = signum
             raise KeyboardInterrupt
 
     def exit_code(self) -> int:
-        return EXIT_SIGNAL.get(self.received, 130)
+        return 130 if self.received is None else EXIT_SIGNAL.get(self.received, 130)
 
     @contextlib.contextmanager
-    def installed(self, keep: bool = False):
+    def installed(self, keep: bool = False) -> Iterator[None]:
         """Handle both signals in the ``with`` block; ``keep``: leave later signals ignored afterwards (the
         console script, whose interpreter shuts down next and must not be interrupted while it does)."""
         if threading.current_thread() is not threading.main_thread():
@@ -122,7 +125,7 @@ def _run_command(args: argparse.Namespace) -> int:
         raise
 
 
-def entry_point():  # console script
+def entry_point() -> None:  # console script
     sys.exit(main(_keep_signal_handlers=True))
 
 

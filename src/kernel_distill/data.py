@@ -26,14 +26,18 @@ import pathlib
 import pickle
 import tarfile
 import warnings
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from kernel_distill.atomic import atomic_write_bytes, current_umask
 from kernel_distill.checksums import split_checksum
 from kernel_distill.errors import DataError
 from kernel_distill.preprocess import Preprocessor, fit_preprocessor
+
+if TYPE_CHECKING:
+    import jax
 
 SPLITS = ("train", "test")
 DATA_DIR_ENV = "KERNEL_DISTILL_DATA"
@@ -58,13 +62,13 @@ class DatasetInfo:
     num_classes: int
     image_shape: tuple[int, int, int]
     class_names: tuple[str, ...]
-    files: dict  # split -> tuple[RemoteFile, ...]
+    files: dict[str, tuple[RemoteFile, ...]]  # split -> its original files
     description: str = ""
     lossy_alias: str | None = None  # another folder name under which a lossy copy may be found
 
 
-def _idx_files(base: str, md5s: dict[str, str]) -> dict:
-    def rf(name):
+def _idx_files(base: str, md5s: dict[str, str]) -> dict[str, tuple[RemoteFile, ...]]:
+    def rf(name: str) -> RemoteFile:
         return RemoteFile(name, base + name, md5s[name])
 
     return {
@@ -190,14 +194,14 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike | 
     return x, y
 
 
-def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
+def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict[str, str]]:
     """What :func:`load_dataset` would find for each dataset without downloading, one dict per name.
 
     ``.npz`` splits are checked for readability (their zip checksums and the arrays ``x`` and ``y``), so a
     corrupt file shows as such here rather than in the middle of a run.
     """
     root = resolve_data_dir(data_dir)
-    rows = []
+    rows: list[dict[str, str]] = []
     for name, info in DATASETS.items():
         if name == "digits":
             where, status = "scikit-learn (bundled)", "ready"
@@ -210,13 +214,14 @@ def available_datasets(data_dir: str | os.PathLike | None = None) -> list[dict]:
                 continue
             npz_ok = all((folder / f"{s}.npz").is_file() for s in SPLITS)
             originals_ok = all((folder / f.filename).is_file() for s in SPLITS for f in info.files[s])
-            lossy = info.lossy_alias and all((root / info.lossy_alias / f"{s}.npz").is_file() for s in SPLITS)
+            alias = info.lossy_alias
+            lossy = alias is not None and all((root / alias / f"{s}.npz").is_file() for s in SPLITS)
             if npz_ok:
                 where, status = str(folder), "ready (npz)"
             elif originals_ok:
                 where, status = str(folder), "ready (original files)"
-            elif lossy:
-                where, status = str(root / info.lossy_alias), "ready (LOSSY JPEG copy)"
+            elif lossy and alias is not None:
+                where, status = str(root / alias), "ready (LOSSY JPEG copy)"
             else:
                 where, status = str(folder), "missing (downloads on first use)"
         rows.append(dict(name=name, status=status, location=where, description=info.description))
@@ -354,7 +359,8 @@ def _read_idx(path: pathlib.Path, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
-def _parse_idx_pair(folder: pathlib.Path, split: str, files) -> tuple[np.ndarray, np.ndarray]:
+def _parse_idx_pair(folder: pathlib.Path, split: str,
+                    files: tuple[RemoteFile, ...]) -> tuple[np.ndarray, np.ndarray]:
     images_file, labels_file = files
     x = _read_idx(folder / images_file.filename, 3)[..., None]
     y = _read_idx(folder / labels_file.filename, 1)
@@ -363,13 +369,15 @@ def _parse_idx_pair(folder: pathlib.Path, split: str, files) -> tuple[np.ndarray
 
 def _cifar_members(folder: pathlib.Path, archive: RemoteFile) -> dict[str, dict]:
     path = folder / archive.filename
-    out = {}
+    out: dict[str, dict] = {}
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar.getmembers():
                 if not member.isfile():
                     continue
                 f = tar.extractfile(member)
+                if f is None:  # a regular file always has its bytes; tarfile types it as optional
+                    continue
                 # The CIFAR archives are Python pickles of plain dicts of bytes and lists; they are only
                 # read after their MD5 matched the published one, or from a file the user placed.
                 out[pathlib.PurePosixPath(member.name).name] = pickle.load(f, encoding="bytes")
@@ -385,7 +393,7 @@ def _cifar_arrays(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def _parse_cifar10(folder, split, files):
+def _parse_cifar10(folder: pathlib.Path, split: str, files: tuple[RemoteFile, ...]) -> tuple[np.ndarray, np.ndarray]:
     members = _cifar_members(folder, files[0])
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     missing = [n for n in names if n not in members]
@@ -394,14 +402,14 @@ def _parse_cifar10(folder, split, files):
     return _cifar_arrays([members[n] for n in names], b"labels")
 
 
-def _parse_cifar100(folder, split, files):
+def _parse_cifar100(folder: pathlib.Path, split: str, files: tuple[RemoteFile, ...]) -> tuple[np.ndarray, np.ndarray]:
     members = _cifar_members(folder, files[0])
     if split not in members:
         raise DataError(f"{folder / files[0].filename} lacks the '{split}' member")
     return _cifar_arrays([members[split]], b"fine_labels")
 
 
-def _parse_svhn(folder, split, files):
+def _parse_svhn(folder: pathlib.Path, split: str, files: tuple[RemoteFile, ...]) -> tuple[np.ndarray, np.ndarray]:
     import scipy.io
 
     path = folder / files[0].filename
@@ -416,7 +424,7 @@ def _parse_svhn(folder, split, files):
     return x, y
 
 
-_PARSERS: dict[str, Callable] = {
+_PARSERS: dict[str, Callable[[pathlib.Path, str, tuple[RemoteFile, ...]], tuple[np.ndarray, np.ndarray]]] = {
     "mnist": _parse_idx_pair,
     "fashion_mnist": _parse_idx_pair,
     "cifar10": _parse_cifar10,
@@ -441,7 +449,8 @@ def _load_digits(split: str) -> tuple[np.ndarray, np.ndarray]:
     return x[keep], y[keep]
 
 
-def _check_arrays(x, y, info: DatasetInfo, source: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_arrays(x: npt.ArrayLike, y: npt.ArrayLike, info: DatasetInfo,
+                  source: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x), np.asarray(y).reshape(-1)
     if x.dtype != np.uint8 or x.ndim != 4:
         raise DataError(f"{source}: images must be uint8 NHWC, got dtype {x.dtype} and shape {x.shape}")
@@ -464,7 +473,8 @@ def _try_cache(path: pathlib.Path, x: np.ndarray, y: np.ndarray) -> None:
         pass
 
 
-def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int, key) -> np.ndarray:
+def class_balanced_indices(labels: npt.ArrayLike, per_class: int, num_classes: int,
+                           key: jax.Array) -> np.ndarray:
     """Indices of ``per_class`` examples of every class, drawn without replacement with a ``jax.random`` key.
 
     Returns an int array ``(per_class * num_classes,)`` ordered class by class.
@@ -485,7 +495,8 @@ def class_balanced_indices(labels: np.ndarray, per_class: int, num_classes: int,
     return np.concatenate(chosen)
 
 
-def natural_subset(x: np.ndarray, y: np.ndarray, per_class: int, num_classes: int, seed: int):
+def natural_subset(x: np.ndarray, y: np.ndarray, per_class: int, num_classes: int,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded class-balanced subset of ``(x, y)``: ``class_balanced_indices`` with ``PRNGKey(seed)``.
 
     Returns ``(x[idx], y[idx])``, ordered class by class.
@@ -509,7 +520,8 @@ def default_val_size(name: str) -> int:
     return 20 * dataset_info(name).num_classes if name == "digits" else 5000
 
 
-def validation_split(y: np.ndarray, val_size: int, num_classes: int, seed: int = VALIDATION_SEED):
+def validation_split(y: np.ndarray, val_size: int, num_classes: int,
+                     seed: int = VALIDATION_SEED) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(train_idx, val_idx)`` splitting ``y`` into the rest and a class-balanced validation set.
 
     ``val_size`` must be a multiple of ``num_classes``; both index arrays are sorted, and disjoint.
@@ -543,7 +555,7 @@ class PreparedData:
 
     name: str
     num_classes: int
-    class_names: tuple
+    class_names: tuple[str, ...]
     preprocessor: Preprocessor
     raw_train: np.ndarray
     x_train: np.ndarray
@@ -552,19 +564,20 @@ class PreparedData:
     y_test: np.ndarray
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
-    checksums: dict = dataclasses.field(default_factory=dict)
+    checksums: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.x_val is None:
             object.__setattr__(self, "x_val", np.zeros((0, *self.x_train.shape[1:]), np.float32))
             object.__setattr__(self, "y_val", np.zeros(0, np.int64))
 
     @property
     def num_val(self) -> int:
+        assert self.y_val is not None  # __post_init__ replaces None with an empty split
         return len(self.y_val)
 
 
-def limit_test(x, y, test_limit: int | None):
+def limit_test(x: np.ndarray, y: np.ndarray, test_limit: int | None) -> tuple[np.ndarray, np.ndarray]:
     """The test images a ``test_limit`` keeps: the first ``test_limit``, except when the split is stored
     sorted by class (the lossy CIFAR-10 copy), where the first images would hold only the first classes;
     there it keeps ``test_limit`` images drawn with a fixed seed, in their stored order."""
@@ -577,7 +590,7 @@ def limit_test(x, y, test_limit: int | None):
     return x[:test_limit], y[:test_limit]
 
 
-def prepare_dataset(name: str, data_dir=None, zca: bool = False, zca_reg: float = 0.1,
+def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, zca: bool = False, zca_reg: float = 0.1,
                     test_limit: int | None = None, progress: bool = True, val_size: int = 0,
                     preprocessor: Preprocessor | None = None) -> PreparedData:
     """Load both splits of ``name``, hold out ``val_size`` class-balanced validation images from the training

@@ -10,10 +10,12 @@ notebooks, benchmarks and tools call the same functions.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from kernel_distill.data import (PreparedData, dataset_info, limit_test, load_dataset, natural_subset,
                                  validation_split)
@@ -23,8 +25,16 @@ from kernel_distill.krr import evaluate
 from kernel_distill.preprocess import Preprocessor, centered_one_hot, fit_preprocessor
 from kernel_distill.checksums import split_checksum
 
+if TYPE_CHECKING:
+    from kernel_distill.distributed import Backend
+    from kernel_distill.finite import TrainConfig
 
-def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, progress: bool = True):
+DataDir = str | os.PathLike | None  # where datasets are found (kernel_distill.data.resolve_data_dir)
+KernelFunction = Callable[..., Any]  # kernel_fn(x1, x2=None, get=...) -> (n1, n2), e.g. a kernels.KernelFn
+
+
+def load_test_split(dataset: str, data_dir: DataDir = None, test_limit: int | None = None,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The test split of ``dataset``, optionally limited to ``test_limit`` images (:func:`limit_test`):
     ``(x uint8, y int)``."""
     x_test, y_test = load_dataset(dataset, "test", data_dir, progress=progress)
@@ -33,7 +43,8 @@ def load_test_split(dataset: str, data_dir=None, test_limit: int | None = None, 
     return x_test, y_test
 
 
-def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: dict, limit: int | None = None):
+def _load_split(dataset: str, split: str, data_dir: DataDir, progress: bool, checksums: dict[str, str],
+                limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A split as loaded, its checksum recorded in ``checksums`` (of the whole split), then limited to its first
     ``limit`` images (:func:`limit_test`) if given."""
     x, y = load_dataset(dataset, split, data_dir, progress=progress)
@@ -43,9 +54,9 @@ def _load_split(dataset: str, split: str, data_dir, progress: bool, checksums: d
     return x, y
 
 
-def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_dir=None, zca: bool = False,
-                      zca_reg: float = 0.1, progress: bool = True, log: Callable = print,
-                      x_train=None) -> Preprocessor:
+def preprocessing_for(distilled: DistilledSet, source: str, dataset: str | None, data_dir: DataDir = None,
+                      zca: bool = False, zca_reg: float = 0.1, progress: bool = True, log: Callable = print,
+                      x_train: np.ndarray | None = None) -> Preprocessor:
     """Check a loaded distilled set against ``dataset``; return the preprocessing that maps its test images.
 
     The file's own preprocessing is used when it has one (a contradicting ``zca`` is refused), and a file
@@ -75,8 +86,9 @@ def preprocessing_for(distilled: DistilledSet, source: str, dataset: str, data_d
     return preprocessor
 
 
-def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_test, y_test, kernel_fn, reg: float,
-                       get: str, dtype=np.float32, progress: bool = True, backend=None) -> dict:
+def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_test: np.ndarray, y_test: np.ndarray,
+                       kernel_fn: KernelFunction, reg: float, get: str, dtype: npt.DTypeLike = np.float32,
+                       progress: bool = True, backend: Backend | None = None) -> dict:
     """KRR test accuracy of a distilled set (kernels on ``backend``, default here). Returns
     ``dict(metrics, seconds)``."""
     start = time.perf_counter()
@@ -89,16 +101,17 @@ def evaluate_distilled(distilled: DistilledSet, preprocessor: Preprocessor, x_te
     return dict(metrics=metrics, seconds=seconds)
 
 
-def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: float, get: str, data_dir=None,
-                     zca: bool = False, zca_reg: float = 0.1, test_limit: int | None = None, dtype=np.float32,
-                     progress: bool = True, log: Callable = print, backend=None) -> dict:
+def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn: KernelFunction, reg: float, get: str,
+                     data_dir: DataDir = None, zca: bool = False, zca_reg: float = 0.1, test_limit: int | None = None,
+                     dtype: npt.DTypeLike = np.float32, progress: bool = True, log: Callable = print,
+                     backend: Backend | None = None) -> dict:
     """KRR test accuracy of random class-balanced natural subsets (seeds ``0..seeds-1``).
 
     Returns ``dict(metrics, first_subset, checksums)``: accuracies as fractions in ``metrics``, and the seed-0 subset as
     a :class:`DistilledSet` (metadata left to the caller).
     """
     info = dataset_info(dataset)
-    checksums = {}
+    checksums: dict[str, str] = {}
     x_train, y_train = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     preprocessor = fit_preprocessor(x_train, zca=zca, zca_reg=zca_reg)
@@ -119,9 +132,9 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn, reg: f
     return dict(metrics=metrics, first_subset=first, checksums=checksums)
 
 
-def label_solve_on(data: PreparedData, kernel_fn, x_support: np.ndarray, original_labels: np.ndarray, reg: float,
-                   ls_reg: float, get: str, train_limit: int | None = None, block_size: int = 5000,
-                   dtype=np.float32, progress: bool = True, backend=None) -> dict:
+def label_solve_on(data: PreparedData, kernel_fn: KernelFunction, x_support: np.ndarray, original_labels: np.ndarray,
+                   reg: float, ls_reg: float, get: str, train_limit: int | None = None, block_size: int = 5000,
+                   dtype: npt.DTypeLike = np.float32, progress: bool = True, backend: Backend | None = None) -> dict:
     """Solve the labels of ``x_support`` over the training set of ``data`` and score both label sets
     (kernels on ``backend``, default here).
 
@@ -153,7 +166,8 @@ def label_solve_on(data: PreparedData, kernel_fn, x_support: np.ndarray, origina
                 covariance=label_covariance(original_labels, result.labels))
 
 
-def natural_support(data: PreparedData, support_size: int, seed: int, dtype=np.float32):
+def natural_support(data: PreparedData, support_size: int, seed: int,
+                    dtype: npt.DTypeLike = np.float32) -> tuple[np.ndarray, np.ndarray]:
     """A seeded class-balanced natural support of ``data``: ``(x preprocessed, centred one-hot labels)``."""
     if support_size < 1 or support_size % data.num_classes:
         raise KernelDistillError(f"the support size must be a positive multiple of {data.num_classes} "
@@ -163,7 +177,7 @@ def natural_support(data: PreparedData, support_size: int, seed: int, dtype=np.f
 
 
 def transfer_support(file_set: DistilledSet | None, source: str | None, dataset: str | None,
-                     natural_per_class: int | None, seed: int = 0, data_dir=None, zca: bool = False,
+                     natural_per_class: int | None, seed: int = 0, data_dir: DataDir = None, zca: bool = False,
                      zca_reg: float = 0.1, progress: bool = True, log: Callable = print, val_size: int = 0) -> dict:
     """The training set of a transfer run: a distilled set, or a natural class-balanced subset.
 
@@ -174,29 +188,36 @@ def transfer_support(file_set: DistilledSet | None, source: str | None, dataset:
     Returns ``dict(x, y, preprocessor, dataset, source, checksums, x_val, y_val)`` (``x_val``/``y_val``
     None without validation).
     """
-    checksums = {}
+    checksums: dict[str, str] = {}
     if (file_set is None) == (natural_per_class is None):
         raise KernelDistillError("give a distilled-set FILE or --natural-per-class N (not both)")
-    if file_set is None and not dataset:
-        raise KernelDistillError("--natural-per-class needs --dataset")
+    name = source if source is not None else "the distilled set"  # the file, in messages
     if file_set is not None:
-        dataset = dataset_of(file_set, source, dataset)
+        dataset = dataset_of(file_set, name, dataset)
+    elif not dataset:
+        raise KernelDistillError("--natural-per-class needs --dataset")
     info = dataset_info(dataset)
-    x_raw = y_raw = train_idx = val_idx = None
+    x_raw: np.ndarray | None = None
+    y_raw: np.ndarray | None = None
+    train_idx: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
     if natural_per_class is not None or val_size:
         x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
         train_idx, val_idx = validation_split(y_raw, val_size, info.num_classes)
     if file_set is not None:
-        preprocessor = preprocessing_for(file_set, source, dataset, data_dir, zca, zca_reg, progress, log,
+        preprocessor = preprocessing_for(file_set, name, dataset, data_dir, zca, zca_reg, progress, log,
                                          x_train=x_raw)
         support = dict(x=file_set.images, y=file_set.labels, source=source)
     else:
+        # a natural subset: the training split was loaded above
+        assert x_raw is not None and y_raw is not None and train_idx is not None and natural_per_class is not None
         preprocessor = fit_preprocessor(x_raw[train_idx], zca=zca, zca_reg=zca_reg)
         xs, ys = natural_subset(x_raw[train_idx], y_raw[train_idx], natural_per_class, info.num_classes, seed)
         support = dict(x=preprocessor.apply(xs), y=centered_one_hot(ys, info.num_classes),
                        source=f"{natural_per_class} natural images per class (seed {seed})")
     x_val = y_val = None
     if val_size:
+        assert x_raw is not None and y_raw is not None and val_idx is not None  # loaded above when val_size > 0
         x_val, y_val = preprocessor.apply(x_raw[val_idx]), y_raw[val_idx]
     return dict(support, preprocessor=preprocessor, dataset=dataset, checksums=checksums, x_val=x_val, y_val=y_val)
 
@@ -207,7 +228,7 @@ TUNABLE = {"lr": ("learning_rate", float), "steps": ("steps", int), "optimizer":
 TUNING_SEED = 1000  # tuning runs use their own initialisations, not those of the reported seeds 0, 1, ...
 
 
-def tuning_candidates(base_config, grid: dict) -> list:
+def tuning_candidates(base_config: TrainConfig, grid: dict) -> list[TrainConfig]:
     """Every combination of ``grid`` (``{name: [values]}``, names from :data:`TUNABLE`) applied to
     ``base_config`` (a :class:`kernel_distill.finite.TrainConfig`), in grid order."""
     import itertools
@@ -223,7 +244,7 @@ def tuning_candidates(base_config, grid: dict) -> list:
     return candidates
 
 
-def tune_transfer(support: dict, model_fn: Callable, base_config, grid: dict, progress: bool = True,
+def tune_transfer(support: dict, model_fn: Callable, base_config: TrainConfig, grid: dict, progress: bool = True,
                   log: Callable = print) -> dict:
     """Choose a training protocol on the validation split: one run (seed ``TUNING_SEED``) per candidate of
     :func:`tuning_candidates`, scored on ``support["x_val"]`` only (the test set is not loaded here).
@@ -251,8 +272,8 @@ def tune_transfer(support: dict, model_fn: Callable, base_config, grid: dict, pr
     return dict(config=candidates[best], candidates=results, best=best)
 
 
-def transfer(support: dict, model: str, train_config, seeds: int, width: int | None = None,
-             depth: int | None = None, parameterization: str = "standard", data_dir=None,
+def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, width: int | None = None,
+             depth: int | None = None, parameterization: str = "standard", data_dir: DataDir = None,
              test_limit: int | None = None, progress: bool = True, tune_grid: dict | None = None,
              log: Callable = print) -> dict:
     """Train ``seeds`` finite networks on ``support`` (from :func:`transfer_support`); score them on the test set.
@@ -304,8 +325,8 @@ def transfer(support: dict, model: str, train_config, seeds: int, width: int | N
 RANKING_AUGMENTATION = "dsa"  # the augmentation switched on for the ARS runs when the recipe has none
 
 
-def ranking_runs(support: dict, model: str, train_config, seeds: int, width: int | None = None,
-                 depth: int | None = None, parameterization: str = "standard", data_dir=None,
+def ranking_runs(support: dict, model: str, train_config: TrainConfig, seeds: int, width: int | None = None,
+                 depth: int | None = None, parameterization: str = "standard", data_dir: DataDir = None,
                  test_limit: int | None = None, full_hard_accuracy: float | None = None, progress: bool = True,
                  log: Callable = print) -> dict:
     """Train the networks DD-Ranking compares, all with ``train_config`` (the recipe) and seeds ``0..seeds-1``,
@@ -377,9 +398,10 @@ def ranking_runs(support: dict, model: str, train_config, seeds: int, width: int
                 toggled_augment=toggled_augment, checksums=checksums, num_test=len(y_test))
 
 
-def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, width: int | None = None,
-                      depth: int | None = None, parameterization: str = "standard", data_dir=None,
-                      test_limit: int | None = None, progress: bool = True, preprocessor=None) -> dict:
+def full_set_accuracy(dataset: str, model: str, train_config: TrainConfig, seeds: int = 1, width: int | None = None,
+                      depth: int | None = None, parameterization: str = "standard", data_dir: DataDir = None,
+                      test_limit: int | None = None, progress: bool = True,
+                      preprocessor: Preprocessor | None = None) -> dict:
     """The hard-label accuracy of networks trained on the whole training split (DD-Ranking's ``real-hard``):
     cross-entropy, the recipe's optimiser, learning rate, batch, weight decay and augmentation, for
     ``train_config.steps`` steps; standardised per channel (fitted on the training split), or with
@@ -387,7 +409,7 @@ def full_set_accuracy(dataset: str, model: str, train_config, seeds: int = 1, wi
     from kernel_distill.finite import build_model, train_seeds
 
     info = dataset_info(dataset)
-    checksums = {}
+    checksums: dict[str, str] = {}
     x_raw, y_raw = _load_split(dataset, "train", data_dir, progress, checksums)
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     pre = preprocessor if preprocessor is not None else fit_preprocessor(x_raw)

@@ -50,7 +50,7 @@ class DistilledSet:
     preprocessor: Preprocessor | None = None
     metadata: dict = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _validate(self.images, self.labels, "distilled set")
 
     @property
@@ -138,7 +138,7 @@ _METADATA_FIELDS = {
 }
 
 
-def validate_metadata(metadata, source: str) -> dict:
+def validate_metadata(metadata: object, source: str) -> dict:
     """Check the metadata of a distilled set: a JSON object whose known fields have the right types.
 
     Raises :class:`KernelDistillError` naming the field; the kernel spec is checked by building it.

@@ -10,32 +10,37 @@ from __future__ import annotations
 import io
 import os
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from kernel_distill.atomic import atomic_write_bytes
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
-def _new_figure(figsize):
+
+def _new_figure(figsize: tuple[float, float]) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize)
 
 
-def figure_png(fig, dpi: int = 100) -> bytes:
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
     """The PNG bytes of ``fig``."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     return buffer.getvalue()
 
 
-def save_figure(path: str | os.PathLike, fig, dpi: int = 100) -> None:
+def save_figure(path: str | os.PathLike, fig: Figure, dpi: int = 100) -> None:
     """Write ``fig`` as a PNG, atomically."""
     atomic_write_bytes(path, figure_png(fig, dpi))
 
 
 def image_grid_figure(images: np.ndarray, labels: np.ndarray, num_classes: int,
                       class_names: tuple[str, ...] | None = None, title: str = "",
-                      original_classes: np.ndarray | None = None, max_columns: int = 20):
+                      original_classes: np.ndarray | None = None, max_columns: int = 20) -> Figure:
     """Support images, one row per class, at most ``max_columns`` per row.
 
     Args:
@@ -74,7 +79,7 @@ def image_grid_figure(images: np.ndarray, labels: np.ndarray, num_classes: int,
     return fig
 
 
-def learning_curve_figure(records: list[dict], title: str = ""):
+def learning_curve_figure(records: list[dict], title: str = "") -> Figure:
     """KRR training loss, and validation and test accuracy, against step, from ``metrics.jsonl`` records.
 
     Records with ``"loss"`` give the loss curve, those with ``"val_accuracy"`` / ``"test_accuracy"`` the
@@ -103,7 +108,7 @@ def learning_curve_figure(records: list[dict], title: str = ""):
 
 
 def heatmap_figure(matrix: np.ndarray, row_label: str, col_label: str, tick_names: tuple[str, ...] | None = None,
-                   title: str = ""):
+                   title: str = "") -> Figure:
     """A ``(C, C)`` matrix as a diverging heat map with a colour bar."""
     matrix = np.asarray(matrix, dtype=float)
     limit = float(np.abs(matrix).max()) or 1.0
@@ -123,7 +128,7 @@ def heatmap_figure(matrix: np.ndarray, row_label: str, col_label: str, tick_name
     return fig
 
 
-def transfer_figure(curves: dict, title: str = ""):
+def transfer_figure(curves: dict[str, list], title: str = "") -> Figure:
     """Finite-network test accuracy against training step, one line per seed.
 
     Args:
@@ -144,7 +149,7 @@ def transfer_figure(curves: dict, title: str = ""):
     return fig
 
 
-def accuracy_vs_size_figure(points: list[dict], title: str = ""):
+def accuracy_vs_size_figure(points: list[dict], title: str = "") -> Figure:
     """Test accuracy against support size (log scale), one line per (method, dataset).
 
     Args:
@@ -168,17 +173,3 @@ def accuracy_vs_size_figure(points: list[dict], title: str = ""):
         ax.set_title(title, fontsize=9)
     return fig
 
-
-# The PNG writers the commands used before the figure functions existed; kept as thin wrappers.
-
-
-def save_image_grid(path, images, labels, num_classes, class_names=None, title="", original_classes=None) -> None:
-    save_figure(path, image_grid_figure(images, labels, num_classes, class_names, title, original_classes))
-
-
-def save_learning_curve(path, records, title="") -> None:
-    save_figure(path, learning_curve_figure(records, title))
-
-
-def save_heatmap(path, matrix, row_label, col_label, tick_names=None, title="") -> None:
-    save_figure(path, heatmap_figure(matrix, row_label, col_label, tick_names, title))

@@ -24,6 +24,7 @@ import pathlib
 import re
 import shutil
 import tempfile
+from typing import Iterable
 
 import numpy as np
 
@@ -74,9 +75,9 @@ def _page(title: str, body: str, script: str = "") -> str:
             f"<body>\n{body}\n" + (f"<script>{script}</script>\n" if script else "") + "</body></html>\n")
 
 
-def find_runs(paths) -> list[pathlib.Path]:
+def find_runs(paths: Iterable[str | os.PathLike]) -> list[pathlib.Path]:
     """Run folders among ``paths``: each path holding ``results.json``, else its sub-folders that do."""
-    found = []
+    found: list[pathlib.Path] = []
     for path in map(pathlib.Path, paths):
         if (path / RESULTS_FILE).is_file():
             found.append(path)
@@ -234,6 +235,8 @@ def zoo_section(img_dir: pathlib.Path, img_prefix: str = "img/") -> str:
         distilled = zoo.load(e["name"])
         n, num_classes = len(distilled.images), distilled.num_classes
         original = np.repeat(np.arange(num_classes), n // num_classes) if n % num_classes == 0 else None
+        if distilled.preprocessor is None:  # zoo sets are kernel-distill files, never released KIP files
+            raise KernelDistillError(f"zoo set {e['name']} carries no preprocessing: it cannot be shown")
         fig = plots.image_grid_figure(distilled.preprocessor.to_viewable(distilled.images), distilled.labels,
                                       num_classes, dataset_info(e["dataset"]).class_names,
                                       title=f"zoo:{e['name']}", original_classes=original)
@@ -283,7 +286,8 @@ COLUMNS = ("run", "command", "method", "dataset", "support size", "test accuracy
            "selected on", "date", "commit")
 
 
-def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pathlib.Path:
+def build_report(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
+                 zoo: bool = False) -> pathlib.Path:
     """Write the report of ``run_dirs`` (see the module docstring) into ``out_dir``; returns index.html.
 
     ``zoo``: add the distilled-set zoo's table and image grids (:func:`zoo_section`).
@@ -298,7 +302,9 @@ def build_report(run_dirs, out_dir: str | os.PathLike, zoo: bool = False) -> pat
 def _write_report(runs: list, out_dir: pathlib.Path, zoo: bool) -> None:
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
     (out_dir / "img").mkdir(parents=True, exist_ok=True)
-    taken, rows, points = set(), [], []
+    taken: set[str] = set()
+    rows: list[str] = []
+    points: list[dict] = []
     for run_dir, record in runs:
         name = _slug(run_dir, taken)
         figures = _run_figures(run_dir, record, out_dir / "img", name)

@@ -50,7 +50,7 @@ PROVENANCE_KEYS = ("package_version", "git_commit", "git_dirty", "python", "jax_
 SELECTION_SPLITS = ("validation", "test", "none")
 
 
-def dataset_record(name: str | None, checksums: dict | None = None, **counts) -> dict:
+def dataset_record(name: str | None, checksums: dict | None = None, **counts: int | None) -> dict:
     """The ``dataset`` entry: name, per-split checksums (:func:`split_checksum`) and image counts."""
     return dict(name=name, checksums=dict(checksums or {}), **{k: int(v) for k, v in counts.items() if v is not None})
 

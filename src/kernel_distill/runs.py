@@ -29,6 +29,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+from typing import IO, Any, Callable, Iterator, overload
 
 from kernel_distill.errors import KernelDistillError
 
@@ -37,10 +38,10 @@ HISTORY_NAME = "config_history.jsonl"
 TEMP_SUFFIX = ".tmp"
 
 # This process's held locks: resolved folder -> [file object, depth].
-_HELD: dict[pathlib.Path, list] = {}
+_HELD: dict[pathlib.Path, list[Any]] = {}
 
 
-def describe_os_error(e: OSError, action: str = "cannot write", path=None) -> str:
+def describe_os_error(e: OSError, action: str = "cannot write", path: str | os.PathLike | None = None) -> str:
     """One line for an ``OSError``: what failed, on which path, and why (``No space left on device``)."""
     where = path if path is not None else (e.filename if e.filename is not None else None)
     reason = e.strerror or str(e) or type(e).__name__
@@ -90,7 +91,7 @@ def _lock_holder(lock_path: pathlib.Path) -> str:
 
 
 @contextlib.contextmanager
-def _folder_lock(folder: pathlib.Path):
+def _folder_lock(folder: pathlib.Path) -> Iterator[bool]:
     key = folder.resolve()
     if key in _HELD:  # re-entrant within this process
         _HELD[key][1] += 1
@@ -101,7 +102,7 @@ def _folder_lock(folder: pathlib.Path):
         return
     lock_path = folder / LOCK_NAME
     try:
-        handle = open(lock_path, "a+")
+        handle: IO[str] = open(lock_path, "a+")
     except OSError as e:
         raise KernelDistillError(describe_os_error(e, "cannot create the lock file", lock_path)) from None
     try:
@@ -132,7 +133,7 @@ def _folder_lock(folder: pathlib.Path):
 @contextlib.contextmanager
 def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwrite: bool = False,
                      run_files: tuple[str, ...] = (), run_folders: tuple[str, ...] = (), option: str = "--out",
-                     command: str | None = None, resumable: bool = True):
+                     command: str | None = None, resumable: bool = True) -> Iterator[pathlib.Path]:
     """Own ``folder`` for one run while the ``with`` block runs.
 
     A new run (``resume=False``) needs an empty or missing folder; with ``overwrite`` the files named in
@@ -141,37 +142,37 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
     needs the folder to exist. Either way the folder is tested for writing, locked, and cleared of stale
     temporary files. Yields the folder as a ``pathlib.Path``.
     """
-    folder = check_output_path(folder, "--resume" if resume else option)
+    run_dir = check_output_path(folder, "--resume" if resume else option)
     if resume:
-        if not folder.is_dir():
-            raise KernelDistillError(f"cannot resume: {folder} is not a folder")
-    elif folder.resolve() not in _HELD:
+        if not run_dir.is_dir():
+            raise KernelDistillError(f"cannot resume: {run_dir} is not a folder")
+    elif run_dir.resolve() not in _HELD:
         if not overwrite:
-            _refuse_if_not_empty(folder, option, resumable)
-        elif command is not None and folder.is_dir():
-            _refuse_other_owner(folder, command, option)
-    created = not folder.exists()
-    ensure_writable_folder(folder)
-    with _folder_lock(folder) as outermost:
+            _refuse_if_not_empty(run_dir, option, resumable)
+        elif command is not None and run_dir.is_dir():
+            _refuse_other_owner(run_dir, command, option)
+    created = not run_dir.exists()
+    ensure_writable_folder(run_dir)
+    with _folder_lock(run_dir) as outermost:
         try:
             if outermost:
-                remove_stale_temp_files(folder)
+                remove_stale_temp_files(run_dir)
                 if not resume:
                     if overwrite:
                         for name in (*run_files, HISTORY_NAME):
-                            (folder / name).unlink(missing_ok=True)
+                            (run_dir / name).unlink(missing_ok=True)
                         for name in run_folders:
-                            if (folder / name).is_dir() and not (folder / name).is_symlink():
-                                shutil.rmtree(folder / name)
+                            if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+                                shutil.rmtree(run_dir / name)
                     else:
-                        _refuse_if_not_empty(folder, option, resumable)  # one that finished since the check
-            yield folder
+                        _refuse_if_not_empty(run_dir, option, resumable)  # one that finished since the check
+            yield run_dir
         except BaseException:
-            if outermost and created and not _visible_contents(folder):
+            if outermost and created and not _visible_contents(run_dir):
                 # A run refused before it wrote anything leaves no trace (the lock is still held here).
-                (folder / LOCK_NAME).unlink(missing_ok=True)
+                (run_dir / LOCK_NAME).unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
-                    folder.rmdir()
+                    run_dir.rmdir()
             raise
 
 
@@ -192,7 +193,7 @@ STAGED_COMMANDS = ("report",)
 _KIP_MARKERS = ("checkpoint.npz", "config.json", "metrics.jsonl", HISTORY_NAME)
 
 
-def folder_owner(folder: pathlib.Path) -> str | None:
+def folder_owner(folder: str | os.PathLike) -> str | None:
     """The command whose run (or report) ``folder`` holds, or ``None`` for a folder of other files.
 
     Read from ``results.json``'s ``command`` (``demo`` runs are ``kip`` runs), else from the files only one
@@ -215,6 +216,12 @@ def folder_owner(folder: pathlib.Path) -> str | None:
     return None
 
 
+@overload
+def check_output_path(path: str | os.PathLike, option: str = ...) -> pathlib.Path: ...
+@overload
+def check_output_path(path: None, option: str = ...) -> None: ...
+
+
 def check_output_path(path: str | os.PathLike | None, option: str = "--out") -> pathlib.Path | None:
     """Refuse an empty path and a symbolic link that points nowhere, with one line each."""
     if path is None:
@@ -228,7 +235,7 @@ def check_output_path(path: str | os.PathLike | None, option: str = "--out") -> 
 
 
 def claim_output_folder(folder: str | os.PathLike, command: str, *, overwrite: bool = False,
-                        option: str = "--out"):
+                        option: str = "--out") -> contextlib.AbstractContextManager[pathlib.Path]:
     """Own ``folder`` for one run of ``command`` (label-solve, evaluate, baseline, transfer, report): the same
     rules as a KIP run folder.
 
@@ -261,33 +268,34 @@ def _article(word: str) -> str:
 
 
 @contextlib.contextmanager
-def claim_output_file(path: str | os.PathLike, *, overwrite: bool = False, option: str = "PATH"):
+def claim_output_file(path: str | os.PathLike, *, overwrite: bool = False,
+                      option: str = "PATH") -> Iterator[pathlib.Path]:
     """Own one output file (``zoo export``, ``export``) while the ``with`` block writes it.
 
     An existing file is refused unless ``overwrite``; a file of a run folder (one that holds a run's
     ``results.json`` or checkpoint) is refused even then, and so is any path in a folder a live run has
     locked. A folder that was never a run folder gets no lock file of ours. Yields the path.
     """
-    path = check_output_path(path, option)
-    if path.is_dir():
-        raise KernelDistillError(f"{option} {path} is a folder; give a file path")
-    folder = path.parent
-    if path.exists():
+    target = check_output_path(path, option)
+    if target.is_dir():
+        raise KernelDistillError(f"{option} {target} is a folder; give a file path")
+    folder = target.parent
+    if target.exists():
         if not overwrite:
-            raise KernelDistillError(f"{option} {path} exists: choose another path or replace it with --overwrite")
+            raise KernelDistillError(f"{option} {target} exists: choose another path or replace it with --overwrite")
         owner = folder_owner(folder)
         if owner is not None:
-            raise KernelDistillError(f"{option} {path} belongs to the {owner} run in {folder}; --overwrite never "
+            raise KernelDistillError(f"{option} {target} belongs to the {owner} run in {folder}; --overwrite never "
                                      f"replaces a run's files: choose another path")
     if (folder / LOCK_NAME).is_file():
         with _folder_lock(folder):
-            yield path
+            yield target
     else:
         ensure_writable_folder(folder)
-        yield path
+        yield target
 
 
-def _refuse_if_not_empty(folder: pathlib.Path, option: str, resumable: bool = True):
+def _refuse_if_not_empty(folder: pathlib.Path, option: str, resumable: bool = True) -> None:
     contents = _visible_contents(folder)
     if contents:
         shown = ", ".join(contents[:6]) + (f" and {len(contents) - 6} more" if len(contents) > 6 else "")
@@ -300,8 +308,8 @@ def _refuse_if_not_empty(folder: pathlib.Path, option: str, resumable: bool = Tr
 # Strict resume.
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
     for key, value in d.items():
         if isinstance(value, dict):
             flat.update(_flatten(value, f"{prefix}{key}."))
@@ -311,14 +319,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def resume_changes(saved: dict, requested: dict, allowed: frozenset[str] | set[str],
-                   flag_of=lambda name: "--" + name.replace("_", "-")) -> dict:
+                   flag_of: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")
+                   ) -> dict[str, list[Any]]:
     """Compare two config dicts; return ``{field: [saved, requested]}`` of the allowed changes.
 
     Every other difference (a field added, removed or changed, nested dicts compared key by key) raises
     :class:`KernelDistillError` naming the option (``flag_of(field)``) and both values.
     """
     before, after = _flatten(saved), _flatten(requested)
-    changes = {}
+    changes: dict[str, list[Any]] = {}
     for name in sorted(set(before) | set(after)):
         old, new = before.get(name), after.get(name)
         if old == new:
@@ -333,7 +342,7 @@ def resume_changes(saved: dict, requested: dict, allowed: frozenset[str] | set[s
 
 
 def append_history(folder: pathlib.Path, event: str, step: int, changes: dict | None = None,
-                   config: dict | None = None, **extra) -> dict:
+                   config: dict | None = None, **extra: Any) -> dict:
     """Append one line to ``config_history.jsonl``: when, at which step, what changed (or the whole config),
     and ``extra`` facts about the session (e.g. ``backend``: where the kernels were computed)."""
     record = dict(time=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), event=event,
@@ -358,7 +367,7 @@ def append_line(path: pathlib.Path, line: str) -> None:
         raise
 
 
-def read_json_lines(path: pathlib.Path) -> list[dict]:
+def read_json_lines(path: str | os.PathLike) -> list[dict]:
     """The JSON objects of a ``.jsonl`` file (none if it is missing); a line cut by a kill is skipped, the
     rest stands."""
     path = pathlib.Path(path)
@@ -375,5 +384,5 @@ def read_json_lines(path: pathlib.Path) -> list[dict]:
     return records
 
 
-def read_history(folder: pathlib.Path) -> list[dict]:
+def read_history(folder: str | os.PathLike) -> list[dict]:
     return read_json_lines(pathlib.Path(folder) / HISTORY_NAME)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import Callable, NoReturn
 
 import numpy as np
 
@@ -24,11 +25,11 @@ RF_NORM_CHOICES = ("none", "instance")  # kernels.spec.RF_NORMS
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line on stderr (no usage dump) and exit code 2."""
 
-    def error(self, message):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"kernel-distill: error: {message} (see {self.prog} --help)\n")
 
 
-def number(minimum: float | None = None, strict: bool = False):
+def number(minimum: float | None = None, strict: bool = False) -> Callable[[str], float]:
     """An argparse type: a finite float (NaN and inf refused), optionally bounded below."""
 
     def parse(text: str) -> float:

@@ -33,7 +33,7 @@ class BaselineRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("baseline", help="KRR accuracy of random natural class-balanced subsets")
     p.add_argument("--dataset", required=True, help="dataset to sample from and test on (see: datasets)")
     p.add_argument("--per-class", type=int, default=10, help="images per class in each subset (default 10)")

@@ -10,11 +10,16 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, overload
 
 import numpy as np
 
 from kernel_distill.errors import KernelDistillError
+
+if TYPE_CHECKING:  # the workflows import the library inside their functions (no JAX on import)
+    from kernel_distill.distributed import Backend, BackendOptions
+    from kernel_distill.io import DistilledSet
+    from kernel_distill.kernels import KernelFn, KernelSpec, RandomFeatureKernelFn
 
 DEFAULT_ZCA_REG = 0.1
 Log = Callable[[str], None]  # where a workflow's messages go (print, or a notebook's logger)
@@ -58,14 +63,14 @@ class Compute:
     def dtype(self) -> type:
         return np.float64 if self.float64 else np.float32
 
-    def backend_options(self):
+    def backend_options(self) -> BackendOptions:
         """The backend asked for, checked (a bad ``--workers``, an address nobody answers) before any data is
         loaded."""
         from kernel_distill.distributed import BackendOptions
 
         return BackendOptions(self.backend, self.workers, self.ray_address, self.worker_retries)
 
-    def open_backend(self):
+    def open_backend(self) -> contextlib.AbstractContextManager[Backend | None]:
         """A context giving the backend: ``None`` for local (the library's in-process path, unchanged)."""
         from kernel_distill.distributed import open_backend
 
@@ -103,7 +108,7 @@ class Preprocessing:
         return DEFAULT_ZCA_REG if self.zca_reg is None else self.zca_reg
 
 
-def kernel_spec(choice: KernelChoice, fallback: dict | None = None):
+def kernel_spec(choice: KernelChoice, fallback: dict | None = None) -> KernelSpec:
     """The :class:`~kernel_distill.kernels.KernelSpec` ``choice`` asks for; options not given fall back to
     ``fallback`` (a file's or a run's recorded kernel) when it names the same kernel."""
     from kernel_distill.kernels import KernelSpec, RandomFeatures
@@ -115,7 +120,7 @@ def kernel_spec(choice: KernelChoice, fallback: dict | None = None):
     random = name.endswith("-rf")
     architecture = name[:-3] if random else name
     same_architecture = fallback.get("architecture") == architecture
-    kwargs = dict(architecture=architecture)
+    kwargs: dict[str, Any] = dict(architecture=architecture)
     kwargs["depth"] = choice.depth if choice.depth is not None else (
         fallback.get("depth") if same_architecture else None)
     for option in ("W_std", "b_std"):
@@ -135,7 +140,7 @@ def kernel_spec(choice: KernelChoice, fallback: dict | None = None):
     return KernelSpec(**kwargs)
 
 
-def default_get(choice: KernelChoice, spec) -> str:
+def default_get(choice: KernelChoice, spec: KernelSpec) -> str:
     """``--get``, else the kernel's natural one: NNGP for random features (they approximate only it), NTK."""
     return choice.get or ("nngp" if spec.random_features is not None else "ntk")
 
@@ -149,14 +154,14 @@ def regulariser(choice: KernelChoice, recorded: dict | None = None) -> float:
     return (recorded or {}).get("reg", DEFAULT_REG)
 
 
-def kernel_function(compute: Compute, spec):
+def kernel_function(compute: Compute, spec: KernelSpec) -> KernelFn | RandomFeatureKernelFn:
     """The kernel function of ``spec``, its blocks bounded by the request's memory budget."""
     from kernel_distill.kernels import make_kernel_fn
 
     return make_kernel_fn(spec, memory_budget_bytes=int(compute.budget_mb() * 2**20))
 
 
-def check_positive(name: str, value, allow_none: bool = True) -> None:
+def check_positive(name: str, value: int | None, allow_none: bool = True) -> None:
     """Refuse a count below 1 (``None`` too unless ``allow_none``), naming the option."""
     if value is None and allow_none:
         return
@@ -164,14 +169,14 @@ def check_positive(name: str, value, allow_none: bool = True) -> None:
         raise KernelDistillError(f"{name} must be a positive integer, got {value}")
 
 
-def distilled_path(text: str, data_dir=None, progress: bool = True):
+def distilled_path(text: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> str:
     """A distilled-set argument as a file: ``zoo:NAME`` is the zoo's verified copy, anything else a path."""
     from kernel_distill import zoo
 
     return zoo.resolve(text, data_dir, progress=progress)
 
 
-def refuse_preprocessing_options(preprocessing: Preprocessing, distilled, source: str) -> None:
+def refuse_preprocessing_options(preprocessing: Preprocessing, distilled: DistilledSet, source: str) -> None:
     """A file that carries its preprocessing is used in its own space: an explicit ``--zca-reg`` would be
     silently ignored, so it is refused (``--zca`` is checked by :func:`io.check_preprocessing_request`)."""
     if preprocessing.zca_reg is not None and distilled.preprocessor is not None:
@@ -179,7 +184,15 @@ def refuse_preprocessing_options(preprocessing: Preprocessing, distilled, source
                                  f"drop --zca-reg")
 
 
-def output_folder(out: str | os.PathLike | None, command: str, overwrite: bool = False):
+@overload
+def output_folder(out: str | os.PathLike, command: str,
+                  overwrite: bool = False) -> contextlib.AbstractContextManager[pathlib.Path]: ...
+@overload
+def output_folder(out: None, command: str, overwrite: bool = False) -> contextlib.AbstractContextManager[None]: ...
+
+
+def output_folder(out: str | os.PathLike | None, command: str,
+                  overwrite: bool = False) -> contextlib.AbstractContextManager[pathlib.Path | None]:
     """Create, test and lock the command's output folder before any computation; without one, nothing."""
     from kernel_distill.runs import claim_output_folder
 

@@ -13,7 +13,7 @@ class DatasetsRequest:
     data_dir: str | None = None  # None: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("datasets", help="list the datasets and where they are found")
     p.add_argument("--data-dir", default=None,
                    help="dataset folder (default: $KERNEL_DISTILL_DATA, else ~/.cache/kernel_distill)")

@@ -22,7 +22,7 @@ class DemoRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="the built-in example on scikit-learn's digits (no files needed)")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--overwrite", action="store_true", help="replace the demo run already in --out")

@@ -32,7 +32,7 @@ class EvaluateRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("evaluate", help="KRR test accuracy of a distilled set (.npz)")
     p.add_argument("file", help="distilled set: a kernel-distill .npz, a released KIP .npz, or zoo:NAME")
     p.add_argument("--dataset", default=None,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import pathlib
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.workflows import arguments
@@ -23,7 +25,7 @@ class ExportRequest:
     progress: bool = True
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="write a distilled set for PyTorch / Hugging Face users (docs/INTEROP.md)")
     p.add_argument("set", metavar="SET", help="a distilled-set .npz, a run folder, or zoo:NAME")
     p.add_argument("out", metavar="OUT",
@@ -52,7 +54,8 @@ def run(request: ExportRequest, log: Log = print) -> dict:
         if not str(request.out).endswith(".safetensors"):
             raise KernelDistillError(f"OUT {request.out}: a safetensors export is one file; give a path ending in "
                                      f".safetensors")
-        claim = claim_output_file(request.out, overwrite=request.overwrite, option="OUT")
+        claim: contextlib.AbstractContextManager[pathlib.Path] = claim_output_file(
+            request.out, overwrite=request.overwrite, option="OUT")
     else:
         claim = claim_output_folder(request.out, "export", overwrite=request.overwrite, option="OUT")
     src = export.load_source(request.set, request.data_dir, progress=request.progress)

@@ -12,11 +12,15 @@ import argparse
 import dataclasses
 import pathlib
 import time
+from typing import TYPE_CHECKING
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.workflows import arguments
 from kernel_distill.workflows.common import (Compute, KernelChoice, Log, OnRecord, argv, check_positive,
                                              distilled_path, kernel_spec)
+
+if TYPE_CHECKING:
+    from kernel_distill.kip import KipConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +60,7 @@ class KipRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("kip", help="distill a dataset with KIP (learn support images, optionally labels)")
     p.add_argument("--dataset", default=None, help="dataset to distill (default digits)")
     p.add_argument("--per-class", type=int, default=None, help="support images per class (default 10)")
@@ -113,7 +117,7 @@ def request_from_args(args: argparse.Namespace) -> KipRequest:
         command_line=arguments.command_line(args))
 
 
-def kip_config(request: KipRequest, base=None):
+def kip_config(request: KipRequest, base: KipConfig | None = None) -> KipConfig:
     """The :class:`~kernel_distill.kip.KipConfig` of ``request``: its options over ``base`` (a resumed run's
     saved config), else over the defaults."""
     from kernel_distill.kip import KipConfig
@@ -121,7 +125,7 @@ def kip_config(request: KipRequest, base=None):
     compute = request.compute
     # a new run gets the device's default; a resumed one keeps its own unless the option is given
     budget = None if base is not None and compute.memory_budget_mb is None else compute.budget_mb()
-    base = base.to_dict() if base is not None else KipConfig().to_dict()
+    values = base.to_dict() if base is not None else KipConfig().to_dict()
     overrides = dict(dataset=request.dataset, per_class=request.per_class, learn_labels=request.learn_labels,
                      init=request.init, target_batch_size=request.target_batch, learning_rate=request.lr,
                      reg=request.kernel.reg, zca=request.zca, zca_reg=request.zca_reg, seed=request.seed,
@@ -130,7 +134,7 @@ def kip_config(request: KipRequest, base=None):
                      select_on=request.select_on, val_size=request.val_size,
                      float64=True if compute.float64 else None,
                      rf_fixed_networks=True if request.rf_fixed_networks else None, loss=request.loss)
-    base.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: v for k, v in overrides.items() if v is not None})
     if request.init_from is not None:
         from kernel_distill.checksums import file_sha256
 
@@ -139,13 +143,13 @@ def kip_config(request: KipRequest, base=None):
         init_file = str(pathlib.Path(distilled_path(request.init_from, request.data_dir, request.progress)).resolve())
         if not pathlib.Path(init_file).is_file():
             raise KernelDistillError(f"--init-from: {request.init_from}: no such file")
-        base.update(init="file", init_file=init_file, init_sha256=file_sha256(init_file))
+        values.update(init="file", init_file=init_file, init_sha256=file_sha256(init_file))
     if request.kernel.names_an_architecture():
-        spec = kernel_spec(request.kernel, base["kernel"])
-        base["kernel"] = spec.to_dict()
+        spec = kernel_spec(request.kernel, values["kernel"])
+        values["kernel"] = spec.to_dict()
         if request.kernel.get is None and spec.random_features is not None:
-            base["get"] = "nngp"
-    return KipConfig.from_dict(base)
+            values["get"] = "nngp"
+    return KipConfig.from_dict(values)
 
 
 RUN_OUTPUTS = "distilled.npz, distilled_best.npz, grid.png, curve.png, metrics.jsonl, config.json, results.json"
@@ -162,12 +166,12 @@ def run(request: KipRequest, log: Log = print, on_record: OnRecord | None = None
     request.compute.backend_options()
     request.compute.enable_precision()
     resuming = request.resume is not None
-    if resuming:
+    if request.resume is not None:
         if request.out is not None:
             raise KernelDistillError(f"--out cannot be used with --resume: the run continues in {request.resume}")
         if request.overwrite:
             raise KernelDistillError("--overwrite cannot be used with --resume")
-        out = request.resume
+        out: str = request.resume
         claim = claim_run_folder(out, resume=True)
     else:
         config = kip_config(request)
@@ -176,9 +180,9 @@ def run(request: KipRequest, log: Log = print, on_record: OnRecord | None = None
     # The folder is checked, locked and (on resume) the request compared before any data is loaded.
     with claim:
         if resuming:
-            saved, _ = load_checkpoint(out)
+            saved, _ = load_checkpoint(pathlib.Path(out))
             config = kip_config(request, saved)
-            check_resume(out, config)
+            check_resume(pathlib.Path(out), config)
         if request.compute.backend != "local" and config.kernel.random_features is not None:
             raise KernelDistillError(f"KIP with the {config.kernel.name} kernel runs on the local backend only; "
                                      f"drop --backend {request.compute.backend}")

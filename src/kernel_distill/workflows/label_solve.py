@@ -40,7 +40,7 @@ class LabelSolveRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("label-solve", help="solve the optimal labels of a natural support over the training set")
     p.add_argument("--dataset", required=True, help="dataset whose training set the labels are solved over")
     p.add_argument("--support-size", type=int, default=100,
@@ -127,6 +127,7 @@ def _label_solve(request: LabelSolveRequest, given, out: pathlib.Path, log: Log)
         x_support = given.images.astype(dtype)
         original = centered_one_hot(given.labels.argmax(axis=1), data.num_classes)
     else:
+        assert request.seed is not None  # run() draws a natural support with seed 0 unless given one
         x_support, original = experiments.natural_support(data, request.support_size, request.seed, dtype)
     with request.compute.open_backend() as backend:
         result = experiments.label_solve_on(data, kernel_fn, x_support, original, reg, request.ls_reg, get,

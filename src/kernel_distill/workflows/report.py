@@ -21,7 +21,7 @@ class ReportRequest:
     zoo: bool = False
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="a static HTML report of run folders (works offline, no server)")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR",
                    help="run folders holding results.json, or folders of them")

@@ -7,11 +7,15 @@ import argparse
 import dataclasses
 import pathlib
 import time
+from typing import TYPE_CHECKING, Any
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.workflows import arguments
 from kernel_distill.workflows.common import (Log, OnRecord, Preprocessing, argv, check_positive, distilled_path,
                                              output_folder, refuse_preprocessing_options, write_record)
+
+if TYPE_CHECKING:
+    from kernel_distill.finite import TrainConfig
 
 MODEL_CHOICES = ("convnet", "convnet3", "fc", "evalnet")  # finite.MODELS
 AUGMENT_CHOICES = ("none", "crop", "flip-crop", "dsa")  # finite.AUGMENTATIONS
@@ -43,7 +47,7 @@ class TrainingRecipe:
     augment: str = "none"
     eval_every: int = 100
 
-    def train_config(self, model: str):
+    def train_config(self, model: str) -> TrainConfig:
         """The library's training config; a bad value is refused here, before any data is loaded."""
         from kernel_distill.finite import TrainConfig, default_learning_rate
 
@@ -83,7 +87,7 @@ class TransferRequest:
     command_line: tuple[str, ...] | None = None
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("transfer", help="train finite networks on a distilled set; report real test accuracy")
     p.add_argument("file", nargs="?", default=None,
                    help="distilled set (.npz or zoo:NAME); omit with --natural-per-class")
@@ -182,13 +186,13 @@ def run(request: TransferRequest, log: Log = print, on_record: OnRecord | None =
         return write_record(request.out, record, on_record)
 
 
-def tune_grid(options: tuple[str, ...], config) -> dict | None:
+def tune_grid(options: tuple[str, ...], config: TrainConfig) -> dict[str, list[Any]] | None:
     """``NAME=V1,V2`` options as ``{NAME: [V1, V2]}``, each candidate checked before data is loaded."""
     from kernel_distill.experiments import TUNABLE, tuning_candidates
 
     if not options:
         return None
-    grid = {}
+    grid: dict[str, list[Any]] = {}
     for option in options:
         name, sep, values = option.partition("=")
         name = name.strip().replace("-", "_")
@@ -207,16 +211,16 @@ def tune_grid(options: tuple[str, ...], config) -> dict | None:
     return grid
 
 
-def _transfer(request: TransferRequest, config, grid: dict | None, val_size: int, log: Log) -> dict:
+def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, val_size: int, log: Log) -> dict:
     from kernel_distill import experiments, plots
     from kernel_distill.io import load_distilled
     from kernel_distill.results import dataset_record, make_record
 
     start = time.perf_counter()
     net, pre = request.network, request.preprocessing
-    distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress)) \
-        if request.file else None
-    if distilled is not None:
+    distilled = None
+    if request.file:
+        distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress))
         refuse_preprocessing_options(pre, distilled, request.file)
     support = experiments.transfer_support(distilled, request.file, request.dataset, request.natural_per_class,
                                            request.seed, request.data_dir, pre.zca, pre.reg,

@@ -47,7 +47,7 @@ class ZooReportRequest:
 ZooRequest = ZooListRequest | ZooShowRequest | ZooExportRequest | ZooReportRequest
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("zoo", help="ready-made distilled sets shipped with kernel-distill (use them as zoo:NAME)")
     zoo = p.add_subparsers(dest="zoo_command", required=True, metavar="ZOO_COMMAND",
                            parser_class=arguments.OneLineErrorParser)
@@ -76,7 +76,7 @@ def request_from_args(args: argparse.Namespace) -> ZooRequest:
     return ZooExportRequest(args.name, args.path, args.overwrite)
 
 
-def run(request: ZooRequest, log: Log = print):
+def run(request: ZooRequest, log: Log = print) -> list[dict] | dict | pathlib.Path:
     """Carry out one zoo subcommand: returns the entries (list, show), the written file (export) or the
     report's ``index.html``."""
     from kernel_distill import zoo
@@ -143,7 +143,7 @@ def export_set(name: str, destination: str | os.PathLike, overwrite: bool = Fals
         return atomic_write_bytes(target, source.read_bytes())
 
 
-def evaluate_file(file: str | os.PathLike, data_dir=None, progress: bool = False,
+def evaluate_file(file: str | os.PathLike, data_dir: str | os.PathLike | None = None, progress: bool = False,
                   memory_budget_mb: float = 512.0, test_limit: int | None = None) -> dict:
     """KRR test accuracy of a distilled-set file with the kernel, ``get`` and ``reg`` recorded in it, on its
     dataset's whole test split, in float32: the number an index entry's ``krr.test_accuracy`` holds.

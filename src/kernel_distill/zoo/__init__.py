@@ -28,10 +28,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
+from typing import TYPE_CHECKING, Any, overload
 
 from kernel_distill.checksums import file_sha256
 from kernel_distill.errors import KernelDistillError
+
+if TYPE_CHECKING:
+    from kernel_distill.io import DistilledSet
 
 ZOO_DIR = pathlib.Path(__file__).resolve().parent
 INDEX_FILE = ZOO_DIR / "index.json"
@@ -53,6 +56,7 @@ def read_index(path: str | os.PathLike | None = None) -> list[dict]:
 
 
 def names() -> list[str]:
+    """The zoo's set names, in index order."""
     return [entry["name"] for entry in read_index()]
 
 
@@ -65,7 +69,7 @@ def entry(name: str) -> dict:
     raise KernelDistillError(f"no zoo set named {name!r}; known: {known} (kernel-distill zoo list)")
 
 
-def path(name: str, data_dir=None, progress: bool = True) -> pathlib.Path:
+def path(name: str, data_dir: str | os.PathLike | None = None, progress: bool = True) -> pathlib.Path:
     """The local file of zoo set ``name``, its sha256 checked against the index.
 
     A packaged set is read in place; an entry with a ``url`` is downloaded once into ``<data dir>/zoo/``.
@@ -87,7 +91,16 @@ def path(name: str, data_dir=None, progress: bool = True) -> pathlib.Path:
     return local
 
 
-def resolve(text: str | os.PathLike | None, data_dir=None, progress: bool = True):
+@overload
+def resolve(text: str, data_dir: str | os.PathLike | None = ..., progress: bool = ...) -> str: ...
+@overload
+def resolve(text: os.PathLike, data_dir: str | os.PathLike | None = ..., progress: bool = ...) -> os.PathLike: ...
+@overload
+def resolve(text: None, data_dir: str | os.PathLike | None = ..., progress: bool = ...) -> None: ...
+
+
+def resolve(text: str | os.PathLike | None, data_dir: str | os.PathLike | None = None,
+            progress: bool = True) -> str | os.PathLike | None:
     """``zoo:NAME`` -> the verified local path of that set; any other path is returned unchanged.
 
     The one place where the command line turns a distilled-set argument into a file.
@@ -97,7 +110,7 @@ def resolve(text: str | os.PathLike | None, data_dir=None, progress: bool = True
     return text
 
 
-def load(name: str):
+def load(name: str) -> DistilledSet:
     """The :class:`~kernel_distill.io.DistilledSet` of zoo set ``name`` (checksum verified)."""
     from kernel_distill.io import load_distilled
 
@@ -118,6 +131,7 @@ def _pct(value, std=None) -> str:
 
 
 def describe_method(e: dict) -> str:
+    """The method column of an entry, e.g. ``KIP FC NTK, learned labels``."""
     kernel = e.get("kernel", {})
     arch = {"convnet": "ConvNet", "convnet3": "ConvNet3"}.get(kernel.get("architecture"), str(kernel.get(
         "architecture", "?")).upper())
@@ -177,15 +191,8 @@ TABLE_HEADER = ["name", "dataset", "method", "per class", "KRR %", "transfer %",
 
 
 def markdown_table(entries: list[dict] | None = None) -> str:
+    """The README's zoo table (Markdown), from the index or ``entries``."""
     lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries)]
     return "\n".join(lines) + "\n"
 
-
-def copy_into_zoo(source: str | os.PathLike, name: str) -> pathlib.Path:
-    """Copy a set's bytes into the package (``sets/NAME.npz``); used by ``tools/zoo_add.py``."""
-    target = ZOO_DIR / "sets" / f"{name}.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if pathlib.Path(source).resolve() != target.resolve():
-        shutil.copyfile(source, target)
-    return target
