@@ -1,42 +1,150 @@
-"""The package's module-level imports form no cycle (data -> io -> preprocess -> data was one)."""
+"""The package's layering, read from the source: every import counts, those inside functions included.
+
+A lazy import inside a function still makes the two modules depend on each other; counting only the
+module-level ones once hid two circles (kip -> distributed -> backend -> kip, and kernels -> finite ->
+kernels). docs/ARCHITECTURE.md describes the layers these rules keep.
+"""
 
 from __future__ import annotations
 
 import ast
 import pathlib
 
+import pytest
+
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "src" / "kernel_distill"
 
 
-def module_level_imports() -> dict[str, set[str]]:
-    graph = {}
-    for path in PACKAGE.rglob("*.py"):
-        name = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
-        if name.endswith("__init__"):
-            continue  # the package's re-exports
-        graph[name] = set()
-        for node in ast.parse(path.read_text()).body:  # module level only: lazy imports inside functions are fine
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kernel_distill."):
-                graph[name].add(node.module.removeprefix("kernel_distill."))
+def _module_name(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "kernel_distill"
+
+
+def _resolve(module: str, node: ast.ImportFrom, is_package: bool) -> str | None:
+    """The absolute ``kernel_distill.X`` name an import refers to (relative imports resolved), else None."""
+    if node.level:
+        base = module.split(".") if module != "kernel_distill" else []
+        base = base if is_package else base[:-1]
+        base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+        target = ".".join([*base, node.module] if node.module else base)
+        return "kernel_distill." + target if target else "kernel_distill"
+    if node.module and (node.module == "kernel_distill" or node.module.startswith("kernel_distill.")):
+        return node.module
+    return None
+
+
+def _known(name: str, modules: set[str]) -> str | None:
+    """``name`` or its nearest enclosing module of this package (``a.b.c`` -> ``a.b`` if only that exists)."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports anywhere in its source (package ``__init__`` files too,
+    named by their package; ``from pkg import sub`` counts as importing ``pkg.sub`` where that is a module)."""
+    paths = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    names = {("kernel_distill." + n if n != "kernel_distill" else n) for n in paths}
+    graph: dict[str, set[str]] = {}
+    for short, path in paths.items():
+        module = "kernel_distill." + short if short != "kernel_distill" else short
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.ImportFrom):
+                base = _resolve(short, node, path.name == "__init__.py")
+                if base is not None:
+                    targets = [f"{base}.{a.name}" for a in node.names] + [base]
             elif isinstance(node, ast.Import):
-                graph[name].update(a.name.removeprefix("kernel_distill.") for a in node.names
-                                   if a.name.startswith("kernel_distill."))
-    return graph
+                targets = [a.name for a in node.names if a.name.startswith("kernel_distill")]
+            for target in targets:
+                known = _known(target, names)
+                if known and known != module:
+                    edges.add(known)
+        graph[module] = edges
+    return {k.removeprefix("kernel_distill.") or "kernel_distill": {e.removeprefix("kernel_distill.") for e in v}
+            for k, v in graph.items()}
 
 
-def test_no_import_cycle():
-    graph = module_level_imports()
-    state = {}
+GRAPH = import_graph()
+
+
+def _within_package(module: str, other: str) -> bool:
+    """A package's ``__init__`` re-exporting its own submodules is not a cycle through the package."""
+    return other.startswith(module + ".") or module.startswith(other + ".")
+
+
+def test_no_import_cycle_counting_imports_inside_functions():
+    state: dict[str, str] = {}
 
     def visit(node, trail):
         if state.get(node) == "done":
             return
         assert state.get(node) != "open", "import cycle: " + " -> ".join([*trail, node])
         state[node] = "open"
-        for child in graph.get(node, ()):
-            visit(child, [*trail, node])
+        for child in sorted(GRAPH.get(node, ())):
+            if child in GRAPH and not _within_package(node, child) and child != "kernel_distill":
+                visit(child, [*trail, node])
         state[node] = "done"
 
-    for module in graph:
+    for module in sorted(GRAPH):
         visit(module, [])
-    assert "io" not in graph["preprocess"] and "data" not in graph["preprocess"] and "io" not in graph["data"]
+
+
+def _reaches(module: str) -> set[str]:
+    """Every package module ``module`` imports, directly or through others (package re-exports skipped)."""
+    seen, todo = set(), [module]
+    while todo:
+        for child in GRAPH.get(todo.pop(), ()):
+            if child not in seen and child != "kernel_distill":
+                seen.add(child)
+                todo.append(child)
+    return seen
+
+
+def _layer(prefix: str) -> list[str]:
+    return sorted(m for m in GRAPH if m == prefix or m.startswith(prefix + "."))
+
+
+# What a layer may never import (directly or through another module): the rules of docs/ARCHITECTURE.md.
+NEVER = {
+    # The kernel engine is the bottom of the maths: nothing above it, no finite nets, no KRR, no data.
+    "kernels": ["finite", "krr", "objective", "kip", "label_solve", "distributed", "data", "results", "zoo",
+                "workflows", "cli", "experiments", "report", "export", "plots"],
+    # Datasets know no kernel and own their checksums.
+    "data": ["kernels", "krr", "objective", "results", "experiments", "workflows", "cli", "zoo", "io"],
+    # Preprocessing is maths on arrays (data -> io -> preprocess -> data was once a cycle).
+    "preprocess": ["io", "data", "kernels", "workflows", "cli"],
+    # The zoo is an index: it measures nothing (reading a set's kernel description, kernels.spec, is not
+    # measuring; computing a kernel is).
+    "zoo": ["kernels.api", "kernels.exact", "kernels.random_features", "krr", "objective", "experiments",
+            "workflows", "cli", "kip", "label_solve", "finite"],
+    # Backends run kernel blocks; they know no algorithm.
+    "distributed": ["kip", "label_solve", "objective", "experiments", "workflows", "cli", "zoo", "report"],
+    # The KRR objective is maths over kernel blocks.
+    "objective": ["kip", "data", "experiments", "workflows", "cli", "zoo", "distributed"],
+    # KIP is an algorithm: it takes its file hash from a base module, never from the zoo, and never the CLI.
+    "kip": ["zoo", "workflows", "cli", "experiments", "report"],
+    "label_solve": ["workflows", "cli", "experiments", "zoo", "data"],
+    "krr": ["kip", "workflows", "cli", "experiments", "zoo", "data"],
+    # Workflows are called by the CLI, never the reverse.
+    "workflows": ["cli"],
+}
+
+
+@pytest.mark.parametrize("layer", sorted(NEVER))
+def test_layer_never_imports_what_is_above_it(layer):
+    modules = _layer(layer)
+    assert modules, f"no module named {layer}"
+    for module in modules:
+        forbidden = [m for m in _reaches(module) for banned in NEVER[layer]
+                     if (m == banned or m.startswith(banned + ".")) and not _within_package(module, m)]
+        assert not forbidden, f"{module} reaches {sorted(set(forbidden))}"
+
+
+def test_the_graph_sees_imports_inside_functions():
+    # The reader itself: the workflows import the library inside functions, so they must show up.
+    assert "kip" in {m.split(".")[0] for m in GRAPH["workflows.kip"]}
+    assert GRAPH["cli"], "cli imports the workflows"

@@ -17,6 +17,7 @@ from kernel_distill.io import load_distilled
 from kernel_distill.kernels import KernelSpec, RandomFeatureKernelFn, RandomFeatures, make_kernel_fn
 from kernel_distill.kernels import random_features as rf
 from kernel_distill.kip import KipConfig, run_kip
+from kernel_distill.objective import random_feature_loss_and_gradients
 
 
 def _images(n=6, size=8, channels=3, seed=0):
@@ -128,9 +129,9 @@ def test_gradient_through_the_features_equals_autodiff_of_the_kernel_matrix(x64)
     def whole_loss(xs, ys):
         return krr.krr_loss(kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, 1e-3)
 
-    loss_and_gradients = jax.jit(lambda key, xs, ys: rf.krr_loss_and_gradients(spec, key, 1e-3, xs, ys, x_t, y_t,
+    loss_and_gradients = jax.jit(lambda key, xs, ys: random_feature_loss_and_gradients(spec, key, 1e-3, xs, ys, x_t, y_t,
                                                                                 2**20))
-    loss, dx, dy = jax.jit(lambda xs, ys: rf.krr_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20))(
+    loss, dx, dy = jax.jit(lambda xs, ys: random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20))(
         x_s, y_s)
     expected_dx, expected_dy = jax.jit(jax.grad(whole_loss, argnums=(0, 1)))(x_s, y_s)
     np.testing.assert_allclose(loss, whole_loss(x_s, y_s), rtol=1e-10)
@@ -138,7 +139,7 @@ def test_gradient_through_the_features_equals_autodiff_of_the_kernel_matrix(x64)
     np.testing.assert_allclose(dy, expected_dy, rtol=1e-8, atol=1e-14)
     assert np.all(np.isfinite(dx))
     # The Platt loss: its three gradients, the scale's included, as autodiff of the whole loss.
-    platt = jax.jit(lambda xs, ys, t: rf.krr_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20,
+    platt = jax.jit(lambda xs, ys, t: random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20,
                                                                  log_scale=t))(x_s, y_s, -0.4)
     expected = jax.jit(jax.value_and_grad(lambda xs, ys, t: krr.krr_platt_loss(
         kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, t, 1e-3), argnums=(0, 1, 2)))(x_s, y_s, -0.4)

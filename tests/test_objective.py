@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from kernel_distill import objective
 from kernel_distill.distributed import LocalBackend
@@ -143,35 +141,3 @@ def test_the_objective_runs_on_any_block_executor(x64, rng):
         np.testing.assert_allclose(float(ours[0]), float(ref_loss), rtol=1e-12)
         for got, ref in zip(ours[1:], refs):
             np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-9, atol=1e-12)
-
-
-def test_random_feature_loss_keeps_its_old_name():
-    from kernel_distill.kernels import random_features as rf
-
-    assert rf.krr_loss_and_gradients is objective.random_feature_loss_and_gradients
-    with pytest.raises(AttributeError):
-        rf.no_such_name  # noqa: B018
-
-
-def _imports(path: pathlib.Path, module_level_only: bool) -> set[str]:
-    """The ``kernel_distill`` modules (and ``module.name`` pairs) a file imports."""
-    tree = ast.parse(path.read_text())
-    found = set()
-    for node in (tree.body if module_level_only else ast.walk(tree)):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kernel_distill"):
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("kernel_distill"))
-    return found
-
-
-def test_layers_kernels_below_objective_below_backends_and_kip():
-    """The kernels and the backends import nothing built on them at module level (the backends' one old
-    entry point, ``kip_loss_and_gradients``, reaches the objective when called); the objective imports no
-    backend, no KIP and no KRR evaluation, anywhere."""
-    upward = ("kernel_distill.objective", "kernel_distill.kip", "kernel_distill.krr")
-    for path in [*(PACKAGE / "kernels").glob("*.py"), *(PACKAGE / "distributed").glob("*.py")]:
-        assert not [m for m in _imports(path, module_level_only=True) if m.startswith(upward)], path
-    assert not [m for m in _imports(PACKAGE / "objective.py", module_level_only=False)
-                if m.startswith(("kernel_distill.kip", "kernel_distill.krr", "kernel_distill.distributed"))]

@@ -149,7 +149,7 @@ def validate_metadata(metadata: object, source: str) -> dict:
         if name in metadata and not check(metadata[name]):
             raise KernelDistillError(f"{source}: metadata field '{name}' must be {what}, got {metadata[name]!r}")
     if "kernel" in metadata:
-        from kernel_distill.kernels import KernelSpec
+        from kernel_distill.kernels.spec import KernelSpec
 
         try:
             KernelSpec.from_dict(metadata["kernel"])

@@ -7,7 +7,7 @@ workers; every function that computes kernels for a whole run (:func:`kernel_dis
 See docs/DISTRIBUTED.md.
 """
 
-from kernel_distill.distributed.backend import (
-    BACKENDS, Backend, BackendOptions, LocalBackend, compute_dtype, open_backend)
+from kernel_distill.distributed.backend import BACKENDS, Backend, BackendOptions, LocalBackend, compute_dtype
+from kernel_distill.distributed.opening import open_backend
 
 __all__ = ["BACKENDS", "Backend", "BackendOptions", "LocalBackend", "compute_dtype", "open_backend"]

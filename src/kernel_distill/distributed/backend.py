@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -163,23 +162,3 @@ class BackendOptions:
             from kernel_distill.distributed.cluster import check_address
 
             check_address(self.address)
-
-
-def open_backend(options: BackendOptions | None = None, log=print) -> Backend:
-    """The backend ``options`` ask for (a started Ray backend for ``"ray"``); close it when done.
-
-    Ray's driver runs in a process of its own (:class:`~kernel_distill.distributed.driver.RayDriverBackend`),
-    so that a Ray system process that dies ends the command with one line, not with Ray ending this process;
-    if the caller has initialised Ray in this process, that Ray is used from here
-    (:class:`~kernel_distill.distributed.ray_backend.RayBackend`)."""
-    options = options or BackendOptions()
-    if options.backend == "local":
-        return LocalBackend()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        from kernel_distill.distributed.ray_backend import RayBackend
-
-        return RayBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)
-    from kernel_distill.distributed.driver import RayDriverBackend
-
-    return RayDriverBackend.start(workers=options.workers, address=options.address, retries=options.retries, log=log)

@@ -195,16 +195,5 @@ def _compiled_features(spec: KernelSpec, budget: int):
     return jax.jit(lambda x: features(spec, fixed_network_params(spec, x.shape[1:], x.dtype), x, budget))
 
 
-def __getattr__(name: str):
-    """``krr_loss_and_gradients``, the random-feature KIP loss, moved to the objective module (the kernels do not
-    depend on the loss built on them); this old name stays, resolved when first asked for, so importing the
-    kernels never imports the objective."""
-    if name == "krr_loss_and_gradients":
-        from kernel_distill.objective import random_feature_loss_and_gradients
-
-        return random_feature_loss_and_gradients
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = ["RandomFeatureKernelFn", "feature_dimension", "features", "fixed_network_params", "gram",
            "network_params", "readout_fan_in"]
