@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,6 @@ from kernel_distill.distributed import LocalBackend
 from kernel_distill.kernels import KernelSpec, make_kernel_fn
 from kernel_distill.preprocess import centered_one_hot
 
-PACKAGE = pathlib.Path(objective.__file__).resolve().parent
 
 
 def _numpy_predictions(k_ts, k_ss, y_s, reg):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, overload
 
 from kernel_distill.checksums import file_sha256
 from kernel_distill.errors import KernelDistillError
