@@ -12,6 +12,8 @@ compiled kernel (flops, bytes accessed) and from a measured float32 matmul rate 
 
     .venv/bin/python benchmarks/kernel_throughput.py --nt-python /tmp/ntvenv/bin/python
     .venv/bin/python benchmarks/kernel_throughput.py --impls ours   # no neural-tangents (e.g. on a GPU)
+    .venv/bin/python benchmarks/kernel_throughput.py --impls ours --label before --code /tmp/before  # a refactor:
+    .venv/bin/python benchmarks/kernel_throughput.py --impls ours --label after  # before/after, same session
     .venv/bin/python benchmarks/tables.py                            # regenerate docs/BENCHMARKS.md
 
 Each measurement appends a result record to benchmarks/results/kernel_throughput.jsonl (with the 1-minute
@@ -169,7 +171,14 @@ def machine_limits():
     return gflops, gbps
 
 
-def _record(path, r, gflops, gbps):
+def _commit_of(code) -> str | None:
+    """The commit of the checkout timed (``--code``, else this one)."""
+    folder = pathlib.Path(code) if code else pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def _record(path, r, gflops, gbps, label=None, code=None):
     """One result record per measurement (benchmarks/tables.py renders docs/BENCHMARKS.md from them)."""
     from kernel_distill.results import append_record, make_record
 
@@ -183,6 +192,8 @@ def _record(path, r, gflops, gbps):
     config = dict(network=r["arch"], input=r["shape"], dtype=r["dtype"], impl=impl, n1=r["n1"], n2=r["n2"],
                   depth=1 if r["arch"] == "fc" else 3, memory_budget_mb=r.get("budget_mb"),
                   other_jax=r["jax"] if impl != "ours" else None)
+    if label:
+        config.update(label=label, code_commit=_commit_of(code))
     record = make_record("benchmark/kernel_throughput", impl, dict(name="synthetic", checksums={}), metrics, config,
                          dtype=r["dtype"], wall_seconds=r["seconds"])
     append_record(path, record)
@@ -198,6 +209,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", default=str(RESULTS), help="append result records here")
     parser.add_argument("--no-record", action="store_true", help="print the table only")
+    parser.add_argument("--label", default=None,
+                        help="e.g. 'before' or 'after': records go to the before/after table, not the main one")
+    parser.add_argument("--code", default=None,
+                        help="a kernel-distill checkout whose src/ the 'ours' workers import (default: this one)")
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ARCH", "SHAPE", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -214,6 +229,8 @@ def main():
           "| GB/s (share of copy bandwidth) |")
     print("|---|---|---|---|---|---|---|---|")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    if args.code:  # time another checkout's kernels with this venv's JAX
+        env["PYTHONPATH"] = str(pathlib.Path(args.code).resolve() / "src")
     work = {}
     for arch in args.archs:
         for shape in args.shapes:
@@ -238,7 +255,7 @@ def main():
                           f"{achieved_gflops:.1f} ({100 * achieved_gflops / gflops:.1f}%) | "
                           f"{achieved_gbps:.1f} ({100 * achieved_gbps / gbps:.0f}%) |", flush=True)
                     if not args.no_record:
-                        _record(args.results, r, gflops, gbps)
+                        _record(args.results, r, gflops, gbps, args.label, args.code)
 
 
 if __name__ == "__main__":

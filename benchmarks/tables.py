@@ -127,8 +127,39 @@ def _throughput_version(r: dict) -> tuple:
             r["config"].get("memory_budget_mb"))
 
 
+def render_kernel_throughput_refactor() -> str:
+    """``kernel_throughput.py --label before|after`` records: the same cells timed with the code before and after
+    a refactor in one session; the best of the runs per label (the CPU is shared), per wall and per CPU second."""
+    records = [r for r in load("kernel_throughput") if r["config"].get("label")]
+    cells: dict = {}
+    for r in records:
+        c = r["config"]
+        cells.setdefault((c["network"], c["input"], c["dtype"]), {}).setdefault(c["label"], []).append(r)
+    rows = []
+    for (net, shape, dtype), labels in cells.items():
+        best = {k: max(v, key=lambda r: r["metrics"]["pairs_per_cpu_second"]) for k, v in labels.items()}
+        before, after = best.get("before"), best.get("after")
+
+        def value(r, key):
+            return f"{r['metrics'][key]:,.0f}" if r else "-"
+
+        ratio = (f"{after['metrics']['pairs_per_cpu_second'] / before['metrics']['pairs_per_cpu_second']:.3f}"
+                 if before and after else "-")
+        rows.append([{"fc": "FC", "convnet": "ConvNet"}.get(net, net), shape, dtype,
+                     value(before, "pairs_per_second"), value(after, "pairs_per_second"),
+                     value(before, "pairs_per_cpu_second"), value(after, "pairs_per_cpu_second"), ratio,
+                     " / ".join(str(len(labels.get(k, []))) for k in ("before", "after")),
+                     " / ".join((best[k]["config"].get("code_commit") or "?")[:7] if k in best else "-"
+                                for k in ("before", "after")),
+                     "/".join(f"{best[k]['metrics']['load_average']:.1f}" for k in ("before", "after") if k in best)])
+    header = ["network", "input", "dtype", "before pairs/s", "after pairs/s", "before pairs / CPU s",
+              "after pairs / CPU s", "after / before (per CPU s)", "runs (before / after)", "code (before / after)",
+              "load avg"]
+    return table(header, rows) + footer("kernel_throughput", records)
+
+
 def render_kernel_throughput() -> str:
-    records = list(newest(load("kernel_throughput"), lambda r: (
+    records = list(newest([r for r in load("kernel_throughput") if not r["config"].get("label")], lambda r: (
         machine(r), r["config"]["network"], r["config"]["input"], r["config"]["dtype"], r["config"]["impl"],
         *_throughput_version(r))).values())
     out = []
@@ -464,6 +495,7 @@ RENDERERS = {
     "ranking": render_ranking,
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
+    "kernel_throughput_refactor": render_kernel_throughput_refactor,
     "kip_step": render_kip_step,
     "kernel_ablation": render_kernel_ablation,
     "kip_fc": render_kip_fc,
