@@ -26,7 +26,9 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/kernel-distill demo --out runs/demo --overwrite
 
+# Static types first (mypy, pyproject.toml's [tool.mypy]; about half a minute of CPU), then the suite.
 test: $(VENV)/.installed-test
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
