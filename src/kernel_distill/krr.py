@@ -21,6 +21,7 @@ import numpy as np
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import KernelFn, RandomFeatureKernelFn
+from kernel_distill.kernels.api import Get
 # The differentiable KRR predictor and KIP's losses live with their gradient in the objective module; they are
 # this module's names too, where every caller has found them.
 from kernel_distill.objective import (  # noqa: F401
@@ -119,7 +120,7 @@ class padded_row_blocks:
             yield start, block
 
 
-def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
+def cross_kernel(kernel_fn: Callable, x1, x2, get: Get = "ntk"):
     """``kernel_fn(x1, x2, get)`` through a jitted function cached per kernel function and ``get``, so
     repeated evaluations (KIP evaluates every few hundred steps) do not recompile."""
     if isinstance(kernel_fn, (KernelFn, RandomFeatureKernelFn)):
@@ -128,7 +129,7 @@ def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
 
 
 def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg: float = DEFAULT_REG,
-             get: str = "ntk", block_size: int = 1000, progress: bool = True,
+             get: Get = "ntk", block_size: int = 1000, progress: bool = True,
              description: str = "KRR test", backend=None) -> EvalResult:
     """KRR accuracy and MSE of a support set on a whole test set, test points processed in blocks.
 
@@ -157,6 +158,7 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     num_classes = y_support.shape[1]
     in_feature_space = backend is None and uses_feature_space(kernel_fn, len(x_support), x_support.shape[1:])
     if in_feature_space:
+        assert isinstance(kernel_fn, RandomFeatureKernelFn)  # uses_feature_space checked it
         weights = feature_weights(feature_blocks(kernel_fn, x_support, block_size), y_support, reg)
     else:
         alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
@@ -171,6 +173,7 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
                           unit="block"):
         if in_feature_space:
+            assert isinstance(kernel_fn, RandomFeatureKernelFn)  # uses_feature_space checked it
             pred = np.asarray(kernel_fn.features(xb), dtype=np.float64) @ weights
         else:
             pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha

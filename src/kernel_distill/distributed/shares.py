@@ -18,6 +18,7 @@ import numpy as np
 
 from kernel_distill import kernels
 from kernel_distill.kernels import KernelFn
+from kernel_distill.kernels.api import Get
 
 
 def as_dtype(x, dtype) -> np.ndarray:
@@ -34,7 +35,7 @@ def _rows(tree, rows: tuple[int, int]):
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def forward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s):
+def forward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_s):
     """One share's kernel blocks: ``K(x_t, x_s)`` ``(m_w, n)`` and ``K(x_s[rows], x_s)`` ``(r_w, n)``."""
     spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
     stats_s = _stats(kernel_fn, x_s)
@@ -52,7 +53,7 @@ def forward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def backward_share(kernel_fn: KernelFn, get: str, rows: tuple[int, int], x_t, x_s, d_kts, g_rows):
+def backward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_s, d_kts, g_rows):
     """One share's block VJPs, summed onto the support.
 
     Args:
@@ -86,7 +87,7 @@ def support_stats_vjp(kernel_fn: KernelFn, x_s, dstats):
     return kernels.tiled_self_stats_vjp(kernel_fn.spec, x_s, dstats, kernel_fn.tile_budget())
 
 
-def normal_equation_share(kernel_fn: KernelFn, get: str, x_support, x, y, starts, block_size: int):
+def normal_equation_share(kernel_fn: KernelFn, get: Get, x_support, x, y, starts, block_size: int):
     """``sum_b K_sb K_bs`` and ``sum_b K_sb y_b`` over the blocks of ``x`` starting at ``starts``.
 
     Blocks are padded to ``block_size`` rows (one compiled shape); padded columns are dropped.
@@ -104,7 +105,7 @@ def normal_equation_share(kernel_fn: KernelFn, get: str, x_support, x, y, starts
     return gram, projected, count
 
 
-def prediction_share(kernel_fn: KernelFn, get: str, x_support, alpha, x, starts, block_size: int):
+def prediction_share(kernel_fn: KernelFn, get: Get, x_support, alpha, x, starts, block_size: int):
     """KRR predictions ``K(x_b, x_support) @ alpha`` (float64) of the blocks of ``x`` at ``starts``, stacked."""
     cross = kernel_fn.jitted(get)
     out = []

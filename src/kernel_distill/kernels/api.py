@@ -155,12 +155,12 @@ class KernelFn:
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_matrix(spec: KernelSpec, get: str, budget: int):
+def _compiled_matrix(spec: KernelSpec, get: Get, budget: int):
     return jax.jit(lambda x1, x2: kernel_matrix(spec, x1, x2, get, budget))
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted_kernel(kernel_fn: KernelFn, get: str):
+def _jitted_kernel(kernel_fn: KernelFn, get: Get):
     return jax.jit(lambda x1, x2: kernel_fn(x1, x2, get=get))
 
 
