@@ -38,18 +38,24 @@ from kernel_distill.kernels import tiling
 from kernel_distill.kernels.inputs import check_inputs, float_pair
 from kernel_distill.kernels.layers import output_shape
 from kernel_distill.kernels.spec import (  # noqa: F401  (check_random_features: its old home was here)
-    MAX_RANDOM_FEATURES, RF_NORM_LAYERS, KernelSpec, check_random_features)
+    MAX_RANDOM_FEATURES, RF_NORM_LAYERS, KernelSpec, RandomFeatures, check_random_features)
 
 # Arrays alive per image and model in the widest layer of a forward pass (activation, pre-activation,
 # conv output, pooled copy): a generous round number keeps the memory budget an upper bound.
 ARRAYS_PER_IMAGE = 4
 
 
+def _random_features(spec: KernelSpec) -> RandomFeatures:
+    if spec.random_features is None:
+        raise KernelDistillError("this KernelSpec has no random_features")
+    return spec.random_features
+
+
 def feature_layers(spec: KernelSpec) -> tuple:
     """The random networks' layers: the architecture without its Dense readout and, for
     ``RandomFeatures(norm="instance")``, an :class:`~kernel_distill.kernels.layers.InstanceNorm` after each
     affine layer on images (each conv, before its ReLU)."""
-    norm_layer = RF_NORM_LAYERS[spec.random_features.norm]
+    norm_layer = RF_NORM_LAYERS[_random_features(spec).norm]
     layers = []
     for layer in spec.layers[:-1]:
         layers.append(layer)
@@ -64,18 +70,18 @@ def _feature_net(spec: KernelSpec):
     # (the exact kernels, and so `import kernel_distill`, do not). No import cycle: networks needs only layers.
     from kernel_distill.kernels.networks import LayerNet
 
-    return LayerNet(feature_layers(spec), num_classes=0, width=spec.random_features.width, parameterization="ntk",
+    return LayerNet(feature_layers(spec), num_classes=0, width=_random_features(spec).width, parameterization="ntk",
                     W_std=spec.W_std, b_std=spec.b_std)
 
 
 def readout_fan_in(spec: KernelSpec, image_shape: tuple) -> int:
     """Entries of one network's readout input ``phi_m(x)`` for images of ``image_shape`` ``(H, W, C)``."""
-    return int(np.prod(output_shape(feature_layers(spec), image_shape, spec.random_features.width)))
+    return int(np.prod(output_shape(feature_layers(spec), image_shape, _random_features(spec).width)))
 
 
 def feature_dimension(spec: KernelSpec, image_shape: tuple) -> int:
     """Length of ``Phi(x)``: ``M * fan_in`` network features plus the bias feature."""
-    return spec.random_features.models * readout_fan_in(spec, image_shape) + 1
+    return _random_features(spec).models * readout_fan_in(spec, image_shape) + 1
 
 
 def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32):
@@ -84,19 +90,19 @@ def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32)
     Drawn in float32 and then cast, so a key gives the same networks in float32 and float64 runs."""
     net = _feature_net(spec)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    keys = jax.random.split(key, spec.random_features.models)
+    keys = jax.random.split(key, _random_features(spec).models)
     params = jax.vmap(lambda k: net.init(k, dummy))(keys)
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
 
 def fixed_network_params(spec: KernelSpec, image_shape: tuple, dtype=jnp.float32):
     """The evaluation networks: drawn from ``PRNGKey(spec.random_features.seed)``."""
-    return network_params(spec, jax.random.PRNGKey(spec.random_features.seed), image_shape, dtype)
+    return network_params(spec, jax.random.PRNGKey(_random_features(spec).seed), image_shape, dtype)
 
 
 def image_chunk(spec: KernelSpec, image_shape: tuple, itemsize: int, budget: int) -> int:
     """Images per chunk so that one model's forward pass over a chunk stays within ``budget`` bytes."""
-    width = spec.random_features.width
+    width = _random_features(spec).width
     pixels = image_shape[0] * image_shape[1] if spec.is_conv else 1
     per_image = ARRAYS_PER_IMAGE * pixels * max(width, image_shape[-1]) * itemsize
     return max(1, budget // max(1, per_image))
@@ -109,7 +115,7 @@ def features(spec: KernelSpec, params, x, budget: int = 512 * 2**20):
     (``lax.map``), so memory does not grow with ``M`` or ``n``. Differentiable in ``x``.
     """
     net = _feature_net(spec)
-    models = spec.random_features.models
+    models = _random_features(spec).models
     chunk = image_chunk(spec, x.shape[1:], jnp.dtype(x.dtype).itemsize, budget)
 
     def one_model(p):  # (n, fan_in)

@@ -79,6 +79,7 @@ def run_in_folder(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, 
                                         jnp.asarray(counts), per_class_target, data.x_train)
     if not resume:
         state = initial_state(config, data, optimizer)
+    assert state is not None  # check_resume returns a state when resuming, initial_state otherwise
     device = _device_state(state, config, optimizer, out_dir)
     if resume and (state.images.shape[1:] != data.x_train.shape[1:] or state.labels.shape[1] != data.num_classes):
         raise KernelDistillError(f"cannot resume from {out_dir}: its support ({state.images.shape[1:]} images, "
@@ -150,7 +151,8 @@ def _device_state(state: KipState, config: KipConfig, optimizer, out_dir: pathli
     params = _state_params(state, config)
     fresh = optimizer.init(params)
     treedef, fresh_leaves = jax.tree_util.tree_structure(fresh), jax.tree_util.tree_leaves(fresh)
-    if treedef.num_leaves != len(state.opt_leaves) or any(
+    num_leaves = treedef.num_leaves  # type: ignore[attr-defined]  # jax's PyTreeDef stub lacks num_leaves
+    if num_leaves != len(state.opt_leaves) or any(
             np.shape(a) != np.shape(b) for a, b in zip(fresh_leaves, state.opt_leaves)):
         raise KernelDistillError(f"cannot resume from {out_dir}: its optimiser state does not match this config")
     opt_state = jax.tree_util.tree_unflatten(treedef, [jnp.asarray(x) for x in state.opt_leaves])
@@ -188,7 +190,7 @@ def _evaluated(inputs: RunInputs, state: KipState) -> tuple[KipState, dict]:
     """KRR accuracy of the (synced) support on the validation and test sets; the state with the new
     accuracies, and the best support if this one beats it on the selection split; and the metrics record."""
     config, data = inputs.config, inputs.data
-    record = {"step": state.step}
+    record: dict[str, float] = {"step": state.step}
     last_val_accuracy = state.last_val_accuracy
     if data.num_val:
         val = inputs.evaluate_fn(inputs.kernel_fn, state.images, state.labels, data.x_val, data.y_val, reg=config.reg,
@@ -200,6 +202,8 @@ def _evaluated(inputs: RunInputs, state: KipState) -> tuple[KipState, dict]:
                                 get=config.get, progress=False)
     state = dataclasses.replace(state, last_accuracy=result.accuracy, last_val_accuracy=last_val_accuracy)
     selected = result.accuracy if config.select_on == "test" else last_val_accuracy
+    if selected is None:
+        raise KernelDistillError("select_on='val' needs a validation split")
     if selected > state.best_accuracy:
         state = dataclasses.replace(state, best_accuracy=selected, best_step=state.step,
                                     best_test_accuracy=result.accuracy, best_images=state.images.copy(),
