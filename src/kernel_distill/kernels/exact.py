@@ -56,24 +56,26 @@ from kernel_distill.kernels.spec import KernelSpec
 def layer_plan(layers: tuple, height: int, width: int) -> tuple:
     """``((H, W, rh, rw), ...)``: the spatial size and band radius of the state *before* each layer, plus
     one entry for the output (``None`` entries once the state is flat)."""
-    sizes = []
+    sizes: list[tuple[int, int] | None] = []
     shape = (height, width, 1)  # channels do not matter to the plan
     for layer in layers:
         sizes.append(shape[:2] if len(shape) == 3 else None)
         shape = layer.output_shape(shape, 1)
     sizes.append(shape[:2] if len(shape) == 3 else None)
-    radii = [None] * len(sizes)
+    radii: list[tuple[int, int] | None] = [None] * len(sizes)
     rh = rw = 0
     if sizes[-1] is not None:  # a list cut after its last ReLU (the self pass) ends spatial, at offset 0
         radii[-1] = (0, 0)
     for i in range(len(layers) - 1, -1, -1):
-        if sizes[i] is None:
+        size = sizes[i]
+        if size is None:
             continue
         rh, rw = layers[i].input_radius(rh, rw)
-        h, w = sizes[i]
+        h, w = size
         rh, rw = min(rh, h - 1), min(rw, w - 1)
         radii[i] = (rh, rw)
-    return tuple(None if s is None else (*s, *r) for s, r in zip(sizes, radii))
+    # every spatial size has its radius (set above), so ``r is None`` only where ``s`` is
+    return tuple(None if s is None or r is None else (*s, *r) for s, r in zip(sizes, radii))
 
 
 def starts_flat(plan: tuple) -> bool:

@@ -206,6 +206,7 @@ class KernelSpec:
     @property
     def layers(self) -> tuple:
         """The architecture's layer tuple at this depth."""
+        assert self.depth is not None  # __post_init__ fills in the default depth
         return ARCHITECTURE_REGISTRY[self.architecture].layers(self.depth)
 
     def to_dict(self) -> dict:
