@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 import re
+from typing import Any
 
 import numpy as np
 
@@ -92,7 +93,7 @@ def export_metadata(src: ExportSource) -> dict[str, str]:
 
 
 def _tensors(distilled: DistilledSet) -> dict[str, np.ndarray]:
-    tensors = dict(images=np.ascontiguousarray(distilled.images, np.float32),
+    tensors: dict[str, np.ndarray] = dict(images=np.ascontiguousarray(distilled.images, np.float32),
                    labels=np.ascontiguousarray(distilled.labels, np.float32),
                    hard_labels=np.asarray(distilled.labels.argmax(axis=1), np.int64))
     tensors.update(_preprocessing_tensors(distilled.preprocessor))
@@ -212,7 +213,7 @@ def _write_safetensors(src: ExportSource, path: pathlib.Path) -> dict:
 
 
 def _write_manifest(folder: pathlib.Path, src: ExportSource, fmt: str, notes: dict, files: list[str]) -> None:
-    manifest = dict(export_metadata(src), export_format=fmt, files=files, num_images=len(src.distilled.images),
+    manifest: dict[str, Any] = dict(export_metadata(src), export_format=fmt, files=files, num_images=len(src.distilled.images),
                     num_classes=src.distilled.num_classes, image_shape=list(src.distilled.images.shape[1:]),
                     pixel_space=notes)
     manifest["metadata"] = src.distilled.metadata
@@ -418,7 +419,7 @@ def load_source(text: str, data_dir=None, progress: bool = False) -> ExportSourc
             command = record["provenance"].get("command_line")
     distilled = load_distilled(path)
     dataset = distilled.metadata.get("dataset")
-    info = DATASETS.get(dataset)
+    info = DATASETS.get(dataset) if isinstance(dataset, str) else None
     names = tuple(info.class_names) if info is not None and len(info.class_names) == distilled.num_classes \
         else tuple(str(k) for k in range(distilled.num_classes))
     return ExportSource(distilled, str(text), file_sha256(path), names, label_scale,

@@ -46,6 +46,8 @@ def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarra
     from kernel_distill.io import dataset_of, load_distilled
 
     source = config.init_file
+    if source is None:
+        raise KernelDistillError("this run has no init_file to start its support from")
     if config.init_sha256 is not None and file_sha256(source) != config.init_sha256:
         raise KernelDistillError(f"{source}: its sha256 is not the one this run recorded "
                                  f"({config.init_sha256[:12]}...): the file changed since the run started")
@@ -66,7 +68,8 @@ def warm_start_support(config: KipConfig, data: PreparedData) -> tuple[np.ndarra
     same = (np.allclose(mine.mean, theirs.mean, rtol=1e-5, atol=1e-7)
             and np.allclose(mine.std, theirs.std, rtol=1e-5, atol=1e-7)
             and mine.uses_zca == theirs.uses_zca
-            and (not mine.uses_zca or (mine.zca_layer_norm == theirs.zca_layer_norm and np.allclose(
+            and (not mine.uses_zca or (mine.zca_matrix is not None and theirs.zca_matrix is not None
+                                       and mine.zca_layer_norm == theirs.zca_layer_norm and np.allclose(
                 mine.zca_matrix, theirs.zca_matrix, rtol=1e-2, atol=1e-3 * float(np.abs(mine.zca_matrix).max())))))
     if not same:
         raise KernelDistillError(
