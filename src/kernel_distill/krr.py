@@ -13,7 +13,7 @@ evaluation with a progress bar.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -120,16 +120,16 @@ class padded_row_blocks:
             yield start, block
 
 
-def cross_kernel(kernel_fn: Callable, x1, x2, get: Get = "ntk"):
+def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
     """``kernel_fn(x1, x2, get)`` through a jitted function cached per kernel function and ``get``, so
     repeated evaluations (KIP evaluates every few hundred steps) do not recompile."""
     if isinstance(kernel_fn, (KernelFn, RandomFeatureKernelFn)):
-        return kernel_fn.jitted(get)(x1, x2)
+        return kernel_fn.jitted(cast(Get, get))(x1, x2)  # the kernel function checks get
     return kernel_fn(x1, x2, get=get)
 
 
 def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg: float = DEFAULT_REG,
-             get: Get = "ntk", block_size: int = 1000, progress: bool = True,
+             get: str = "ntk", block_size: int = 1000, progress: bool = True,
              description: str = "KRR test", backend=None) -> EvalResult:
     """KRR accuracy and MSE of a support set on a whole test set, test points processed in blocks.
 
