@@ -211,9 +211,11 @@ class LocalRayHead:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KernelDistillError(f"the local Ray instance did not start within {timeout:g} s")
-            ready, _, _ = select.select([self.process.stdout], [], [], min(left, 1.0))
+            stdout = self.process.stdout
+            assert stdout is not None  # started with stdout=PIPE
+            ready, _, _ = select.select([stdout], [], [], min(left, 1.0))
             if ready:
-                chunk = os.read(self.process.stdout.fileno(), 4096)
+                chunk = os.read(stdout.fileno(), 4096)
                 if not chunk:
                     break
                 line += chunk
@@ -237,7 +239,8 @@ class LocalRayHead:
             _kill_session(self.pid)
         if self.process.poll() is None:
             try:
-                self.process.stdin.close()
+                if self.process.stdin is not None:  # started with stdin=PIPE
+                    self.process.stdin.close()
             except OSError:
                 pass
             try:
@@ -254,6 +257,8 @@ class LocalRayHead:
             time.sleep(0.1)
         _kill_session(self.pid)
         for stream in (self.process.stdin, self.process.stdout, self._log):
+            if stream is None:
+                continue
             try:
                 stream.close()
             except OSError:
