@@ -271,6 +271,8 @@ def serve(fd: int) -> int:
                 elif name == "put":
                     key, shape, dtype = args
                     array = np.frombuffer(connection.recv_bytes(), np.dtype(dtype)).reshape(shape)
+                    if backend is None:
+                        raise KernelDistillError("put before the Ray backend started")
                     resident[key] = backend.put(array)
                     value = None
                 elif name == "close":
@@ -284,7 +286,7 @@ def serve(fd: int) -> int:
                     value = getattr(backend, name)(*args)
                 else:
                     raise ValueError(f"unknown call {name!r}")
-                reply = ("ok", value)
+                reply: tuple[str, object] = ("ok", value)
             except KernelDistillError as e:
                 reply = ("error", type(e)(str(e)))
             except Exception:
