@@ -136,7 +136,8 @@ class RayDriverBackend(ShareBlocks, Backend):
     name = "ray"
 
     def __init__(self, driver: DriverProcess, head: cluster.LocalRayHead | None, log=print):
-        self.driver, self.head, self.log = driver, head, log
+        self.driver: DriverProcess | None = driver  # None once closed
+        self.head, self.log = head, log
         self.workers: list[dict] = []
         self.num_workers, self.retries = 0, 0
         self.last_step: dict = {}
@@ -171,6 +172,8 @@ class RayDriverBackend(ShareBlocks, Backend):
         return backend
 
     def _call(self, name: str, *args, payload=None):
+        if self.driver is None:
+            raise KernelDistillError("this Ray backend is closed")
         try:
             return self.driver.call(name, *args, payload=payload)
         except ClusterStopped:
@@ -182,8 +185,10 @@ class RayDriverBackend(ShareBlocks, Backend):
     def _driver_ended(self) -> KernelDistillError:
         """Why the driver process ended: the cluster stopped (checked a few times: a raylet that took the
         driver with it may take a moment to stop answering), else the process's exit code and last line."""
-        self.driver.busy = False
-        code = self.driver.exit_code(10.0)
+        driver = self.driver
+        assert driver is not None  # only _call, which checked it, gets here
+        driver.busy = False
+        code = driver.exit_code(10.0)
         watch = cluster.ClusterWatch(*self._addresses, grace_s=0.0)
         for _ in range(10):
             try:
@@ -193,7 +198,7 @@ class RayDriverBackend(ShareBlocks, Backend):
                 return stopped
             time.sleep(0.2)
         return KernelDistillError(f"the Ray driver process of this command ended unexpectedly (exit code {code}): "
-                                  f"{self.driver.last_line()}")
+                                  f"{driver.last_line()}")
 
     def describe(self) -> dict:
         return dict(backend=self.name, workers=self.num_workers, retries=self.retries,
