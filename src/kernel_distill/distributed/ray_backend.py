@@ -36,6 +36,7 @@ import functools
 import logging
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +167,7 @@ class ShareBlocks:
     """
 
     last_step: dict
+    backward_shares: Callable[[np.ndarray, np.ndarray], Any]  # the concrete backend's
 
     def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
         if target_idx is None:  # the workers read the targets from the object store, by row
@@ -389,7 +391,7 @@ class RayBackend(ShareBlocks, Backend):
         forward = self._gather(futures, "its kernel blocks", busy)
         k_ts = np.concatenate([f[0] for f in forward])
         k_ss = np.concatenate([f[1] for f in forward])
-        self._pending_shares = (kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy)
+        self._pending_shares: tuple | None = (kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy)
         return k_ts, k_ss, dict(seconds=max(f[2] for f in forward), workers_used=len(busy),
                                 bytes_sent=support.nbytes + idx.nbytes, bytes_received=k_ts.nbytes + k_ss.nbytes)
 
@@ -397,6 +399,8 @@ class RayBackend(ShareBlocks, Backend):
     def backward_shares(self, d_kts: np.ndarray, g: np.ndarray):
         """The block VJPs of the last :meth:`forward_shares` summed over the workers, ``(dx, dstats, record)``:
         ``d_kts`` the cotangent of ``K_ts``, ``g`` that of ``K_ss`` plus its transpose."""
+        if self._pending_shares is None:
+            raise KernelDistillError("backward_shares needs a forward_shares before it")
         kernel_fn, get, dtype, train, idx, support_ref, targets, rows, busy = self._pending_shares
         self._pending_shares = None
         futures = [self.actors[w].backward_share.remote(
