@@ -58,11 +58,11 @@ def x64():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_environment(monkeypatch, tmp_path):
+def _isolated_environment(monkeypatch, tmp_path_factory):
     """No test downloads from the internet or writes to the user's cache by accident."""
     monkeypatch.setenv("KERNEL_DISTILL_MIRROR", "http://127.0.0.1:9/")  # discard port: fails fast, locally
-    if os.environ.get("KERNEL_DISTILL_DATA") is None:
-        monkeypatch.setenv("KERNEL_DISTILL_DATA", str(tmp_path / "no-data-here"))
+    if os.environ.get("KERNEL_DISTILL_DATA") is None:  # an empty data folder: `make test` without shared data
+        monkeypatch.setenv("KERNEL_DISTILL_DATA", str(tmp_path_factory.mktemp("no-data-here")))
 
 
 @pytest.fixture

@@ -266,6 +266,16 @@ def test_ray_label_solve_and_evaluation_equal_local(x64, rng, three_workers):
     for got, ref in ((ours.gram, local.gram), (ours.projected_targets, local.projected_targets),
                      (ours.labels, local.labels)):
         np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-12 * np.abs(ref).max())
+    # A checkpointed pass on the cluster, continued from its second chunk's sums: the same bits as one pass.
+    seen = []
+    chunked = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, progress=False, backend=three_workers,
+                           chunk_blocks=2, on_chunk=seen.append)
+    continued = solve_labels(kernel_fn, x_s, x_train, y_train, block_size=4, progress=False, backend=three_workers,
+                             chunk_blocks=2, start=seen[1])
+    assert [s.count for s in seen] == [8, 16, 18]
+    np.testing.assert_array_equal(continued.gram, chunked.gram)
+    np.testing.assert_array_equal(continued.labels, chunked.labels)
+    np.testing.assert_allclose(chunked.labels, local.labels, rtol=1e-10, atol=1e-12 * np.abs(local.labels).max())
     x_test, labels_test = rng.standard_normal((13, *shape)), rng.integers(0, 3, 13)
     ref = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, progress=False)
     got = evaluate(kernel_fn, x_s, local.labels, x_test, labels_test, block_size=5, progress=False,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernel_distill.cli import main
+from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import load_distilled
 from kernel_distill.kernels import make_kernel_fn
 from kernel_distill.results import read_results
@@ -82,3 +83,85 @@ def test_cli_outputs_and_accuracy_gain(tmp_path, capsys):
     capsys.readouterr()
     assert main(["label-solve", "--dataset", "digits", "--support-size", "15", "--no-progress"]) == 2
     assert "multiple of 10" in capsys.readouterr().err
+
+
+def test_chunked_pass_continued_from_its_running_sums_is_bit_identical(x64, problem):
+    """Sums handed to ``on_chunk`` and given back as ``start`` continue the pass: the same bits as one pass."""
+    x_support, x_train, y_train = problem
+    kernel_fn = make_kernel_fn(architecture="fc", depth=2)
+    seen = []
+    whole = solve_labels(kernel_fn, x_support, x_train, y_train, block_size=4, chunk_blocks=3, progress=False,
+                         on_chunk=seen.append)
+    assert [s.count for s in seen] == [12, 24, 36, 41]
+    continued = solve_labels(kernel_fn, x_support, x_train, y_train, block_size=4, chunk_blocks=3, progress=False,
+                             start=seen[1])
+    np.testing.assert_array_equal(continued.gram, whole.gram)
+    np.testing.assert_array_equal(continued.labels, whole.labels)
+    one_chunk = solve_labels(kernel_fn, x_support, x_train, y_train, block_size=4, progress=False)
+    np.testing.assert_allclose(whole.gram, one_chunk.gram, rtol=1e-12)  # chunks change only the rounding
+    with pytest.raises(KernelDistillError, match="do not end a chunk"):
+        solve_labels(kernel_fn, x_support, x_train, y_train, block_size=4, chunk_blocks=2, progress=False,
+                     start=seen[0])
+
+
+LS_ARGS = ["label-solve", "--dataset", "digits", "--support-size", "20", "--block-size", "200", "--no-progress"]
+
+
+def test_resume_after_an_interrupt_gives_the_labels_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    from kernel_distill.workflows import label_solve as workflow
+
+    assert main([*LS_ARGS, "--out", str(tmp_path / "whole")]) == 0
+    save = workflow.save_checkpoint
+
+    def interrupted_after_three(folder, sums, *rest):
+        save(folder, sums, *rest)
+        if sums.count == 600:  # 3 blocks of 200 of digits' 1,438 training images (Ctrl-C, SIGTERM)
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "save_checkpoint", interrupted_after_three)
+    cut = tmp_path / "cut"
+    assert main([*LS_ARGS, "--out", str(cut)]) == 130
+    assert not (cut / "results.json").exists()
+    (cut / ".distilled.npz.1234.tmp").write_bytes(b"half a write")  # left by a kill during a write
+    monkeypatch.setattr(workflow, "save_checkpoint", save)
+    assert main(["label-solve", "--resume", str(cut), "--no-progress"]) == 0
+    whole, resumed = load_distilled(tmp_path / "whole" / "distilled.npz"), load_distilled(cut / "distilled.npz")
+    np.testing.assert_array_equal(resumed.labels, whole.labels)
+    np.testing.assert_array_equal(resumed.images, whole.images)
+    record = read_results(cut)
+    assert record["config"]["resumed_from_rows"] == 600 and record["metrics"]["num_train"] == 1438
+    assert record["metrics"]["test_accuracy"] == read_results(tmp_path / "whole")["metrics"]["test_accuracy"]
+    events = [json.loads(line)["event"] for line in (cut / "config_history.jsonl").read_text().splitlines()]
+    assert events == ["start", "resume"]
+
+
+def test_resume_refuses_what_would_change_the_result(tmp_path, monkeypatch, capsys):
+    from kernel_distill.workflows import label_solve as workflow
+
+    save = workflow.save_checkpoint
+
+    def interrupted_at_once(folder, sums, *rest):
+        save(folder, sums, *rest)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(workflow, "save_checkpoint", interrupted_at_once)
+    cut = tmp_path / "cut"
+    assert main([*LS_ARGS, "--out", str(cut)]) == 130
+    capsys.readouterr()
+    for extra, needle in ((["--block-size", "100"], "--block-size would change block_size from 200 to 100"),
+                          (["--ls-reg", "1e-3"], "--ls-reg would change"),
+                          (["--kernel", "convnet"], "--kernel would change"),
+                          (["--out", str(tmp_path / "x")], "--out cannot be used with --resume")):
+        assert main(["label-solve", "--resume", str(cut), *extra]) == 2
+        assert needle in capsys.readouterr().err
+    with np.load(cut / workflow.CHECKPOINT) as f:
+        arrays = dict(f)
+    arrays["support"] = arrays["support"] + 1.0  # the folder's sums were made with other images
+    np.savez(cut / workflow.CHECKPOINT, **arrays)
+    monkeypatch.setattr(workflow, "save_checkpoint", save)
+    assert main(["label-solve", "--resume", str(cut), "--no-progress"]) == 2
+    assert "the support images differ" in capsys.readouterr().err
+    assert main(["label-solve", "--resume", str(tmp_path / "nothing")]) == 2
+    (tmp_path / "kip-like").mkdir()
+    assert main(["label-solve", "--resume", str(tmp_path / "kip-like")]) == 2
+    assert "not a label-solve run folder" in capsys.readouterr().err

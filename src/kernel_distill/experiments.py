@@ -28,6 +28,7 @@ from kernel_distill.checksums import split_checksum
 if TYPE_CHECKING:
     from kernel_distill.distributed import Backend
     from kernel_distill.finite import TrainConfig
+    from kernel_distill.label_solve import NormalEquations
 
 DataDir = str | os.PathLike | None  # where datasets are found (kernel_distill.data.resolve_data_dir)
 KernelFunction = Callable[..., Any]  # kernel_fn(x1, x2=None, get=...) -> (n1, n2), e.g. a kernels.KernelFn
@@ -134,9 +135,12 @@ def natural_baseline(dataset: str, per_class: int, seeds: int, kernel_fn: Kernel
 
 def label_solve_on(data: PreparedData, kernel_fn: KernelFunction, x_support: np.ndarray, original_labels: np.ndarray,
                    reg: float, ls_reg: float, get: str, train_limit: int | None = None, block_size: int = 5000,
-                   dtype: npt.DTypeLike = np.float32, progress: bool = True, backend: Backend | None = None) -> dict:
+                   dtype: npt.DTypeLike = np.float32, progress: bool = True, backend: Backend | None = None, *,
+                   chunk_blocks: int | None = None, start: NormalEquations | None = None,
+                   on_chunk: Callable[[NormalEquations], None] | None = None) -> dict:
     """Solve the labels of ``x_support`` over the training set of ``data`` and score both label sets
-    (kernels on ``backend``, default here).
+    (kernels on ``backend``, default here). ``chunk_blocks``, ``start``, ``on_chunk``: a pass checkpointed
+    and resumed in chunks (:func:`kernel_distill.label_solve.solve_labels`).
 
     Returns ``dict(metrics, labels, covariance)``: solved labels float32 ``(n, C)`` and the
     original-vs-solved label covariance ``(C, C)``. Nothing is selected, so no validation split is used.
@@ -148,11 +152,11 @@ def label_solve_on(data: PreparedData, kernel_fn: KernelFunction, x_support: np.
     x_train, y_train = data.x_train, data.y_train
     if train_limit:
         x_train, y_train = x_train[:train_limit], y_train[:train_limit]
-    start = time.perf_counter()
+    began = time.perf_counter()
     result = solve_labels(kernel_fn, x_support, x_train.astype(dtype), centered_one_hot(y_train, data.num_classes),
                           reg=reg, ls_reg=ls_reg, get=get, block_size=block_size, progress=progress,
-                          backend=backend)
-    solve_seconds = time.perf_counter() - start
+                          backend=backend, chunk_blocks=chunk_blocks, start=start, on_chunk=on_chunk)
+    solve_seconds = time.perf_counter() - began
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     z_test = data.x_test.astype(dtype)
     natural = evaluate(kernel_fn, x_support, original_labels, z_test, data.y_test, reg, get, progress=False,

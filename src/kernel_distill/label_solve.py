@@ -11,7 +11,11 @@ where ``y_t`` are the mean-centred one-hot labels of the whole training set. (Ng
 labels are optimal for the predictor that is scored, and the inner Gram matrix relatively, like KIP's reg.)
 
 ``K_st K_ts`` (n x n) and ``K_st y_t`` (n x C) are accumulated in float64 over blocks of the training set,
-so memory is bounded by the block size whatever the training set's size.
+so memory is bounded by the block size whatever the training set's size. A long pass sums the training set
+in chunks of whole blocks and hands the running sums (:class:`NormalEquations`) to a callback after each
+chunk; given those sums back as ``start``, :func:`solve_labels` continues after the rows they cover and
+returns exactly (bit for bit) what one uninterrupted pass with the same chunks returns: the chunks are the
+same, and each is added to the running sums in the same order.
 """
 
 from __future__ import annotations
@@ -26,6 +30,24 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.krr import DEFAULT_REG, cross_kernel, padded_row_blocks, ridge
 
 DEFAULT_LS_REG = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class NormalEquations:
+    """Running sums of Label Solve over the first ``count`` training rows.
+
+    gram: float64 ``(n, n)``, ``sum_b K_sb K_bs``; projected: float64 ``(n, C)``, ``sum_b K_sb y_b``."""
+
+    gram: np.ndarray
+    projected: np.ndarray
+    count: int
+
+    @classmethod
+    def zeros(cls, num_support: int, num_classes: int) -> "NormalEquations":
+        return cls(np.zeros((num_support, num_support)), np.zeros((num_support, num_classes)), 0)
+
+    def plus(self, gram: np.ndarray, projected: np.ndarray, count: int) -> "NormalEquations":
+        return NormalEquations(self.gram + gram, self.projected + projected, self.count + count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +102,18 @@ def labels_from_normal_equations(k_ss: np.ndarray, gram: np.ndarray, projected: 
 
 def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
                  reg: float = DEFAULT_REG, ls_reg: float = DEFAULT_LS_REG, get: str = "ntk",
-                 block_size: int = 5000, progress: bool = True, backend=None) -> LabelSolveResult:
+                 block_size: int = 5000, progress: bool = True, backend=None, *,
+                 chunk_blocks: int | None = None, start: NormalEquations | None = None,
+                 on_chunk: Callable[[NormalEquations], None] | None = None) -> LabelSolveResult:
     """Label Solve over ``x_train`` in blocks of ``block_size``.
 
     ``backend``: a :class:`kernel_distill.distributed.Backend` that sums the blocks' partial sums
     (``None``: here, block after block, with a progress bar).
+
+    Long passes: the training rows are summed in chunks of ``chunk_blocks`` blocks (``None``: one chunk),
+    each added to the running sums, which go to ``on_chunk`` after every chunk (to checkpoint them).
+    ``start``: running sums of an earlier pass with the same chunks; the pass continues after its
+    ``start.count`` rows, which must end a chunk.
 
     Args:
       x_support: float ``(n, H, W, C)`` preprocessed support images.
@@ -96,19 +125,40 @@ def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray
 
     if block_size < 1:
         raise KernelDistillError("block size must be positive")
+    if chunk_blocks is not None and chunk_blocks < 1:
+        raise KernelDistillError("chunk size (blocks) must be positive")
     if len(x_train) != len(y_train):
         raise KernelDistillError(f"{len(x_train)} training images but {len(y_train)} labels")
-    if backend is not None:
-        gram, projected, count = backend.normal_equations(kernel_fn, get, x_support, backend.put(x_train),
-                                                          backend.put(np.asarray(y_train, np.float64)), block_size)
-    else:
-        rows = padded_row_blocks(x_train, block_size)  # one compiled shape; padded rows have no labels
-        blocks = ((xb, y_train[start:start + block_size]) for start, xb in rows)
-        with tqdm(total=len(rows), desc="Label Solve", unit="block", disable=not progress, leave=False) as bar:
-            gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
+    num_rows = len(x_train)
+    if num_rows == 0:
+        raise KernelDistillError("the training set is empty")
+    chunk_rows = num_rows if chunk_blocks is None else chunk_blocks * block_size
+    sums = start if start is not None else NormalEquations.zeros(len(x_support), np.shape(y_train)[1])
+    if sums.gram.shape != (len(x_support),) * 2 or sums.projected.shape != (len(x_support), np.shape(y_train)[1]):
+        raise KernelDistillError(f"the saved sums are for {sums.projected.shape[0]} support images and "
+                                 f"{sums.projected.shape[1]} classes, not {len(x_support)} and {np.shape(y_train)[1]}")
+    if not (sums.count == num_rows or (sums.count % chunk_rows == 0 and 0 <= sums.count < num_rows)):
+        raise KernelDistillError(f"the saved sums cover {sums.count} training rows, which do not end a chunk of "
+                                 f"{chunk_rows} rows of {num_rows}")
+    total_blocks = -(-num_rows // block_size)
+    with tqdm(total=total_blocks, initial=sums.count // block_size, desc="Label Solve", unit="block",
+              disable=not progress or backend is not None, leave=False) as bar:
+        for first in range(sums.count, num_rows, chunk_rows):
+            x_chunk, y_chunk = x_train[first:first + chunk_rows], y_train[first:first + chunk_rows]
+            if backend is not None:
+                gram, projected, count = backend.normal_equations(
+                    kernel_fn, get, x_support, backend.put(x_chunk), backend.put(np.asarray(y_chunk, np.float64)),
+                    block_size)
+            else:
+                rows = padded_row_blocks(x_chunk, block_size)  # one compiled shape; padded rows have no labels
+                blocks = ((xb, y_chunk[offset:offset + block_size]) for offset, xb in rows)
+                gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
+            sums = sums.plus(gram, projected, count)
+            if on_chunk is not None:
+                on_chunk(sums)
     k_ss = np.asarray(kernel_fn(x_support, x_support, get=get), np.float64)
-    labels = labels_from_normal_equations(k_ss, gram, projected, reg, ls_reg)
-    return LabelSolveResult(labels.astype(np.float32), gram, projected, count)
+    labels = labels_from_normal_equations(k_ss, sums.gram, sums.projected, reg, ls_reg)
+    return LabelSolveResult(labels.astype(np.float32), sums.gram, sums.projected, sums.count)
 
 
 def training_objective(kernel_fn: Callable, x_support, y_support, x_train, y_train, reg: float = DEFAULT_REG,

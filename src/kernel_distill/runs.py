@@ -181,7 +181,8 @@ def claim_run_folder(folder: str | os.PathLike, *, resume: bool = False, overwri
 OUTPUT_FILES = {
     "kip": ("config.json", "checkpoint.npz", "metrics.jsonl", "distilled.npz", "distilled_best.npz", "grid.png",
             "curve.png", "results.json"),
-    "label-solve": ("distilled.npz", "label_covariance.png", "results.json"),
+    "label-solve": ("distilled.npz", "label_covariance.png", "results.json", "label_solve_config.json",
+                    "label_solve_checkpoint.npz"),
     "evaluate": ("results.json",),
     "baseline": ("natural.npz", "results.json"),
     "transfer": ("transfer_curve.png", "results.json"),
@@ -190,7 +191,9 @@ OUTPUT_FILES = {
 }
 STAGED_COMMANDS = ("report",)
 # Files only a KIP run writes: a folder holding one is a KIP run even without its results.json.
-_KIP_MARKERS = ("checkpoint.npz", "config.json", "metrics.jsonl", HISTORY_NAME)
+_KIP_MARKERS = ("checkpoint.npz", "config.json", "metrics.jsonl")
+# Files only a Label Solve run writes (an interrupted one has no results.json yet).
+_LABEL_SOLVE_MARKERS = ("label_solve_config.json", "label_solve_checkpoint.npz")
 
 
 def folder_owner(folder: str | os.PathLike) -> str | None:
@@ -209,7 +212,9 @@ def folder_owner(folder: str | os.PathLike) -> str | None:
         if isinstance(command, str) and command:
             return command
         return "an unknown command"  # a results.json nobody can read is still somebody's
-    if any((folder / name).exists() for name in _KIP_MARKERS):
+    if any((folder / name).exists() for name in _LABEL_SOLVE_MARKERS):
+        return "label-solve"
+    if any((folder / name).exists() for name in (*_KIP_MARKERS, HISTORY_NAME)):
         return "kip"
     if (folder / "index.html").is_file():
         return "report"
