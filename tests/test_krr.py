@@ -8,7 +8,7 @@ import pytest
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import make_kernel_fn
-from kernel_distill.krr import evaluate, kip_loss, krr_loss, krr_platt_loss, krr_predict
+from kernel_distill.krr import evaluate, evaluate_label_sets, kip_loss, krr_loss, krr_platt_loss, krr_predict
 from kernel_distill.data import load_dataset
 from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
 
@@ -71,6 +71,19 @@ def test_evaluate_blocks_agree_with_numpy(rng):
     assert result.accuracy == pytest.approx(np.mean(pred.argmax(1) == labels_t))
     target = np.eye(4)[labels_t] - 0.25
     assert result.mse_loss == pytest.approx(0.5 * np.mean((pred - target) ** 2), rel=1e-4)
+
+
+def test_label_sets_scored_side_by_side_equal_separate_evaluations(x64, rng):
+    """One pass of test kernels for several label sets (Label Solve scores natural and solved labels)."""
+    kernel_fn = make_kernel_fn(architecture="convnet", depth=1)
+    xs, xt = rng.normal(size=(6, 5, 5, 1)), rng.normal(size=(17, 5, 5, 1))
+    labels_t = rng.integers(0, 3, 17)
+    label_sets = [centered_one_hot(np.arange(6) % 3, 3), rng.normal(size=(6, 3)), rng.normal(size=(6, 4))]
+    together = evaluate_label_sets(kernel_fn, xs, label_sets, xt, labels_t % 3, block_size=5, progress=False)
+    for y, got in zip(label_sets, together):
+        alone = evaluate(kernel_fn, xs, y, xt, labels_t % 3, block_size=5, progress=False)
+        assert got.accuracy == alone.accuracy and got.num_test == alone.num_test == 17
+        assert got.mse_loss == pytest.approx(alone.mse_loss, rel=1e-10)
 
 
 def test_digits_accuracy_with_natural_support():

@@ -85,6 +85,22 @@ def test_cli_outputs_and_accuracy_gain(tmp_path, capsys):
     assert "multiple of 10" in capsys.readouterr().err
 
 
+def test_validation_images_are_neither_support_nor_targets(tmp_path):
+    from kernel_distill.data import load_dataset, validation_split
+
+    out = tmp_path / "ls"
+    assert main([*LS_ARGS, "--val-size", "100", "--out", str(out)]) == 0
+    record = read_results(out)
+    assert record["metrics"]["num_train"] == 1438 - 100 and record["config"]["val_size"] == 100
+    raw, labels = load_dataset("digits", "train", progress=False)
+    _, val_idx = validation_split(labels, 100, 10)
+    support = load_distilled(out / "distilled.npz")
+    data = prepare_dataset("digits", progress=False, val_size=100)
+    flat_val = data.x_val.reshape(len(data.x_val), -1)
+    for image in support.images.reshape(len(support.images), -1):
+        assert not np.any(np.all(np.isclose(flat_val, image), axis=1))
+
+
 def test_chunked_pass_continued_from_its_running_sums_is_bit_identical(x64, problem):
     """Sums handed to ``on_chunk`` and given back as ``start`` continue the pass: the same bits as one pass."""
     x_support, x_train, y_train = problem

@@ -143,44 +143,63 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
     Returns:
       :class:`EvalResult` with accuracy in [0, 1] and the MSE loss against centred one-hot test labels.
     """
+    return evaluate_label_sets(kernel_fn, x_support, [y_support], x_test, labels_test, reg, get, block_size,
+                               progress, description, backend)[0]
+
+
+def evaluate_label_sets(kernel_fn: Callable, x_support, label_sets, x_test, labels_test, reg: float = DEFAULT_REG,
+                        get: str = "ntk", block_size: int = 1000, progress: bool = True,
+                        description: str = "KRR test", backend=None) -> list[EvalResult]:
+    """:func:`evaluate` for several label sets ``[(n, C), ...]`` of one support, with one pass of test kernels:
+    KRR is linear in the labels, so the sets are solved and predicted side by side as columns of one matrix
+    (the test kernel, the costly part with a ConvNet kernel, is computed once instead of once per set)."""
     from tqdm.auto import tqdm
 
-    x_support, y_support = np.asarray(x_support), np.asarray(y_support)
+    x_support = np.asarray(x_support)
+    label_sets = [np.asarray(y) for y in label_sets]
     x_test, labels_test = np.asarray(x_test), np.asarray(labels_test)
-    if y_support.ndim != 2 or y_support.shape[0] != x_support.shape[0]:
-        raise KernelDistillError(
-            f"support labels must be (n, C) with n = {x_support.shape[0]} images, got {y_support.shape}")
+    for y_support in label_sets:
+        if y_support.ndim != 2 or y_support.shape[0] != x_support.shape[0]:
+            raise KernelDistillError(
+                f"support labels must be (n, C) with n = {x_support.shape[0]} images, got {y_support.shape}")
+        if not np.all(np.isfinite(y_support)):
+            raise KernelDistillError("support labels contain NaN or inf")
     if x_test.shape[1:] != x_support.shape[1:]:
         raise KernelDistillError(f"test images {x_test.shape[1:]} do not match support images {x_support.shape[1:]}")
-    for name, arr in (("support images", x_support), ("support labels", y_support), ("test images", x_test)):
+    for name, arr in (("support images", x_support), ("test images", x_test)):
         if not np.all(np.isfinite(arr)):
             raise KernelDistillError(f"{name} contain NaN or inf")
-    num_classes = y_support.shape[1]
+    widths = [y.shape[1] for y in label_sets]
+    columns = np.cumsum([0, *widths])
+    stacked = np.concatenate(label_sets, axis=1)
     in_feature_space = backend is None and uses_feature_space(kernel_fn, len(x_support), x_support.shape[1:])
     if in_feature_space:
         assert isinstance(kernel_fn, RandomFeatureKernelFn)  # uses_feature_space checked it
-        weights = feature_weights(feature_blocks(kernel_fn, x_support, block_size), y_support, reg)
+        weights = feature_weights(feature_blocks(kernel_fn, x_support, block_size), stacked, reg)
     else:
-        alpha = solve_support(kernel_fn(x_support, x_support, get=get), y_support, reg)
-    correct, squared_error = 0, 0.0
+        alpha = solve_support(kernel_fn(x_support, x_support, get=get), stacked, reg)
+    correct, squared_error = np.zeros(len(label_sets), np.int64), np.zeros(len(label_sets))
+
+    def score(pred: np.ndarray, labels: np.ndarray) -> None:
+        for k, width in enumerate(widths):
+            part = pred[:, columns[k]:columns[k + 1]]
+            correct[k] += int(np.sum(part.argmax(axis=1) == labels))
+            target = np.eye(width)[labels] - 1.0 / width
+            squared_error[k] += float(np.sum((part - target) ** 2))
+
     if backend is not None:
-        pred = backend.predictions(kernel_fn, get, x_support, alpha, backend.put(x_test), block_size)
-        target = np.eye(num_classes)[labels_test] - 1.0 / num_classes
-        m = len(x_test)
-        return EvalResult(accuracy=int(np.sum(pred.argmax(axis=1) == labels_test)) / m,
-                          mse_loss=0.5 * float(np.sum((pred - target) ** 2)) / (m * num_classes), num_test=m)
-    blocks = padded_row_blocks(x_test, block_size)
-    for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
-                          unit="block"):
-        if in_feature_space:
-            assert isinstance(kernel_fn, RandomFeatureKernelFn)  # uses_feature_space checked it
-            pred = np.asarray(kernel_fn.features(xb), dtype=np.float64) @ weights
-        else:
-            pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha
-        lb = labels_test[start:start + block_size]
-        pred = pred[:len(lb)]
-        correct += int(np.sum(pred.argmax(axis=1) == lb))
-        target = np.eye(num_classes)[lb] - 1.0 / num_classes
-        squared_error += float(np.sum((pred - target) ** 2))
+        score(backend.predictions(kernel_fn, get, x_support, alpha, backend.put(x_test), block_size), labels_test)
+    else:
+        blocks = padded_row_blocks(x_test, block_size)
+        for start, xb in tqdm(blocks, total=len(blocks), desc=description, disable=not progress, leave=False,
+                              unit="block"):
+            if in_feature_space:
+                assert isinstance(kernel_fn, RandomFeatureKernelFn)  # uses_feature_space checked it
+                pred = np.asarray(kernel_fn.features(xb), dtype=np.float64) @ weights
+            else:
+                pred = np.asarray(cross_kernel(kernel_fn, xb, x_support, get), dtype=np.float64) @ alpha
+            lb = labels_test[start:start + block_size]
+            score(pred[:len(lb)], lb)
     m = len(x_test)
-    return EvalResult(accuracy=correct / m, mse_loss=0.5 * squared_error / (m * num_classes), num_test=m)
+    return [EvalResult(accuracy=int(c) / m, mse_loss=0.5 * float(e) / (m * w), num_test=m)
+            for c, e, w in zip(correct, squared_error, widths)]

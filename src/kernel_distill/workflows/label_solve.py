@@ -53,6 +53,7 @@ class LabelSolveRequest:
     seed: int | None = None  # None: 0 for a natural support; must stay None with ``support``
     train_limit: int | None = None
     test_limit: int | None = None
+    val_size: int | None = None
     block_size: int | None = None
     checkpoint_every: int | None = None  # blocks of training images between checkpoints
     ls_reg: float | None = None
@@ -80,6 +81,7 @@ class LabelSolveConfig:
     seed: int | None
     train_limit: int | None
     test_limit: int | None
+    val_size: int
     block_size: int
     checkpoint_every: int
     ls_reg: float
@@ -126,6 +128,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--seed", type=int, default=None, help="seed of the natural support sample (default 0)")
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
+    p.add_argument("--val-size", type=int, default=None,
+                   help="class-balanced validation images held out of the training split: never support, never "
+                        "targets (the split kip and transfer --val-size hold out; default 0)")
     p.add_argument("--block-size", type=int, default=None,
                    help=f"training images per kernel block (default {DEFAULT_BLOCK_SIZE})")
     p.add_argument("--checkpoint-every", type=int, default=None,
@@ -145,7 +150,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def request_from_args(args: argparse.Namespace) -> LabelSolveRequest:
     return LabelSolveRequest(dataset=args.dataset, support_size=args.support_size, support=args.support,
                              seed=args.seed, train_limit=args.train_limit, test_limit=args.test_limit,
-                             block_size=args.block_size, checkpoint_every=args.checkpoint_every,
+                             val_size=args.val_size, block_size=args.block_size, checkpoint_every=args.checkpoint_every,
                              ls_reg=args.ls_reg, out=args.out, overwrite=args.overwrite, resume=args.resume,
                              kernel=arguments.kernel_choice(args), preprocessing=arguments.preprocessing(args),
                              compute=arguments.compute(args), data_dir=args.data_dir, progress=not args.no_progress,
@@ -157,17 +162,21 @@ def label_solve_config(request: LabelSolveRequest, base: LabelSolveConfig | None
     the defaults. Checks counts; resolves and hashes a support file."""
     from kernel_distill.checksums import file_sha256
 
+    if request.val_size is not None and request.val_size < 0:
+        raise KernelDistillError(f"--val-size must be 0 or more, got {request.val_size}")
     for name, value in (("--train-limit", request.train_limit), ("--test-limit", request.test_limit),
                         ("--support-size", request.support_size), ("--block-size", request.block_size),
                         ("--checkpoint-every", request.checkpoint_every)):
         check_positive(name, value)
     values: dict[str, Any] = base.to_dict() if base is not None else dict(
         dataset=None, support_size=DEFAULT_SUPPORT_SIZE, support_file=None, support_sha256=None, seed=DEFAULT_SEED,
-        train_limit=None, test_limit=None, block_size=DEFAULT_BLOCK_SIZE, checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
+        train_limit=None, test_limit=None, val_size=0, block_size=DEFAULT_BLOCK_SIZE,
+        checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
         ls_reg=DEFAULT_LS_REG, kernel=None, get=None, reg=None, zca=False, zca_reg=DEFAULT_ZCA_REG, float64=False)
     pre = request.preprocessing
     overrides = dict(dataset=request.dataset, support_size=request.support_size, seed=request.seed,
-                     train_limit=request.train_limit, test_limit=request.test_limit, block_size=request.block_size,
+                     train_limit=request.train_limit, test_limit=request.test_limit, val_size=request.val_size,
+                     block_size=request.block_size,
                      checkpoint_every=request.checkpoint_every, ls_reg=request.ls_reg, zca=True if pre.zca else None,
                      zca_reg=pre.zca_reg, float64=True if request.compute.float64 else None, reg=request.kernel.reg,
                      get=request.kernel.get)
@@ -336,7 +345,7 @@ def _label_solve(request: LabelSolveRequest, config: LabelSolveConfig, given: Di
     dtype = np.float64 if config.float64 else np.float32
     # A support file's own preprocessing maps the training and test images into its space.
     data = prepare_dataset(config.dataset, request.data_dir, zca=config.zca, zca_reg=config.zca_reg,
-                           test_limit=config.test_limit, progress=request.progress,
+                           test_limit=config.test_limit, progress=request.progress, val_size=config.val_size,
                            preprocessor=given.preprocessor if given is not None else None)
     spec = KernelSpec.from_dict(config.kernel)
     kernel_fn = kernel_function(request.compute, spec)
