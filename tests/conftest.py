@@ -61,8 +61,14 @@ def x64():
 def _isolated_environment(monkeypatch, tmp_path_factory):
     """No test downloads from the internet or writes to the user's cache by accident."""
     monkeypatch.setenv("KERNEL_DISTILL_MIRROR", "http://127.0.0.1:9/")  # discard port: fails fast, locally
-    if os.environ.get("KERNEL_DISTILL_DATA") is None:  # an empty data folder: `make test` without shared data
-        monkeypatch.setenv("KERNEL_DISTILL_DATA", str(tmp_path_factory.mktemp("no-data-here")))
+    # recomputed ZCA matrices (zca_recipes) are cached per test session, never in the user's cache
+    # (one folder for all xdist workers of a run: a CIFAR-10 refit costs half a minute; writes are atomic)
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    monkeypatch.setenv("KERNEL_DISTILL_CACHE", str(shared / "kernel-distill-cache"))
+    if os.environ.get("KERNEL_DISTILL_DATA") is None:  # the shared data as CI sets it, else an empty folder
+        shared = _shared_data_dir()
+        monkeypatch.setenv("KERNEL_DISTILL_DATA", str(shared or tmp_path_factory.mktemp("no-data-here")))
 
 
 @pytest.fixture

@@ -58,18 +58,62 @@ PUBLISHED = {
 
 ZOO_TEST_SUBSET = 2000  # test images of a random-feature set's re-derivation in tests/test_zoo.py
 
-def _zca_to_float16(path: pathlib.Path) -> None:
-    """Rewrite a set file with its ZCA matrix in float16 (the reader casts it back to float32)."""
+def _zca_recipe_of(distilled, record, data_dir):
+    """The recipe of the set's ZCA: the file's own, else derived from its run's settings (dataset, validation
+    images, regulariser) and the training split's checksum here."""
     import numpy as np
 
-    from kernel_distill.atomic import atomic_savez
+    from kernel_distill.checksums import split_checksum
+    from kernel_distill.data import load_dataset
+    from kernel_distill.zca_recipes import recipe_for
 
-    with np.load(path, allow_pickle=False) as contents:
-        arrays = {k: contents[k] for k in contents.files}
-    if "zca_matrix" not in arrays:
-        raise SystemExit(f"{path} has no ZCA matrix; --zca-float16 does not apply")
-    arrays["zca_matrix"] = arrays["zca_matrix"].astype(np.float16)
-    atomic_savez(path, **arrays)
+    pre = distilled.preprocessor
+    if pre.zca_recipe is not None:
+        return pre.zca_recipe
+    config = dict(distilled.metadata.get("config") or {})
+    if record is not None:
+        config.update(record.get("config") or {})
+    if "val_size" not in config:
+        raise SystemExit("the set records no val_size (the validation images its ZCA left out): give --zca-val-size")
+    dataset = distilled.metadata["dataset"]
+    raw, labels = load_dataset(dataset, "train", data_dir, progress=False)
+    return recipe_for(dataset, split_checksum(raw, labels), int(config["val_size"]), float(config.get("zca_reg", 0.1)),
+                      int(np.prod(distilled.images.shape[1:])), pre.zca_layer_norm)
+
+
+def _store_zca_as_recipe(path: pathlib.Path, record, data_dir, val_size=None) -> str:
+    """Rewrite a set file with its ZCA as a recipe, after checking that the recipe gives the file's matrix (to
+    float16 rounding where the file stored float16). Returns what was checked, for the entry's note."""
+    import dataclasses
+
+    import numpy as np
+
+    from kernel_distill.io import load_distilled, save_distilled
+    from kernel_distill.zca_recipes import zca_matrix
+
+    distilled = load_distilled(path, data_dir)
+    if distilled.preprocessor is None or distilled.preprocessor.zca_matrix is None:
+        return ""
+    if val_size is not None:
+        distilled = dataclasses.replace(distilled, metadata={**distilled.metadata, "config": {
+            **(distilled.metadata.get("config") or {}), "val_size": val_size}})
+    recipe = _zca_recipe_of(distilled, record, data_dir)
+    stored = distilled.preprocessor.zca_matrix
+    refit = zca_matrix(recipe, distilled.preprocessor.mean, distilled.preprocessor.std, data_dir, progress=False)
+    scale = float(np.abs(refit).max())
+    worst = float(np.abs(refit - stored).max()) / scale
+    with np.load(path, allow_pickle=False) as f:
+        half = "zca_matrix" in f.files and f["zca_matrix"].dtype == np.float16
+    if worst > (2e-3 if half else 1e-4):
+        raise SystemExit(f"{path}: the recipe {recipe.to_dict()} does not give the file's ZCA matrix (largest "
+                         f"difference {worst:.2e} of its largest entry): not converted")
+    save_distilled(path, dataclasses.replace(distilled, preprocessor=dataclasses.replace(
+        distilled.preprocessor, zca_matrix=refit, zca_recipe=recipe)), zca_as_recipe=True)
+    checked = (f"ZCA stored as its recipe (dataset {recipe.dataset}, {recipe.val_size} validation images left out, "
+               f"zca_reg {recipe.zca_reg:g}, rank {recipe.rank}); the refitted float32 matrix differs from the "
+               f"{'float16 ' if half else ''}matrix the file held by at most {worst:.1e} of its largest entry")
+    print(checked, flush=True)
+    return checked
 
 
 def _published(method: str, architecture: str, dataset: str, size: int):
@@ -99,6 +143,9 @@ def _source(path: pathlib.Path):
 
 def _preprocessing_text(distilled) -> str:
     pre = distilled.preprocessor
+    if pre.zca_matrix is not None and pre.zca_recipe is not None:
+        return ("standardised per channel, then ZCA-whitened (stored as its recipe: the matrix is refitted from the "
+                "training split on first use and cached)")
     if pre.zca_matrix is not None:
         return "standardised per channel, then ZCA-whitened (matrix stored in the file)"
     return "standardised per channel (mean/std of the training split, stored in the file)"
@@ -156,6 +203,49 @@ def _update_transfer(args, zoo, parser) -> int:
     return 0
 
 
+def _convert_zca(args, zoo, parser) -> int:
+    """``--convert-zca``: store the ZCA of zoo set ``args.name`` as its recipe; re-measure KRR; keep the rest."""
+    from kernel_distill.workflows.zoo import evaluate_file
+
+    zoo_dir = _zoo_dir(args, zoo)
+    index_file = zoo_dir / "index.json"
+    entries = zoo.read_index(index_file)
+    names = [e["name"] for e in entries]
+    if args.name not in names:
+        parser.error(f"no zoo set {args.name!r} in {index_file} (have: {', '.join(names)})")
+    entry = entries[names.index(args.name)]
+    target = zoo_dir / entry["file"]
+    if zoo.file_sha256(target) != entry["sha256"]:
+        parser.error(f"{target} does not match the sha256 in {index_file}")
+    val_size = args.zca_val_size if args.zca_val_size is not None else (entry.get("selection") or {}).get("val_size")
+    before = target.stat().st_size
+    checked = _store_zca_as_recipe(target, None, args.data_dir, val_size)
+    if not checked:
+        parser.error(f"{args.name} has no ZCA matrix to convert")
+    from kernel_distill.io import load_distilled
+
+    krr = evaluate_file(target, args.data_dir)
+    subset = evaluate_file(target, args.data_dir, test_limit=ZOO_TEST_SUBSET) if "subset" in entry["krr"] else None
+    old = entry["krr"]
+    on_subset = "" if subset is None else f"; on {subset['num_test']} test images {100 * subset['test_accuracy']:.2f}%"
+    print(f"KRR test accuracy: {100 * krr['test_accuracy']:.2f}% (was {100 * old['test_accuracy']:.2f}% with the "
+          f"stored matrix){on_subset}", flush=True)
+    entry.update(sha256=zoo.file_sha256(target), bytes=target.stat().st_size,
+                 preprocessing=_preprocessing_text(load_distilled(target, args.data_dir)))
+    entry["krr"] = dict(old, test_accuracy=krr["test_accuracy"], num_test=krr["num_test"],
+                        seconds=round(krr["seconds"], 2),
+                        **({"subset": dict(test_accuracy=subset["test_accuracy"], num_test=subset["num_test"])}
+                           if subset else {}))
+    entry["zca_conversion"] = dict(
+        what=checked, bytes_before=before, krr_before=old["test_accuracy"],
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:])]),
+        transfer="the transfer numbers were measured with the float16 matrix the file held before")
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
+    print(f"{args.name}: {before:,} -> {target.stat().st_size:,} bytes; entry updated in {index_file}")
+    return 0
+
+
 def _write_index(index_file: pathlib.Path, entries: list, regenerate_readme: bool) -> None:
     from kernel_distill.atomic import atomic_write_text
 
@@ -180,9 +270,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-transfer", action="store_true", help="skip the transfer measurement")
     parser.add_argument("--transfer-only", action="store_true",
                         help="measure transfer for the zoo set --name as shipped and update only its transfer field")
-    parser.add_argument("--zca-float16", action="store_true",
-                        help="store the ZCA matrix in float16 (half the bytes: 19 MB instead of 38 for CIFAR-10); "
-                             "every number is then measured on the file as shipped")
+    parser.add_argument("--zca-val-size", type=int, default=None,
+                        help="validation images the set's ZCA left out, where the set does not record it (a ZCA is "
+                             "always stored as its recipe, checked against the file's matrix)")
+    parser.add_argument("--convert-zca", action="store_true",
+                        help="rewrite the zoo set --name (no source) with its ZCA matrix as a recipe, re-measure its "
+                             "KRR accuracy and update only those fields of its entry")
     parser.add_argument("--transfer-model", default="evalnet")
     parser.add_argument("--transfer-steps", type=int, default=300)
     parser.add_argument("--transfer-batch", type=int, default=128)
@@ -199,6 +292,10 @@ def main(argv=None) -> int:
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
+    if args.convert_zca:
+        if args.source is not None:
+            parser.error("--convert-zca takes no source: it rewrites a set already in the zoo")
+        return _convert_zca(args, zoo, parser)
     if args.transfer_only:
         if args.source is not None or args.no_transfer:
             parser.error("--transfer-only takes no source and no --no-transfer: it measures a set already in the zoo")
@@ -217,8 +314,8 @@ def main(argv=None) -> int:
     target = zoo_dir / "sets" / f"{args.name}.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(npz.read_bytes())
-    if args.zca_float16:
-        _zca_to_float16(target)
+    zca_note = _store_zca_as_recipe(target, record, args.data_dir, args.zca_val_size)
+    distilled = load_distilled(target, args.data_dir)
     print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
 
     krr = evaluate_file(target, args.data_dir)
@@ -256,7 +353,7 @@ def main(argv=None) -> int:
         machine=args.machine or (f"{prov.get('machine')}, {prov.get('device')} ({prov.get('backend')}), shared with "
                                  f"other jobs" if prov else None),
         date=prov.get("date") or datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        git_commit=prov.get("git_commit"), note=args.note,
+        git_commit=prov.get("git_commit"), note=" ".join(n for n in (args.note, zca_note and zca_note + ".") if n) or None,
         added_with=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:] if argv is None else argv)]),
         measured_on=f"{platform.machine()}, {os.cpu_count()} CPUs",
     )

@@ -34,7 +34,7 @@ import numpy.typing as npt
 from kernel_distill.atomic import atomic_write_bytes, current_umask
 from kernel_distill.checksums import split_checksum
 from kernel_distill.errors import DataError
-from kernel_distill.preprocess import Preprocessor, fit_preprocessor
+from kernel_distill.preprocess import Preprocessor, ZcaRecipe, fit_preprocessor
 
 if TYPE_CHECKING:
     import jax
@@ -607,7 +607,14 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike | None = None, zca: b
     train_idx, val_idx = validation_split(y_train, val_size, info.num_classes)
     raw_val, y_val = raw_train[val_idx], y_train[val_idx]
     raw_train, y_train = raw_train[train_idx], y_train[train_idx]
-    pre = preprocessor if preprocessor is not None else fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
+    if preprocessor is not None:
+        pre = preprocessor
+    else:
+        pre = fit_preprocessor(raw_train, zca=zca, zca_reg=zca_reg)
+        if zca:  # how the matrix was fitted, so a file can store this instead of it (zca_recipes)
+            pre = dataclasses.replace(pre, zca_recipe=ZcaRecipe(
+                dataset=name, train_checksum=checksums["train"], val_size=int(val_size), zca_reg=float(zca_reg),
+                layer_norm=pre.zca_layer_norm, rank=int(np.prod(raw_train.shape[1:]))))
     return PreparedData(name, info.num_classes, info.class_names, pre, raw_train, pre.apply(raw_train), y_train,
                         pre.apply(raw_test), y_test, pre.apply(raw_val) if len(raw_val) else None,
                         y_val if len(raw_val) else None, checksums)

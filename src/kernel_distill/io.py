@@ -7,7 +7,9 @@ Arrays in a kernel-distill file:
 * ``images``: float32 ``(n, H, W, C)`` in the preprocessed space (what the kernel sees).
 * ``labels``: float32 ``(n, num_classes)``.
 * ``preprocess_mean``, ``preprocess_std``: float32 ``(C,)``, applied to ``x / 255``.
-* ``zca_matrix``: float32 ``(d, d)``, present only when ZCA whitening was used.
+* ``zca_matrix``: float32 ``(d, d)``, present when ZCA whitening was used, unless the file stores the
+  metadata's ``zca_recipe`` instead (format version 3): the matrix is then recomputed from the training
+  data on first use and cached (:mod:`kernel_distill.zca_recipes`).
 * ``metadata``: a JSON string (dataset, kernel spec, reg, method, step, metrics, package version, ...).
 
 Files released with the KIP papers hold only ``images`` and ``labels``; they load with
@@ -27,11 +29,15 @@ import numpy as np
 from kernel_distill.atomic import atomic_savez, atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported)
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels.spec import KernelSpec
-from kernel_distill.preprocess import Preprocessor
+from kernel_distill.preprocess import Preprocessor, ZcaRecipe
 
 # 2: metadata records the architecture's layer list (`kernel_layers`) beside the `kernel` spec, and a
 # `kernel` spec must hold exactly KernelSpec's fields. Version-1 files are read as before.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # the newest this version reads
+# What a file states: 2 for every file a version-2 reader reads right; 3 only for a ZCA stored as its recipe,
+# which an older reader must refuse rather than read as a file without ZCA.
+_WRITTEN_VERSION = 2
+_RECIPE_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -86,22 +92,32 @@ def _check_format_version(metadata, path) -> None:
                                  f"reads ({FORMAT_VERSION}); upgrade kernel-distill")
 
 
-def save_distilled(path: str | os.PathLike, distilled: DistilledSet) -> pathlib.Path:
-    """Write a :class:`DistilledSet` atomically. Returns the path."""
+def save_distilled(path: str | os.PathLike, distilled: DistilledSet, zca_as_recipe: bool = False) -> pathlib.Path:
+    """Write a :class:`DistilledSet` atomically. Returns the path.
+
+    ``zca_as_recipe``: store the ZCA preprocessing as its recipe (``preprocessor.zca_recipe``, a few bytes)
+    instead of the ``d x d`` matrix; readers recompute the matrix from the training data (format version 3).
+    """
     from kernel_distill import __version__
 
     metadata = dict(distilled.metadata)
-    metadata["format_version"] = FORMAT_VERSION
+    pre = distilled.preprocessor
+    recipe_only = zca_as_recipe and pre is not None and pre.zca_matrix is not None
+    if recipe_only and (pre is None or pre.zca_recipe is None):
+        raise KernelDistillError("this set's ZCA matrix has no recipe (how it was fitted): it can only be stored "
+                                 "as the matrix")
+    metadata["format_version"] = _RECIPE_VERSION if recipe_only else _WRITTEN_VERSION
     metadata.setdefault("package_version", __version__)
     if "kernel" in metadata:
         metadata["kernel_layers"] = layer_names(KernelSpec.from_dict(metadata["kernel"]))
     arrays = dict(images=np.asarray(distilled.images, np.float32), labels=np.asarray(distilled.labels, np.float32))
-    pre = distilled.preprocessor
     if pre is not None:
         arrays["preprocess_mean"] = np.asarray(pre.mean, np.float32)
         arrays["preprocess_std"] = np.asarray(pre.std, np.float32)
         metadata["zca_layer_norm"] = bool(pre.zca_layer_norm)
-        if pre.zca_matrix is not None:
+        if pre.zca_matrix is not None and pre.zca_recipe is not None:
+            metadata["zca_recipe"] = pre.zca_recipe.to_dict()
+        if pre.zca_matrix is not None and not recipe_only:
             arrays["zca_matrix"] = np.asarray(pre.zca_matrix, np.float32)
     try:
         arrays["metadata"] = np.array(json.dumps(metadata, sort_keys=True))
@@ -135,6 +151,7 @@ _METADATA_FIELDS = {
     "zca_layer_norm": (lambda v: isinstance(v, bool), "true or false"),
     "metrics": (lambda v: isinstance(v, dict), "a JSON object"),
     "config": (lambda v: isinstance(v, dict), "a JSON object"),
+    "zca_recipe": (lambda v: isinstance(v, dict), "a JSON object (a ZCA recipe)"),
 }
 
 
@@ -181,8 +198,12 @@ def _read_arrays(path: pathlib.Path) -> dict:
         raise KernelDistillError(f"{path}: not a readable .npz file ({type(e).__name__}: {reason})") from None
 
 
-def load_distilled(path: str | os.PathLike) -> DistilledSet:
+def load_distilled(path: str | os.PathLike, data_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> DistilledSet:
     """Read a kernel-distill file, or a released KIP file (arrays ``images`` and ``labels`` only).
+
+    A file that stores its ZCA as a recipe gets its matrix from :func:`kernel_distill.zca_recipes.zca_matrix`
+    (the training split of the recipe's dataset in ``data_dir`` is read once, then the matrix is cached).
 
     Raises :class:`KernelDistillError` naming the file for anything unreadable or malformed: a corrupted
     archive or compressed member, missing or mis-shaped arrays, NaN/inf, metadata that is not a JSON
@@ -217,13 +238,14 @@ def load_distilled(path: str | os.PathLike) -> DistilledSet:
     if ("preprocess_mean" in contents) != ("preprocess_std" in contents):
         raise KernelDistillError(f"{path}: has only one of preprocess_mean and preprocess_std")
     if "preprocess_mean" in contents:
-        preprocessor = _read_preprocessor(contents, images, metadata, path)
+        preprocessor = _read_preprocessor(contents, images, metadata, path, data_dir, progress)
     elif "zca_matrix" in contents:
         raise KernelDistillError(f"{path}: has a zca_matrix but no preprocess_mean/std")
     return DistilledSet(images.astype(np.float32), labels.astype(np.float32), preprocessor, metadata)
 
 
-def _read_preprocessor(contents: dict, images: np.ndarray, metadata: dict, path: pathlib.Path) -> Preprocessor:
+def _read_preprocessor(contents: dict, images: np.ndarray, metadata: dict, path: pathlib.Path,
+                       data_dir: str | os.PathLike | None = None, progress: bool = True) -> Preprocessor:
     channels, dim = images.shape[-1], int(np.prod(images.shape[1:]))
     arrays = {k: contents[k] for k in ("preprocess_mean", "preprocess_std", "zca_matrix") if k in contents}
     shapes = dict(preprocess_mean=(channels,), preprocess_std=(channels,), zca_matrix=(dim, dim))
@@ -235,12 +257,21 @@ def _read_preprocessor(contents: dict, images: np.ndarray, metadata: dict, path:
             raise KernelDistillError(f"{path}: '{name}' must hold finite floats")
     if np.any(arrays["preprocess_std"] <= 0):
         raise KernelDistillError(f"{path}: 'preprocess_std' must be positive")
-    return Preprocessor(
-        mean=arrays["preprocess_mean"].astype(np.float32),
-        std=arrays["preprocess_std"].astype(np.float32),
-        zca_matrix=arrays["zca_matrix"].astype(np.float32) if "zca_matrix" in arrays else None,
-        zca_layer_norm=bool(metadata.get("zca_layer_norm", True)),
-    )
+    mean, std = arrays["preprocess_mean"].astype(np.float32), arrays["preprocess_std"].astype(np.float32)
+    recipe = ZcaRecipe.from_dict(metadata["zca_recipe"], f"{path}: zca_recipe") if "zca_recipe" in metadata else None
+    matrix = arrays["zca_matrix"].astype(np.float32) if "zca_matrix" in arrays else None
+    if recipe is not None and recipe.rank != dim:
+        raise KernelDistillError(f"{path}: its zca_recipe has rank {recipe.rank} for images of {dim} features; only "
+                                 f"full-rank ZCA (rank {dim}) is made by this version")
+    if recipe is not None and matrix is None:
+        from kernel_distill.zca_recipes import zca_matrix
+
+        try:
+            matrix = zca_matrix(recipe, mean, std, data_dir, progress)
+        except KernelDistillError as e:
+            raise KernelDistillError(f"{path}: stores its ZCA as a recipe, and {e}") from None
+    return Preprocessor(mean=mean, std=std, zca_matrix=matrix, zca_recipe=recipe,
+                        zca_layer_norm=bool(metadata.get("zca_layer_norm", True)))
 
 
 def dataset_of(distilled: DistilledSet, source: str, requested: str | None) -> str:

@@ -21,7 +21,7 @@ same, and each is added to the running sums in the same order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.linalg
@@ -150,8 +150,7 @@ def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray
                     kernel_fn, get, x_support, backend.put(x_chunk), backend.put(np.asarray(y_chunk, np.float64)),
                     block_size)
             else:
-                rows = padded_row_blocks(x_chunk, block_size)  # one compiled shape; padded rows have no labels
-                blocks = ((xb, y_chunk[offset:offset + block_size]) for offset, xb in rows)
+                blocks = _padded_blocks(x_chunk, y_chunk, min(block_size, num_rows))
                 gram, projected, count = accumulate_normal_equations(kernel_fn, x_support, blocks, get, bar)
             sums = sums.plus(gram, projected, count)
             if on_chunk is not None:
@@ -159,6 +158,16 @@ def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray
     k_ss = np.asarray(kernel_fn(x_support, x_support, get=get), np.float64)
     labels = labels_from_normal_equations(k_ss, sums.gram, sums.projected, reg, ls_reg)
     return LabelSolveResult(labels.astype(np.float32), sums.gram, sums.projected, sums.count)
+
+
+def _padded_blocks(x: np.ndarray, y: np.ndarray, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(x_b, y_b)`` blocks of ``size`` rows, the last padded by repeating its last image (no labels for the
+    padding): every block of every chunk has one shape, so the kernel compiles once for the whole pass."""
+    for offset in range(0, len(x), size):
+        block = np.asarray(x[offset:offset + size])
+        if len(block) < size:
+            block = np.concatenate([block, np.repeat(block[-1:], size - len(block), axis=0)])
+        yield block, y[offset:offset + size]
 
 
 def training_objective(kernel_fn: Callable, x_support, y_support, x_train, y_train, reg: float = DEFAULT_REG,

@@ -21,6 +21,43 @@ import numpy as np
 from kernel_distill.errors import KernelDistillError
 
 
+@dataclasses.dataclass(frozen=True)
+class ZcaRecipe:
+    """How a ZCA matrix was fitted, to recompute it instead of storing it (a 3072 x 3072 float32 matrix is
+    38 MB, the recipe a few bytes): :func:`fit_preprocessor` with ``zca_reg`` and ``layer_norm`` on the
+    training split of ``dataset`` whose :func:`kernel_distill.checksums.split_checksum` is
+    ``train_checksum``, less the ``val_size`` class-balanced validation images
+    (:func:`kernel_distill.data.validation_split`). ``rank``: the number of eigen-directions kept; only the
+    full rank ``d`` (ZCA as KIP does it) is made today. Recomputed by :mod:`kernel_distill.zca_recipes`."""
+
+    dataset: str
+    train_checksum: str
+    val_size: int
+    zca_reg: float
+    layer_norm: bool
+    rank: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: object, source: str = "zca_recipe") -> "ZcaRecipe":
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(values, dict) or sorted(values) != sorted(names):
+            raise KernelDistillError(f"{source} must be a JSON object with the fields {', '.join(names)}, got "
+                                     f"{values!r}")
+        checks = dict(dataset=lambda v: isinstance(v, str) and v != "",
+                      train_checksum=lambda v: isinstance(v, str) and v != "",
+                      val_size=lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                      zca_reg=lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+                      layer_norm=lambda v: isinstance(v, bool),
+                      rank=lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        for name, check in checks.items():
+            if not check(values[name]):
+                raise KernelDistillError(f"{source}: field '{name}' has a bad value {values[name]!r}")
+        return cls(**{**values, "zca_reg": float(values["zca_reg"])})
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Preprocessor:
     """A fitted input transform.
@@ -30,12 +67,15 @@ class Preprocessor:
       std: float32 ``(C,)`` channel standard deviations of ``x / 255``.
       zca_matrix: float32 ``(d, d)`` with ``d = H * W * C``, or ``None`` without ZCA.
       zca_layer_norm: whether images are layer-normalised before the ZCA matrix (KIP did).
+      zca_recipe: how ``zca_matrix`` was fitted, when it is known; a file written with it stores the recipe
+        instead of the matrix (:func:`kernel_distill.io.save_distilled`).
     """
 
     mean: np.ndarray
     std: np.ndarray
     zca_matrix: np.ndarray | None = None
     zca_layer_norm: bool = True
+    zca_recipe: ZcaRecipe | None = None
 
     @property
     def uses_zca(self) -> bool:

@@ -61,7 +61,8 @@ def run(request: EvaluateRequest, log: Log = print, on_record: OnRecord | None =
     check_positive("--test-limit", request.test_limit)
     request.compute.backend_options()
     request.compute.enable_precision()
-    distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress))
+    distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress), request.data_dir,
+                               request.progress)
     dataset = dataset_of(distilled, request.file, request.dataset)
     refuse_preprocessing_options(request.preprocessing, distilled, request.file)
     with output_folder(request.out, "evaluate", request.overwrite):

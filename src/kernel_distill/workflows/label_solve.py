@@ -297,7 +297,7 @@ def _load_support(config: LabelSolveConfig, request: LabelSolveRequest) -> Disti
 
     given = None
     if config.support_file is not None:
-        given = load_distilled(config.support_file)
+        given = load_distilled(config.support_file, request.data_dir, request.progress)
         if file_sha256(config.support_file) != config.support_sha256:
             raise KernelDistillError(f"the support file {config.support_file} has changed since the run started")
         dataset_of(given, config.support_file, config.dataset)

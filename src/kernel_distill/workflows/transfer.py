@@ -220,7 +220,8 @@ def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, 
     net, pre = request.network, request.preprocessing
     distilled = None
     if request.file:
-        distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress))
+        distilled = load_distilled(distilled_path(request.file, request.data_dir, request.progress),
+                                   request.data_dir, request.progress)
         refuse_preprocessing_options(pre, distilled, request.file)
     support = experiments.transfer_support(distilled, request.file, request.dataset, request.natural_per_class,
                                            request.seed, request.data_dir, pre.zca, pre.reg,

@@ -160,7 +160,7 @@ def evaluate_file(file: str | os.PathLike, data_dir: str | os.PathLike | None = 
     from kernel_distill.kernels import KernelSpec, make_kernel_fn
     from kernel_distill.krr import DEFAULT_REG
 
-    distilled = load_distilled(file)
+    distilled = load_distilled(file, data_dir, progress)
     meta = distilled.metadata
     if "kernel" not in meta or distilled.preprocessor is None:
         raise KernelDistillError(f"{file}: a zoo set must record its kernel and carry its preprocessing "

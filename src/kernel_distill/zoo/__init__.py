@@ -110,11 +110,12 @@ def resolve(text: str | os.PathLike | None, data_dir: str | os.PathLike | None =
     return text
 
 
-def load(name: str) -> DistilledSet:
-    """The :class:`~kernel_distill.io.DistilledSet` of zoo set ``name`` (checksum verified)."""
+def load(name: str, data_dir: str | os.PathLike | None = None) -> DistilledSet:
+    """The :class:`~kernel_distill.io.DistilledSet` of zoo set ``name`` (checksum verified; a ZCA stored as its
+    recipe is recomputed from ``data_dir``'s training split, once, then cached)."""
     from kernel_distill.io import load_distilled
 
-    return load_distilled(path(name))
+    return load_distilled(path(name, data_dir), data_dir)
 
 
 # ----------------------------------------------------------------------------------------------------
