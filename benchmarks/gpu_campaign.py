@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 REAL = dict(dataset="cifar10", support_size=500, val_size=1000, block_size=1000, kernel="convnet3", zca=True,
-            init_from="zoo:cifar10-lossy-kip-convnet3rf-10", per_class=10, target_batch=1000, lr=0.01,
+            init_from="zoo:cifar10-lossy-kip-convnet3rf-10ipc", per_class=10, target_batch=1000, lr=0.01,
             eval_every=20, test_limit=None, label_solve_share=0.6)
 TOY = dict(dataset="digits", support_size=20, val_size=100, block_size=300, kernel="fc", zca=False,
            init_from="label-solve", per_class=2, target_batch=100, lr=0.01, eval_every=2, test_limit=None,

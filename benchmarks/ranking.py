@@ -12,7 +12,7 @@ Each record also carries the set's storage (image bytes + label bytes at float32
 made it (the zoo's recorded wall time and machine). ``benchmarks/tables.py`` makes the table of
 docs/BENCHMARKS.md from the records and ``tools/zoo_table.py`` the zoo columns of the README.
 
-    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/ranking.py --names mnist-kip-fc-1 ...
+    KERNEL_DISTILL_DATA=../shared/data .venv/bin/python benchmarks/ranking.py --names mnist-kip-fc-1ipc ...
 """
 
 from __future__ import annotations

@@ -173,12 +173,12 @@ def test_report_overwrite_replaces_an_earlier_report_whole(tmp_path, capsys):
 def test_zoo_export_overwrite_replaces_a_plain_file(tmp_path, capsys):
     target = tmp_path / "set.npz"
     target.write_bytes(b"an old file")
-    code, _, err = run(capsys, "zoo", "export", "mnist-kip-fc-1", str(target))
+    code, _, err = run(capsys, "zoo", "export", "mnist-kip-fc-1ipc", str(target))
     assert code == 2 and "exists" in err and target.read_bytes() == b"an old file"
-    assert run(capsys, "zoo", "export", "mnist-kip-fc-1", str(target), "--overwrite")[0] == 0
+    assert run(capsys, "zoo", "export", "mnist-kip-fc-1ipc", str(target), "--overwrite")[0] == 0
     from kernel_distill import zoo
 
-    assert zoo.file_sha256(target) == zoo.entry("mnist-kip-fc-1")["sha256"]
+    assert zoo.file_sha256(target) == zoo.entry("mnist-kip-fc-1ipc")["sha256"]
 
 
 def test_datasets_says_unreadable_for_a_corrupt_split(tmp_path, capsys):

@@ -67,7 +67,7 @@ def test_every_zoo_set_round_trips_through_all_three_formats(name, tmp_path, cap
 
 
 def test_class_folders_keep_the_class_order_when_sorted(tmp_path, capsys):
-    folder = _export(capsys, "zoo:fashion_mnist-kip-fc-10", tmp_path / "images", "imagefolder")
+    folder = _export(capsys, "zoo:fashion_mnist-kip-fc-10ipc", tmp_path / "images", "imagefolder")
     folders = sorted(p.name for p in (folder / "train").iterdir())
     assert folders[0] == "0_T-shirt-top" and folders[9] == "9_Ankle-boot"  # no '/' in a folder name
     rows = (folder / "labels.csv").read_text().splitlines()
@@ -94,13 +94,13 @@ def test_a_run_folder_exports_its_validation_selected_set(tmp_path, capsys):
 
 
 def test_an_existing_output_is_refused_unless_overwrite(tmp_path, capsys):
-    out = _export(capsys, "zoo:mnist-kip-fc-1", tmp_path / "p", "parquet")
+    out = _export(capsys, "zoo:mnist-kip-fc-1ipc", tmp_path / "p", "parquet")
     (out / "mine.txt").write_text("kept\n")
-    assert main(["export", "zoo:mnist-kip-fc-1", str(out), "--format", "parquet"]) == 2
+    assert main(["export", "zoo:mnist-kip-fc-1ipc", str(out), "--format", "parquet"]) == 2
     assert "is not empty" in capsys.readouterr().err
-    assert main(["export", "zoo:mnist-ls-fc-10", str(out), "--format", "parquet", "--overwrite"]) == 0
+    assert main(["export", "zoo:mnist-ls-fc-1ipc", str(out), "--format", "parquet", "--overwrite"]) == 0
     assert export.read_export(out).images.shape[0] == 10 and (out / "mine.txt").read_text() == "kept\n"
-    assert main(["export", "zoo:mnist-kip-fc-1", str(tmp_path / "x.npz"), "--format", "safetensors"]) == 2
+    assert main(["export", "zoo:mnist-kip-fc-1ipc", str(tmp_path / "x.npz"), "--format", "safetensors"]) == 2
     assert "ending in .safetensors" in capsys.readouterr().err
 
 
@@ -109,8 +109,8 @@ def test_the_parquet_export_loads_with_hugging_face_datasets_offline(tmp_path, c
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    out = _export(capsys, "zoo:fashion_mnist-kip-fc-10", tmp_path / "p", "parquet")
-    original = zoo.load("fashion_mnist-kip-fc-10")
+    out = _export(capsys, "zoo:fashion_mnist-kip-fc-10ipc", tmp_path / "p", "parquet")
+    original = zoo.load("fashion_mnist-kip-fc-10ipc")
     ds = datasets.load_dataset("parquet", data_files=str(out / export.PARQUET_FILE), split="train",
                                cache_dir=str(tmp_path / "hf-cache"))
     assert ds.features["label"].names[0] == "T-shirt/top"
@@ -153,9 +153,9 @@ def test_the_pytorch_snippet_of_interop_md_scores_a_zca_set_like_the_package(tmp
 
 
 def test_the_numpy_snippet_of_interop_md_runs(tmp_path, capsys):
-    path = _export(capsys, "zoo:mnist-kip-fc-10", tmp_path / "set.safetensors", "safetensors")
+    path = _export(capsys, "zoo:mnist-kip-fc-10ipc", tmp_path / "set.safetensors", "safetensors")
     raw = np.random.default_rng(1).integers(0, 256, size=(4, 28, 28, 1), dtype=np.uint8)
     namespace = dict(PATH=str(path), RAW_TEST_IMAGES=raw)
     exec(_snippet("jax"), namespace)
-    original = zoo.load("mnist-kip-fc-10")
+    original = zoo.load("mnist-kip-fc-10ipc")
     np.testing.assert_allclose(np.asarray(namespace["test_images"]), original.preprocessor.apply(raw), atol=1e-5)

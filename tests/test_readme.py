@@ -179,7 +179,7 @@ CLAIMS = {
     "convnet-offsets": lambda: _convnet_offsets(),
     "rf-transfer": lambda: (
         f"seeds): MNIST {pct(_rf('mnist', 'kip-rf-platt-in')['metrics']['transfer_test_accuracy'])} (published "
-        f"exact-kernel KIP: {pct(zoo_entry('mnist-kip-convnet3rf-in-10')['published']['accuracy'])}) and "
+        f"exact-kernel KIP: {pct(zoo_entry('mnist-kip-convnet3rf-in-10ipc')['published']['accuracy'])}) and "
         f"Fashion-MNIST {pct(_rf('fashion_mnist', 'kip-rf-platt-in')['metrics']['transfer_test_accuracy'])} (10 "
         f"natural images per class: {pct(_rf('fashion_mnist', 'natural')['metrics']['transfer_test_accuracy'])})"),
     "rf-cifar": lambda: (
@@ -187,9 +187,9 @@ CLAIMS = {
         f"validation, {pct(_cifar_in_ce())} with a fixed cross-entropy protocol under which natural images give "
         f"{pct(_cifar_natural_ce())}"),
     "kip-zoo": lambda: (
-        f"KRR test accuracy: {pct(zoo_entry('mnist-kip-fc-1')['krr']['test_accuracy'], 2)} from 1 image per class "
-        f"and {pct(zoo_entry('mnist-kip-fc-10')['krr']['test_accuracy'], 2)} from 10, the zoo's "
-        f"`mnist-kip-fc-1` and `mnist-kip-fc-10` (the step chosen on validation"),
+        f"KRR test accuracy: {pct(zoo_entry('mnist-kip-fc-1ipc')['krr']['test_accuracy'], 2)} from 1 image per class "
+        f"and {pct(zoo_entry('mnist-kip-fc-10ipc')['krr']['test_accuracy'], 2)} from 10, the zoo's "
+        f"`mnist-kip-fc-1ipc` and `mnist-kip-fc-10ipc` (the step chosen on validation"),
     "kip-fc-runs": lambda: (
         f"runs of `docs/BENCHMARKS.md` (depth 1, labels learned too, 3,000 and 6,000 steps, re-measured on the "
         f"CPU) end at {pct(_kip_fc_measured(1, 3000), 2)} and {pct(_kip_fc_measured(10, 6000), 2)}."),

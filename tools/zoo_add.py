@@ -203,6 +203,29 @@ def _update_transfer(args, zoo, parser) -> int:
     return 0
 
 
+def _rename(args, zoo, parser) -> int:
+    """``--rename-to``: move set ``args.name``'s file and entry to the new name; keep the old one as an alias."""
+    zoo_dir = _zoo_dir(args, zoo)
+    index_file = zoo_dir / "index.json"
+    entries = zoo.read_index(index_file)
+    names = [e["name"] for e in entries]
+    taken = set(names) | {a for e in entries for a in e.get("aliases", [])}
+    if args.name not in names:
+        parser.error(f"no zoo set {args.name!r} in {index_file} (have: {', '.join(names)})")
+    if args.rename_to in taken:
+        parser.error(f"{args.rename_to!r} already names a zoo set (or was one's name)")
+    entry = entries[names.index(args.name)]
+    source, target = zoo_dir / entry["file"], zoo_dir / "sets" / f"{args.rename_to}.npz"
+    if zoo.file_sha256(source) != entry["sha256"]:
+        parser.error(f"{source} does not match the sha256 in {index_file}")
+    source.rename(target)
+    entry.update(name=args.rename_to, file=f"sets/{args.rename_to}.npz",
+                 aliases=[*entry.get("aliases", []), args.name])
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
+    print(f"{args.name} -> {args.rename_to} ({target}); {args.name} stays an alias")
+    return 0
+
+
 def _convert_zca(args, zoo, parser) -> int:
     """``--convert-zca``: store the ZCA of zoo set ``args.name`` as its recipe; re-measure KRR; keep the rest."""
     from kernel_distill.workflows.zoo import evaluate_file
@@ -260,7 +283,7 @@ def _write_index(index_file: pathlib.Path, entries: list, regenerate_readme: boo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", nargs="?", help="a run folder (with results.json) or a distilled-set .npz")
-    parser.add_argument("--name", required=True, help="zoo name, e.g. mnist-kip-fc-10 (lowercase, digits, -)")
+    parser.add_argument("--name", required=True, help="zoo name, e.g. mnist-kip-fc-10ipc (lowercase, digits, -)")
     parser.add_argument("--command", default=None, help="the exact command that made the set (default: the run's)")
     parser.add_argument("--wall-seconds", type=float, default=None, help="what making it took (default: the run's)")
     parser.add_argument("--machine", default=None, help="where it was made (default: the run's provenance)")
@@ -273,6 +296,9 @@ def main(argv=None) -> int:
     parser.add_argument("--zca-val-size", type=int, default=None,
                         help="validation images the set's ZCA left out, where the set does not record it (a ZCA is "
                              "always stored as its recipe, checked against the file's matrix)")
+    parser.add_argument("--rename-to", default=None, metavar="NEW",
+                        help="rename the zoo set --name (no source) to NEW: its file and entry move, the old name "
+                             "stays an alias (zoo:OLD keeps giving the same set)")
     parser.add_argument("--convert-zca", action="store_true",
                         help="rewrite the zoo set --name (no source) with its ZCA matrix as a recipe, re-measure its "
                              "KRR accuracy and update only those fields of its entry")
@@ -292,6 +318,10 @@ def main(argv=None) -> int:
 
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.name):
         parser.error(f"--name {args.name!r}: use lowercase letters, digits, '-', '_' and '.'")
+    if args.rename_to is not None:
+        if args.source is not None or not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", args.rename_to):
+            parser.error("--rename-to NEW takes no source; NEW: lowercase letters, digits, '-', '_' and '.'")
+        return _rename(args, zoo, parser)
     if args.convert_zca:
         if args.source is not None:
             parser.error("--convert-zca takes no source: it rewrites a set already in the zoo")

@@ -42,8 +42,9 @@ def main() -> int:
         distilled = zoo.load(e["name"])
         e["storage"] = dict(image_bytes=int(distilled.images.size * 4), label_bytes=int(distilled.labels.size * 4),
                             what="float32 images and labels as a user holds them; the file adds its preprocessing")
-        if e["name"] in records:
-            e["ranking"] = ranking_field(records[e["name"]])
+        for name in (e["name"], *e.get("aliases", [])):  # a record made under a set's former name counts
+            if name in records:
+                e["ranking"] = ranking_field(records[name])
     zoo_add._write_index(zoo.INDEX_FILE, entries, regenerate_readme=True)
     print(f"{len(entries)} sets: storage written; DD-Ranking scores for {sum('ranking' in e for e in entries)}")
     return 0

@@ -3,7 +3,7 @@
 Every set is a kernel-distill ``.npz`` file (docs/FORMAT.md) in ``kernel_distill/zoo/sets/``, described by
 one entry of ``kernel_distill/zoo/index.json``::
 
-    {"name": "mnist-kip-fc-10", "file": "sets/mnist-kip-fc-10.npz", "sha256": "...", "bytes": 318122,
+    {"name": "mnist-kip-fc-10ipc", "file": "sets/mnist-kip-fc-10ipc.npz", "sha256": "...", "bytes": 318122,
      "dataset": "mnist", "lossy": false, "method": "kip", "labels": "learned", "per_class": 10,
      "support_size": 100, "kernel": {...KernelSpec...}, "get": "ntk", "reg": 1e-06,
      "preprocessing": "standardised per channel", "selection": {"split": "validation", "step": 4250, ...},
@@ -61,9 +61,13 @@ def names() -> list[str]:
 
 
 def entry(name: str) -> dict:
-    """The index entry of ``name`` (a clear error listing the known names otherwise)."""
+    """The index entry of ``name``, or of the set that was called ``name`` before (its ``aliases``: a renamed
+    set keeps answering to its former names); a clear error listing the known names otherwise."""
     for e in read_index():
         if e["name"] == name:
+            return e
+    for e in read_index():
+        if name in e.get("aliases", ()):
             return e
     known = ", ".join(names()) or "(the zoo is empty)"
     raise KernelDistillError(f"no zoo set named {name!r}; known: {known} (kernel-distill zoo list)")
