@@ -129,50 +129,60 @@ def partner_arrays(spec: KernelSpec, x2, stats2):
     return inputs, sides
 
 
-def _input_covariance(x1, partner, plan: tuple, self_mode: bool):
+def _input_covariance(x1, partner, plan: tuple, same_images: bool):
     """The input layer's covariance ``x1 . x2 / D``: ``(b1, b2)`` flat, or a band of ``x1[p] . x2[p + d] / C``
-    ``(b1, b2, Rh, Rw, H, W)``; in self mode ``x2 = x1`` and the ``b2`` axis is absent."""
+    ``(b1, b2, Rh, Rw, H, W)``; with ``same_images`` (``x2 = x1``, each image with itself) the ``b2`` axis is
+    absent and ``partner`` unused."""
     if starts_flat(plan):
         x1f = x1.reshape(len(x1), -1)
-        if self_mode:
+        if same_images:
             return jnp.sum(x1f * x1f, axis=-1) / x1f.shape[-1]
         return jnp.matmul(x1f, partner[0].T, precision=EXACT) / x1f.shape[-1]
     x1c = jnp.moveaxis(x1, -1, 1)[:, :, None, None]  # (b1, C, 1, 1, H, W)
-    if self_mode:
+    if same_images:
         return _channel_sum(x1c * band_gather(jnp.moveaxis(x1, -1, 1), *plan[0][2:]), axis=1) * (1.0 / x1.shape[-1])
     return _channel_sum(x1c[:, None] * partner[0][None], axis=2) * (1.0 / x1.shape[-1])
 
 
-def _walk(spec: KernelSpec, x1, stats1, partner, want_ntk: bool, self_mode: bool):
-    """Propagate the kernel through ``spec.layers``, one layer rule at a time.
+def _layer_steps(spec: KernelSpec, layers: tuple, plan: tuple) -> list:
+    """``(layer, step)`` of each layer the walk applies (a flat input's first Flatten is the covariance)."""
+    return list(zip(layers, _steps(spec, plan)))[1 if starts_flat(plan) else 0:]
 
-    Pair mode: ``partner = partner_arrays(spec, x2, stats2)``; returns ``(nngp, ntk)`` of shape
-    ``(b1, b2)`` (``ntk`` None unless wanted).
-    Self mode (``stats1``, ``partner`` unused): returns the per-layer statistics (per ReLU its variances,
-    ``(b,)`` flat or ``(b, H_l, W_l)`` spatial), the statistics every pair block needs.
-    """
+
+def _propagate_self_statistics(spec: KernelSpec, x) -> tuple:
+    """Each image with itself through the layers, up to the last layer that needs statistics (a ReLU: the
+    rest of the walk only ever reads offset 0); returns what those layers computed, in order."""
     layers = spec.layers
-    if self_mode:  # only the statistics are wanted: stop at the last layer that needs them (a ReLU: offset 0)
-        needing = [i for i, layer in enumerate(layers) if layer.needs_statistics]
-        layers = layers[:needing[-1] + 1] if needing else layers[:1]
-    plan = _plan(layers, x1)
-    steps = _steps(spec, plan)
-    k = _input_covariance(x1, partner, plan, self_mode)
-    ntk = ZERO_NTK if (want_ntk and not self_mode) else None
-    statistics = []  # self mode: what the layers computed; pair mode: how many of stats1 were read
-    for layer, step in list(zip(layers, steps))[1 if starts_flat(plan) else 0:]:
-        if not layer.needs_statistics:
-            k, ntk = layer.kernel(k, ntk, step)
-        elif self_mode:
+    needing = [i for i, layer in enumerate(layers) if layer.needs_statistics]
+    layers = layers[:needing[-1] + 1] if needing else layers[:1]
+    plan = _plan(layers, x)
+    k = _input_covariance(x, None, plan, same_images=True)
+    statistics = []
+    for layer, step in _layer_steps(spec, layers, plan):
+        if layer.needs_statistics:
             statistic = layer.statistic(k, step)
             statistics.append(statistic)
             k = layer.self_kernel(k, statistic, step)
         else:
-            j = len(statistics)
-            k, ntk = layer.pair_kernel(k, ntk, stats1[j], partner[1][j], step)
-            statistics.append(stats1[j])
-    if self_mode:
-        return tuple(statistics)
+            k, _ = layer.kernel(k, None, step)
+    return tuple(statistics)
+
+
+def _propagate_pair(spec: KernelSpec, x1, stats1, partner, track_ntk: bool):
+    """The kernel of every pair ``(x1[a], x2[b])`` through the layers, one layer rule at a time.
+
+    ``partner = partner_arrays(spec, x2, stats2)``; returns ``(nngp, ntk)`` of shape ``(b1, b2)`` (``ntk``
+    None unless ``track_ntk``)."""
+    plan = _plan(spec.layers, x1)
+    k = _input_covariance(x1, partner, plan, same_images=False)
+    ntk = ZERO_NTK if track_ntk else None
+    read = 0  # statistics of stats1 (and of the partner) consumed so far, one per layer that needs them
+    for layer, step in _layer_steps(spec, spec.layers, plan):
+        if layer.needs_statistics:
+            k, ntk = layer.pair_kernel(k, ntk, stats1[read], partner[1][read], step)
+            read += 1
+        else:
+            k, ntk = layer.kernel(k, ntk, step)
     return k, ntk
 
 
@@ -186,12 +196,12 @@ def self_stats(spec: KernelSpec, x):
       A tuple with one array per ReLU layer: ``(b,)`` for dense layers, ``(b, H_l, W_l)`` for conv layers,
       in ``x``'s dtype. Differentiable with respect to ``x``.
     """
-    return _walk(spec, x, None, None, False, True)
+    return _propagate_self_statistics(spec, x)
 
 
 def kernel_block_from_partner(spec: KernelSpec, x1, stats1, partner, get: str = "ntk"):
     """:func:`kernel_block` with the second side already gathered by :func:`partner_arrays`."""
-    nngp, ntk = _walk(spec, x1, stats1, partner, get == "ntk", False)
+    nngp, ntk = _propagate_pair(spec, x1, stats1, partner, track_ntk=get == "ntk")
     return ntk if get == "ntk" else nngp
 
 
