@@ -32,6 +32,7 @@ def test_prepared_data_knows_how_its_zca_was_fitted(zca_set):
 def test_a_recipe_file_holds_no_matrix_and_reads_back_the_same_matrix(zca_set, tmp_path, monkeypatch):
     data, distilled = zca_set
     monkeypatch.setattr(zca_recipes, "_MEMORY", {})
+    monkeypatch.setenv(zca_recipes.CACHE_ENV, str(tmp_path / "cache"))  # the suite's shared cache holds others
     with_matrix = save_distilled(tmp_path / "matrix.npz", distilled)
     with_recipe = save_distilled(tmp_path / "recipe.npz", distilled, zca_as_recipe=True)
     with np.load(with_recipe) as f:
@@ -57,6 +58,7 @@ def test_a_damaged_cache_file_is_refitted(zca_set, tmp_path, monkeypatch):
     data, distilled = zca_set
     path = save_distilled(tmp_path / "recipe.npz", distilled, zca_as_recipe=True)
     monkeypatch.setattr(zca_recipes, "_MEMORY", {})
+    monkeypatch.setenv(zca_recipes.CACHE_ENV, str(tmp_path / "cache"))
     key = zca_recipes.recipe_key(data.preprocessor.zca_recipe)
     cache = zca_recipes.cache_dir() / f"zca-{key}.npy"
     cache.parent.mkdir(parents=True, exist_ok=True)
