@@ -228,19 +228,29 @@ def render_kip_fc() -> str:
     return table(header, rows) + footer("kip_fc", records)
 
 
+def _kernel_name(config: dict) -> str:
+    kernel = config["kernel"]
+    rf = kernel.get("random_features")
+    return kernel["architecture"] + (f"-rf {rf['num_models']}x{rf['width']}" if rf else " (exact)")
+
+
 def render_label_solve() -> str:
     records = list(newest(load("label_solve"), lambda r: (r["dataset"]["name"], r["metrics"]["support_size"],
-                                                          r["config"]["kernel"]["architecture"])).values())
-    records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["metrics"]["support_size"]))
+                                                          _kernel_name(r["config"]))).values())
+    records.sort(key=lambda r: (_dataset_key(r["dataset"]["name"]), r["metrics"]["support_size"],
+                                _kernel_name(r["config"])))
     rows = []
     for r in records:
         m = r["metrics"]
         rows.append([DATASET_NAMES.get(r["dataset"]["name"], r["dataset"]["name"]), m["support_size"],
+                     _kernel_name(r["config"]) + (" NNGP" if r["config"].get("get") == "nngp" else " NTK"),
+                     f"{m['num_train']:,}", f"{m.get('num_test', 10000):,}",
                      pct(m["test_accuracy_original_labels"]), pct(m["test_accuracy"]),
                      PUBLISHED_LS_CONVNET.get((r["dataset"]["name"], m["support_size"]), "-"),
                      f"{m['solve_seconds']:.1f}", f"{m['peak_rss_mb']:,.0f}", machine(r), source(r)])
-    return table(["dataset", "support", "natural labels %", "solved labels %", "published LS (ConvNet kernel) %",
-                  "solve s", "peak RSS MB", "machine", "record"], rows) + footer("label_solve", records)
+    return table(["dataset", "support", "kernel", "targets", "test images", "natural labels %", "solved labels %",
+                  "published LS (ConvNet kernel, all targets) %", "solve s", "peak RSS MB", "machine", "record"],
+                 rows) + footer("label_solve", records)
 
 
 IMAGE_VALUES = {"mnist": 28 * 28, "fashion_mnist": 28 * 28, "cifar10": 32 * 32 * 3}
