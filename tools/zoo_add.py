@@ -57,6 +57,31 @@ PUBLISHED = {
 
 
 ZOO_TEST_SUBSET = 2000  # test images of a random-feature set's re-derivation in tests/test_zoo.py
+# An exact ConvNet kernel costs O(pixels^2) per pair (~2,000 pairs/s on one CPU core): the zoo's test re-derives
+# such a set on as many test images as this many test-support pairs allow (at least 100).
+ZOO_TEST_EXACT_CONV_PAIRS = 50_000
+
+
+def zoo_test_subset(kernel: dict, support_size: int) -> int | None:
+    """Test images of the set's re-derivation in tests/test_zoo.py (``limit_test``), or None: the whole split."""
+    if kernel.get("random_features"):
+        return ZOO_TEST_SUBSET
+    if kernel["architecture"] != "fc":
+        return max(100, min(ZOO_TEST_SUBSET, ZOO_TEST_EXACT_CONV_PAIRS // support_size // 100 * 100))
+    return None
+
+
+def _krr_from_run(record: dict | None, kernel: dict, get: str) -> dict | None:
+    """The whole-test KRR accuracy a Label Solve run measured of this very support and these labels, with the
+    kernel, ``get`` and precision the file records (float32): reused instead of a second pass of test kernels
+    (an hour for an exact ConvNet kernel on the CPU). None when the run's number is not that number."""
+    if not record or record.get("command") != "label-solve" or record["config"].get("float64"):
+        return None
+    metrics, config = record["metrics"], record["config"]
+    if config.get("test_limit") is not None or config["kernel"] != kernel or config.get("get") != get:
+        return None
+    return dict(test_accuracy=metrics["test_accuracy"], num_test=metrics["num_test"],
+                seconds=metrics.get("test_seconds", 0.0), measured_by="the label-solve run (its results.json)")
 
 def _zca_recipe_of(distilled, record, data_dir):
     """The recipe of the set's ZCA: the file's own, else derived from its run's settings (dataset, validation
@@ -348,14 +373,24 @@ def main(argv=None) -> int:
     distilled = load_distilled(target, args.data_dir)
     print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
 
-    krr = evaluate_file(target, args.data_dir)
+    from kernel_distill.io import dataset_of
+    from kernel_distill.kernels import KernelSpec
+    from kernel_distill.krr import DEFAULT_REG
+
+    kernel = KernelSpec.from_dict(meta["kernel"]).to_dict() if "kernel" in meta else None
+    from_run = _krr_from_run(record, kernel, meta.get("get", "ntk")) if kernel else None
+    if from_run is not None:
+        krr = dict(from_run, dataset=dataset_of(distilled, str(npz), None), kernel=kernel,
+                   get=meta.get("get", "ntk"), reg=meta.get("reg", DEFAULT_REG))
+    else:
+        krr = evaluate_file(target, args.data_dir)
+    how = krr.get("measured_by") or f"{krr['seconds']:.1f} s"
     print(f"KRR test accuracy ({krr['kernel']['architecture']} {krr['get']}, reg {krr['reg']:g}): "
-          f"{100 * krr['test_accuracy']:.2f}% on {krr['num_test']} {krr['dataset']} test images "
-          f"({krr['seconds']:.1f} s)", flush=True)
-    # Random-feature kernels cost a forward pass of every network per test image: the zoo's test re-derives
-    # them on the 2,000 test images limit_test keeps, so the index records that number too.
-    subset = (evaluate_file(target, args.data_dir, test_limit=ZOO_TEST_SUBSET)
-              if krr["kernel"].get("random_features") else None)
+          f"{100 * krr['test_accuracy']:.2f}% on {krr['num_test']} {krr['dataset']} test images ({how})", flush=True)
+    # Random-feature and exact ConvNet kernels are slow per test image: the zoo's test re-derives them on the
+    # test images limit_test keeps, so the index records that number too.
+    subset_size = zoo_test_subset(krr["kernel"], len(distilled.images))
+    subset = evaluate_file(target, args.data_dir, test_limit=subset_size) if subset_size else None
     transfer = None
     if not args.no_transfer:
         transfer = _transfer(target, args)
@@ -375,6 +410,7 @@ def main(argv=None) -> int:
         preprocessing=_preprocessing_text(distilled), selection=selection,
         krr=dict(test_accuracy=krr["test_accuracy"], num_test=krr["num_test"], dtype="float32",
                  seconds=round(krr["seconds"], 2),
+                 **({"measured_by": krr["measured_by"]} if "measured_by" in krr else {}),
                  **({"subset": dict(test_accuracy=subset["test_accuracy"], num_test=subset["num_test"])}
                     if subset else {})),
         transfer=transfer, published=published,
