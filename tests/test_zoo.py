@@ -137,7 +137,7 @@ def test_packaged_set_reproduces_its_krr_accuracy_on_the_real_test_set(entry, sh
     set on the few hundred its cost allows (its ``krr.subset``, measured the same way, to one image): a forward
     pass of every network, or O(pixels^2) per pair, is most of this suite's time."""
     x_test, y_test = _real_test_split(shared_data_dir, entry["dataset"])
-    assert len(y_test) == entry["krr"]["num_test"] == 10000
+    assert len(y_test) == 10000 and entry["krr"]["num_test"] == entry["krr"].get("test_limit", 10000)
     expected = entry["krr"]
     assert ("subset" in expected) == (entry["kernel"].get("random_features") is not None
                                       or entry["kernel"]["architecture"] != "fc")
@@ -343,3 +343,36 @@ def test_zoo_add_renames_a_set_and_keeps_its_old_name(digits_zoo, capsys):
     assert entry["sha256"] == before["sha256"] and zoo.path("digits-natural-3").name == "digits-natural-3ipc.npz"
     with pytest.raises(SystemExit):  # a taken name (here: the alias) is refused
         zoo_add.main(["--name", "digits-natural-3ipc", "--rename-to", "digits-natural-3", "--index", str(digits_zoo)])
+
+
+def test_zoo_add_can_store_float16_images_and_measures_the_rounded_set(digits_zoo, tmp_path, capsys):
+    import zoo_add
+
+    source = tmp_path / "run" / "natural.npz"
+    assert zoo_add.main([str(source), "--name", "digits-natural-3-half", "--command", "kernel-distill baseline",
+                         "--float16-images", "--no-transfer", "--index", str(digits_zoo)]) == 0
+    entry = zoo.entry("digits-natural-3-half")
+    file = digits_zoo.parent / entry["file"]
+    with np.load(file) as f, np.load(source) as original:
+        assert f["images"].dtype == np.float16 and f["labels"].dtype == np.float32
+        assert f["images"].nbytes * 2 == original["images"].nbytes
+    assert entry["bytes"] < source.stat().st_size and "float16" in entry["note"]
+    full, half = load_distilled(source), load_distilled(file)
+    assert half.images.dtype == np.float32
+    np.testing.assert_allclose(half.images, full.images, rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(half.labels, full.labels)
+    assert evaluate_file(file)["test_accuracy"] == entry["krr"]["test_accuracy"]
+
+
+def test_zoo_add_krr_test_limit_measures_the_first_test_images_and_says_so(digits_zoo, tmp_path):
+    import zoo_add
+
+    source = tmp_path / "run" / "natural.npz"
+    assert zoo_add.main([str(source), "--name", "digits-natural-3-limited", "--command", "kernel-distill baseline",
+                         "--krr-test-limit", "200", "--no-transfer", "--index", str(digits_zoo)]) == 0
+    entry = zoo.entry("digits-natural-3-limited")
+    assert entry["krr"]["num_test"] == entry["krr"]["test_limit"] == 200
+    assert evaluate_file(digits_zoo.parent / entry["file"], test_limit=200)["test_accuracy"] \
+        == entry["krr"]["test_accuracy"]
+    (row,) = [r for r in zoo.table_rows([entry])]
+    assert row[4].endswith("(first 200 test images)")

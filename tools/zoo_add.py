@@ -106,6 +106,25 @@ def _zca_recipe_of(distilled, record, data_dir):
                       int(np.prod(distilled.images.shape[1:])), pre.zca_layer_norm)
 
 
+def _store_float16_images(path: pathlib.Path, data_dir) -> str:
+    """Rewrite a set file with float16 images (half the bytes of a 50-per-class set); everything measured
+    afterwards is measured on these rounded images. Returns the note for the entry."""
+    import numpy as np
+
+    from kernel_distill.io import load_distilled, save_distilled
+
+    distilled = load_distilled(path, data_dir)
+    with np.load(path, allow_pickle=False) as f:
+        as_recipe = "zca_matrix" not in f.files and distilled.preprocessor is not None \
+            and distilled.preprocessor.zca_matrix is not None
+    save_distilled(path, distilled, zca_as_recipe=as_recipe, image_dtype="float16")
+    rounded = load_distilled(path, data_dir).images
+    worst = float(np.abs(rounded - distilled.images).max() / np.abs(distilled.images).max())
+    note = f"images stored as float16 (largest rounding {worst:.1e} of the largest pixel; every number measured on them)"
+    print(note, flush=True)
+    return note
+
+
 def _store_zca_as_recipe(path: pathlib.Path, record, data_dir, val_size=None) -> str:
     """Rewrite a set file with its ZCA as a recipe, after checking that the recipe gives the file's matrix (to
     float16 rounding where the file stored float16). Returns what was checked, for the entry's note."""
@@ -132,8 +151,10 @@ def _store_zca_as_recipe(path: pathlib.Path, record, data_dir, val_size=None) ->
     if worst > (2e-3 if half else 1e-4):
         raise SystemExit(f"{path}: the recipe {recipe.to_dict()} does not give the file's ZCA matrix (largest "
                          f"difference {worst:.2e} of its largest entry): not converted")
+    with np.load(path, allow_pickle=False) as f:
+        image_dtype = str(f["images"].dtype)
     save_distilled(path, dataclasses.replace(distilled, preprocessor=dataclasses.replace(
-        distilled.preprocessor, zca_matrix=refit, zca_recipe=recipe)), zca_as_recipe=True)
+        distilled.preprocessor, zca_matrix=refit, zca_recipe=recipe)), zca_as_recipe=True, image_dtype=image_dtype)
     checked = (f"ZCA stored as its recipe (dataset {recipe.dataset}, {recipe.val_size} validation images left out, "
                f"zca_reg {recipe.zca_reg:g}, rank {recipe.rank}); the refitted float32 matrix differs from the "
                f"{'float16 ' if half else ''}matrix the file held by at most {worst:.1e} of its largest entry")
@@ -327,6 +348,13 @@ def main(argv=None) -> int:
     parser.add_argument("--convert-zca", action="store_true",
                         help="rewrite the zoo set --name (no source) with its ZCA matrix as a recipe, re-measure its "
                              "KRR accuracy and update only those fields of its entry")
+    parser.add_argument("--float16-images", action="store_true",
+                        help="store the images as float16 (half the bytes; the zoo's budget is 15 MB) and measure "
+                             "every number on them")
+    parser.add_argument("--krr-test-limit", type=int, default=None, metavar="N",
+                        help="measure the KRR accuracy on the first N test images (limit_test) instead of all of them: "
+                             "for an exact ConvNet-kernel set too large for a whole-test pass here (500 images: over an "
+                             "hour on 2 cores); the entry says so, with the run's own whole-test number beside it")
     parser.add_argument("--transfer-model", default="evalnet")
     parser.add_argument("--transfer-steps", type=int, default=300)
     parser.add_argument("--transfer-batch", type=int, default=128)
@@ -370,6 +398,8 @@ def main(argv=None) -> int:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(npz.read_bytes())
     zca_note = _store_zca_as_recipe(target, record, args.data_dir, args.zca_val_size)
+    if args.float16_images:
+        zca_note = "; ".join(n for n in (zca_note, _store_float16_images(target, args.data_dir)) if n)
     distilled = load_distilled(target, args.data_dir)
     print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
 
@@ -378,12 +408,14 @@ def main(argv=None) -> int:
     from kernel_distill.krr import DEFAULT_REG
 
     kernel = KernelSpec.from_dict(meta["kernel"]).to_dict() if "kernel" in meta else None
-    from_run = _krr_from_run(record, kernel, meta.get("get", "ntk")) if kernel else None
+    # float16 images are not the run's images: their accuracy is measured, never taken from the run
+    run_krr = _krr_from_run(record, kernel, meta.get("get", "ntk")) if kernel else None
+    from_run = run_krr if not args.float16_images and args.krr_test_limit is None else None
     if from_run is not None:
         krr = dict(from_run, dataset=dataset_of(distilled, str(npz), None), kernel=kernel,
                    get=meta.get("get", "ntk"), reg=meta.get("reg", DEFAULT_REG))
     else:
-        krr = evaluate_file(target, args.data_dir)
+        krr = evaluate_file(target, args.data_dir, test_limit=args.krr_test_limit)
     how = krr.get("measured_by") or f"{krr['seconds']:.1f} s"
     print(f"KRR test accuracy ({krr['kernel']['architecture']} {krr['get']}, reg {krr['reg']:g}): "
           f"{100 * krr['test_accuracy']:.2f}% on {krr['num_test']} {krr['dataset']} test images ({how})", flush=True)
@@ -411,6 +443,11 @@ def main(argv=None) -> int:
         krr=dict(test_accuracy=krr["test_accuracy"], num_test=krr["num_test"], dtype="float32",
                  seconds=round(krr["seconds"], 2),
                  **({"measured_by": krr["measured_by"]} if "measured_by" in krr else {}),
+                 **({"test_limit": args.krr_test_limit} if args.krr_test_limit is not None else {}),
+                 # the run's whole-test number of its own (float32) images, for scale, when this one is not it
+                 **({"run_whole_test": dict(test_accuracy=run_krr["test_accuracy"], num_test=run_krr["num_test"],
+                                            images="float32", measured_by=run_krr["measured_by"])}
+                    if run_krr is not None and from_run is None else {}),
                  **({"subset": dict(test_accuracy=subset["test_accuracy"], num_test=subset["num_test"])}
                     if subset else {})),
         transfer=transfer, published=published,

@@ -92,13 +92,19 @@ def _check_format_version(metadata, path) -> None:
                                  f"reads ({FORMAT_VERSION}); upgrade kernel-distill")
 
 
-def save_distilled(path: str | os.PathLike, distilled: DistilledSet, zca_as_recipe: bool = False) -> pathlib.Path:
+def save_distilled(path: str | os.PathLike, distilled: DistilledSet, zca_as_recipe: bool = False,
+                   image_dtype: str = "float32") -> pathlib.Path:
     """Write a :class:`DistilledSet` atomically. Returns the path.
 
     ``zca_as_recipe``: store the ZCA preprocessing as its recipe (``preprocessor.zca_recipe``, a few bytes)
     instead of the ``d x d`` matrix; readers recompute the matrix from the training data (format version 3).
+    ``image_dtype``: ``"float32"``, or ``"float16"`` to halve a large set's bytes (the zoo's 50-per-class
+    sets); readers always get float32, so a float16 file *is* its rounded images and is measured as such.
     """
     from kernel_distill import __version__
+
+    if image_dtype not in ("float32", "float16"):
+        raise KernelDistillError(f"image_dtype must be 'float32' or 'float16', got {image_dtype!r}")
 
     metadata = dict(distilled.metadata)
     pre = distilled.preprocessor
@@ -110,7 +116,10 @@ def save_distilled(path: str | os.PathLike, distilled: DistilledSet, zca_as_reci
     metadata.setdefault("package_version", __version__)
     if "kernel" in metadata:
         metadata["kernel_layers"] = layer_names(KernelSpec.from_dict(metadata["kernel"]))
-    arrays = dict(images=np.asarray(distilled.images, np.float32), labels=np.asarray(distilled.labels, np.float32))
+    images = np.asarray(distilled.images, np.float32)
+    if image_dtype == "float16" and np.abs(images).max() > np.finfo(np.float16).max:
+        raise KernelDistillError("images exceed the float16 range: store them as float32")
+    arrays = dict(images=images.astype(image_dtype), labels=np.asarray(distilled.labels, np.float32))
     if pre is not None:
         arrays["preprocess_mean"] = np.asarray(pre.mean, np.float32)
         arrays["preprocess_std"] = np.asarray(pre.std, np.float32)

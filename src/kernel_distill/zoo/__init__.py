@@ -171,6 +171,13 @@ def _points(value) -> str:
     return "-" if value is None else f"{100 * value:+.2f}"
 
 
+def _krr_cell(krr: dict) -> str:
+    """KRR % of the whole test split, or of the first ``test_limit`` test images where the entry says so."""
+    if krr.get("test_limit") is None:
+        return _pct(krr["test_accuracy"])
+    return f"{_pct(krr['test_accuracy'])} (first {krr['num_test']:,} test images)"
+
+
 def table_rows(entries: list[dict] | None = None) -> list[list[str]]:
     """One row per set: name, dataset, method, per class, KRR %, transfer %, the DD-Ranking columns (gain over
     random, hard / soft labels, LRS and ARS: ``-`` where not measured), storage, compute, published %."""
@@ -184,7 +191,7 @@ def table_rows(entries: list[dict] | None = None) -> list[list[str]]:
             if published.get("accuracy") is not None else "-"
         hard_soft = f"{_pct(acc.get('set_hard'))} / {_pct(acc.get('set'))}" if acc else "-"
         rows.append([f"`{e['name']}`", DATASET_NAMES.get(e["dataset"], e["dataset"]), describe_method(e),
-                     str(e["per_class"]), _pct(e["krr"]["test_accuracy"]),
+                     str(e["per_class"]), _krr_cell(e["krr"]),
                      _pct(transfer.get("mean"), transfer.get("std")) if transfer else "-",
                      _points(ranking.get("ior")), hard_soft, _pct(ranking.get("lrs")), _pct(ranking.get("ars")),
                      _storage(e), _compute(e), pub])
