@@ -23,8 +23,8 @@ networks' features directly (:func:`random_feature_loss_and_gradients`), with th
 
 This module sits between the kernels and the algorithms: it imports :mod:`kernel_distill.kernels` and
 nothing of KIP, KRR evaluation or the backends. KIP and :mod:`kernel_distill.krr` import it; the backends
-implement its protocol without importing it (their old entry point ``Backend.kip_loss_and_gradients``
-reaches it when called).
+implement its protocol without importing it (:func:`backend_loss_and_gradients` takes a backend and drives
+its blocks).
 """
 
 from __future__ import annotations

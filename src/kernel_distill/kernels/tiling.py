@@ -56,12 +56,3 @@ def block_sizes(n1: int, n2: int, bytes_per_pair: int, budget: int) -> tuple[int
     b1 = balanced(n1, max(1, int(math.isqrt(pairs))))
     b2 = balanced(n2, max(1, pairs // b1))
     return b1, b2
-
-
-def tile_pairs(block_fn, rows1: tuple, rows2: tuple, b1: int, b2: int):
-    """Evaluate ``block_fn(*rows1_tile, *rows2_tile) -> (b1, b2)`` over all tiles and assemble ``(n1, n2)``."""
-
-    def row_block(*r1):
-        return tiled(lambda *r2: block_fn(*r1, *r2).T, rows2, b2).T
-
-    return tiled(row_block, rows1, b1)
