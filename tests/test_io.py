@@ -36,11 +36,11 @@ def test_round_trip_keeps_everything(tmp_path, distilled):
         assert f["images"].dtype == np.float32 and json.loads(str(f["metadata"]))["method"] == "kip"
 
 
-
 def test_float16_images_halve_the_file_and_read_back_as_their_float32_rounding(tmp_path, distilled):
     path = save_distilled(tmp_path / "half.npz", distilled, image_dtype="float16")
     with np.load(path) as f:
         assert f["images"].dtype == np.float16 and f["labels"].dtype == np.float32
+        assert f["images"].nbytes * 2 == np.asarray(distilled.images, np.float32).nbytes
     loaded = load_distilled(path)
     assert loaded.images.dtype == np.float32
     np.testing.assert_array_equal(loaded.images, distilled.images.astype(np.float16).astype(np.float32))
@@ -51,6 +51,7 @@ def test_float16_images_halve_the_file_and_read_back_as_their_float32_rounding(t
                        image_dtype="float16")
     with pytest.raises(KernelDistillError, match="image_dtype"):
         save_distilled(tmp_path / "x.npz", distilled, image_dtype="int8")
+
 
 def test_released_kip_files_load(tmp_path, rng):
     path = tmp_path / "kip_release.npz"

@@ -374,5 +374,5 @@ def test_zoo_add_krr_test_limit_measures_the_first_test_images_and_says_so(digit
     assert entry["krr"]["num_test"] == entry["krr"]["test_limit"] == 200
     assert evaluate_file(digits_zoo.parent / entry["file"], test_limit=200)["test_accuracy"] \
         == entry["krr"]["test_accuracy"]
-    (row,) = [r for r in zoo.table_rows([entry])]
+    (row,) = zoo.table_rows([entry])
     assert row[4].endswith("(first 200 test images)")

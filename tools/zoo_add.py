@@ -148,11 +148,10 @@ def _store_zca_as_recipe(path: pathlib.Path, record, data_dir, val_size=None) ->
     worst = float(np.abs(refit - stored).max()) / scale
     with np.load(path, allow_pickle=False) as f:
         half = "zca_matrix" in f.files and f["zca_matrix"].dtype == np.float16
+        image_dtype = str(f["images"].dtype)
     if worst > (2e-3 if half else 1e-4):
         raise SystemExit(f"{path}: the recipe {recipe.to_dict()} does not give the file's ZCA matrix (largest "
                          f"difference {worst:.2e} of its largest entry): not converted")
-    with np.load(path, allow_pickle=False) as f:
-        image_dtype = str(f["images"].dtype)
     save_distilled(path, dataclasses.replace(distilled, preprocessor=dataclasses.replace(
         distilled.preprocessor, zca_matrix=refit, zca_recipe=recipe)), zca_as_recipe=True, image_dtype=image_dtype)
     checked = (f"ZCA stored as its recipe (dataset {recipe.dataset}, {recipe.val_size} validation images left out, "
