@@ -328,6 +328,18 @@ def render_kip_step() -> str:
                   "steps timed", "load avg", "code commit", "machine", "record"], rows) + footer("kip_step", records)
 
 
+def render_cli_startup() -> str:
+    records = list(newest(load("cli_startup"), lambda r: (r["config"]["command"], r["config"]["label"],
+                                                          r["config"]["code_commit"])).values())
+    records.sort(key=lambda r: (r["config"]["command"], r["provenance"]["date"]))
+    rows = [[f"`kernel-distill {r['config']['command']}`", r["config"]["label"], r["config"]["code_commit"][:7],
+             f"{r['metrics']['median_seconds']:.2f}", f"{r['metrics']['fastest_seconds']:.2f}", r["config"]["repeats"],
+             "yes" if r["config"]["jax_loaded"] else "no", f"{r['metrics']['load_average']:.1f}", machine(r), source(r)]
+            for r in records]
+    return table(["command", "code", "code commit", "median s", "fastest s", "runs", "loads JAX", "load avg",
+                  "machine", "record"], rows) + footer("cli_startup", records)
+
+
 def render_kernel_ablation() -> str:
     records = list(newest(load("kernel_ablation"), lambda r: (
         machine(r), r["config"]["shape"], r["provenance"]["dtype"], r["config"]["variant"],
@@ -507,6 +519,7 @@ RENDERERS = {
     "kernel_throughput": render_kernel_throughput,
     "kernel_throughput_refactor": render_kernel_throughput_refactor,
     "kip_step": render_kip_step,
+    "cli_startup": render_cli_startup,
     "kernel_ablation": render_kernel_ablation,
     "kip_fc": render_kip_fc,
     "label_solve": render_label_solve,

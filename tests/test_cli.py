@@ -59,6 +59,37 @@ def test_released_kip_file_is_evaluated_with_refitted_preprocessing(tmp_path, ca
     assert code == 0 and "carries no preprocessing" in out
 
 
+def test_a_version_1_file_reads_and_evaluates_like_its_current_copy(tmp_path, capsys):
+    """A file laid out as the version-1 writer did (``format_version`` 1, no ``kernel_layers``) keeps working:
+    same arrays, same preprocessing, the same KRR accuracy as the file this version writes from it."""
+    assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "3", "--seeds", "1", "--no-progress",
+               "--out", str(tmp_path / "base"))[0] == 0
+    current = tmp_path / "base" / "natural.npz"
+    with np.load(current) as f:
+        arrays = {k: f[k] for k in f.files}
+    metadata = json.loads(str(arrays.pop("metadata")))
+    assert metadata["format_version"] == 2 and "kernel_layers" in metadata
+    del metadata["kernel_layers"]
+    metadata["format_version"] = 1
+    version_1 = tmp_path / "v1.npz"
+    np.savez(version_1, metadata=np.array(json.dumps(metadata, sort_keys=True)), **arrays)
+
+    from kernel_distill.io import load_distilled
+
+    old, new = load_distilled(version_1), load_distilled(current)
+    np.testing.assert_array_equal(old.images, new.images)
+    np.testing.assert_array_equal(old.labels, new.labels)
+    np.testing.assert_array_equal(old.preprocessor.mean, new.preprocessor.mean)
+    np.testing.assert_array_equal(old.preprocessor.std, new.preprocessor.std)
+    assert old.metadata["format_version"] == 1 and old.metadata["kernel"] == new.metadata["kernel"]
+    accuracies = []
+    for path in (version_1, current):
+        code, out, _ = run(capsys, "evaluate", str(path), "--dataset", "digits", "--no-progress", "--json")
+        assert code == 0
+        accuracies.append(json.loads(out.strip().splitlines()[-1])["metrics"]["test_accuracy"])
+    assert accuracies[0] == accuracies[1] and 0.5 < accuracies[0] <= 1.0
+
+
 def test_datasets_lists_everything(capsys):
     code, out, _ = run(capsys, "datasets")
     assert code == 0
