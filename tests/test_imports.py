@@ -3,6 +3,8 @@
 A lazy import inside a function still makes the two modules depend on each other; counting only the
 module-level ones once hid two circles (kip -> distributed -> backend -> kip, and kernels -> finite ->
 kernels). docs/ARCHITECTURE.md describes the layers these rules keep.
+
+Also read from the source: every public function is annotated, so that mypy checks its body.
 """
 
 from __future__ import annotations
@@ -148,3 +150,28 @@ def test_the_graph_sees_imports_inside_functions():
     # The reader itself: the workflows import the library inside functions, so they must show up.
     assert "kip" in {m.split(".")[0] for m in GRAPH["workflows.kip"]}
     assert GRAPH["cli"], "cli imports the workflows"
+
+
+def _unannotated(path: pathlib.Path) -> list[str]:
+    """``file:line:name`` of each public function of ``path`` (module level, or a method of a module-level class;
+    ``__call__`` counts as public) missing a parameter annotation (``self``/``cls`` aside) or its return's."""
+    offenders = []
+    for node in ast.parse(path.read_text()).body:
+        functions = [node] if isinstance(node, ast.FunctionDef) else []
+        if isinstance(node, ast.ClassDef):
+            functions = [f for f in node.body if isinstance(f, ast.FunctionDef)]
+        for f in functions:
+            if f.name.startswith("_") and f.name != "__call__":
+                continue
+            params = [a for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs if a.arg not in ("self", "cls")]
+            params += [a for a in (f.args.vararg, f.args.kwarg) if a is not None]
+            if f.returns is None or any(a.annotation is None for a in params):
+                offenders.append(f"{path.relative_to(PACKAGE.parents[1])}:{f.lineno}:{f.name}")
+    return offenders
+
+
+def test_public_functions_are_annotated():
+    # mypy (the default, non-strict mode) checks only the bodies of annotated functions: an unannotated public
+    # function is unchecked, and its callers see Any.
+    offenders = [o for path in sorted(PACKAGE.rglob("*.py")) for o in _unannotated(path)]
+    assert not offenders, "public functions without full annotations:\n" + "\n".join(offenders)

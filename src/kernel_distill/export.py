@@ -35,7 +35,7 @@ import json
 import os
 import pathlib
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -185,7 +185,7 @@ def _png_array(data: bytes) -> np.ndarray:
     return image[..., None] if image.ndim == 2 else image
 
 
-def class_folder_names(class_names) -> list[str]:
+def class_folder_names(class_names: Sequence[str]) -> list[str]:
     """``NN_NAME`` per class: zero-padded so that sorted folder names keep the class order (torchvision's
     ImageFolder sorts them), the name made safe for a file system."""
     width = len(str(len(class_names) - 1))
@@ -391,7 +391,7 @@ def read_imagefolder(folder: str | os.PathLike) -> DistilledSet:
 # What to export: a file, a run folder or a zoo set.
 
 
-def load_source(text: str, data_dir=None, progress: bool = False) -> ExportSource:
+def load_source(text: str, data_dir: str | os.PathLike | None = None, progress: bool = False) -> ExportSource:
     """The set named by ``text``: a distilled-set ``.npz``, a run folder (its validation-selected
     ``distilled_best.npz`` if it has one, else its ``distilled.npz`` or ``natural.npz``), or ``zoo:NAME``."""
     from kernel_distill import zoo

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,6 +35,9 @@ import optax
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import spec as spec_layers
 from kernel_distill.kernels.networks import LayerNet  # noqa: F401  (defined with the layers' rules; used here)
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
 
 MODELS = ("convnet", "convnet3", "fc", "evalnet")
 _DEFAULT_WIDTHS = {"convnet": 128, "convnet3": 128, "fc": 1024}
@@ -66,7 +69,7 @@ def _mirror(images, key):
     return jnp.where(flip, images[:, :, ::-1, :], images)
 
 
-def affine_resample(images, matrices):
+def affine_resample(images: jax.Array, matrices: jax.Array) -> jax.Array:
     """Resample ``(n, H, W, C)`` images through per-image 2x2 ``matrices`` ``(n, 2, 2)``; same shape.
 
     Output pixel at normalised coordinates ``p = (x, y)`` in ``[-1, 1]^2`` (corner pixel centres at +-1)
@@ -132,7 +135,7 @@ DSA_TRANSFORMS = {"color": _dsa_color, "crop": _dsa_crop, "cutout": _dsa_cutout,
                   "scale": _dsa_scale, "rotate": _dsa_rotate}
 
 
-def augment_batch(images, key, kind: str):
+def augment_batch(images: jax.Array, key: jax.Array, kind: str) -> jax.Array:
     """Randomly augment a batch ``(n, H, W, C)`` float (preprocessed) images; same shape and dtype.
 
     ``"none"``: unchanged. ``"crop"``: each image translated by an independent integer offset in
@@ -170,7 +173,7 @@ class EvalConvNet(nn.Module):
     depth: int = 3
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         for _ in range(self.depth):
             x = nn.Conv(self.width, (3, 3), padding="SAME")(x)
             x = nn.GroupNorm(num_groups=self.width, epsilon=1e-5)(x)  # one group per channel: instance norm
@@ -191,7 +194,7 @@ def build_model(name: str, num_classes: int, width: int | None = None, depth: in
     return EvalConvNet(num_classes, width or 128, depth or 3)
 
 
-def count_parameters(params) -> int:
+def count_parameters(params: Any) -> int:
     return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(params)))
 
 
@@ -258,7 +261,8 @@ def _loss_fn(logits, labels, kind: str, label_scale: float = 1.0):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, jnp.argmax(labels, axis=-1)))
 
 
-def accuracy_on(model: nn.Module, params, x_test, y_test, batch_size: int = 1000) -> float:
+def accuracy_on(model: nn.Module, params: Any, x_test: np.ndarray | jax.Array, y_test: np.ndarray | jax.Array,
+                batch_size: int = 1000) -> float:
     """Accuracy of ``argmax(model(x))`` on ``(x_test, y_test)``, in batches."""
     apply = jax.jit(model.apply)
     correct = 0
@@ -268,8 +272,10 @@ def accuracy_on(model: nn.Module, params, x_test, y_test, batch_size: int = 1000
     return correct / len(x_test)
 
 
-def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfig, key,
-          progress: bool = True, description: str = "train", x_val=None, y_val=None) -> dict:
+# y_test, y_val: arrays where x_test, x_val are (else None); Any, as mypy cannot tie their None to the x's
+def train(model: nn.Module, x_train: ArrayLike, y_train: ArrayLike, x_test: np.ndarray | jax.Array | None,
+          y_test: Any, config: TrainConfig, key: jax.Array, progress: bool = True,
+          description: str = "train", x_val: np.ndarray | jax.Array | None = None, y_val: Any = None) -> dict:
     """Train ``model`` on ``(x_train, y_train)`` (float labels ``(n, C)``) and score it on the test set.
 
     Returns ``dict(test_accuracy, curve=[(step, accuracy), ...], seconds, eval_seconds, num_parameters)``:
@@ -338,8 +344,10 @@ def train(model: nn.Module, x_train, y_train, x_test, y_test, config: TrainConfi
     return result
 
 
-def train_seeds(model_fn: Callable[[], nn.Module], x_train, y_train, x_test, y_test, config: TrainConfig,
-                seeds: Sequence[int], progress: bool = True, x_val=None, y_val=None) -> dict:
+def train_seeds(model_fn: Callable[[], nn.Module], x_train: ArrayLike, y_train: ArrayLike,
+                x_test: np.ndarray | jax.Array | None, y_test: np.ndarray | jax.Array | None, config: TrainConfig,
+                seeds: Sequence[int], progress: bool = True, x_val: np.ndarray | jax.Array | None = None,
+                y_val: np.ndarray | jax.Array | None = None) -> dict:
     """:func:`train` once per seed. Returns per-seed results and the mean and std of test accuracy."""
     runs = [train(model_fn(), x_train, y_train, x_test, y_test, config, jax.random.PRNGKey(s), progress,
                   description=f"seed {s}", x_val=x_val, y_val=y_val) for s in seeds]

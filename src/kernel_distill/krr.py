@@ -13,7 +13,7 @@ evaluation with a progress bar.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 import jax
 import jax.numpy as jnp
@@ -27,8 +27,12 @@ from kernel_distill.kernels.api import Get
 from kernel_distill.objective import (  # noqa: F401
     DEFAULT_REG, KIP_LOSSES, kip_loss, krr_loss, krr_platt_loss, krr_predict, regularized, ridge)
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from jax.typing import ArrayLike
 
-def accuracy(pred, labels) -> jax.Array:
+
+def accuracy(pred: ArrayLike, labels: ArrayLike) -> jax.Array:
     """Fraction of rows whose argmax equals the integer label. ``(n, C), (n,) -> ()``."""
     return jnp.mean(jnp.argmax(pred, axis=-1) == labels)
 
@@ -85,13 +89,13 @@ def feature_weights(phi_s: np.ndarray, y_s: np.ndarray, reg: float = DEFAULT_REG
     return scipy.linalg.cho_solve(factor, phi.T @ np.asarray(y_s, dtype=np.float64))
 
 
-def uses_feature_space(kernel_fn, n_support: int, image_shape: tuple) -> bool:
+def uses_feature_space(kernel_fn: Callable[..., Any], n_support: int, image_shape: tuple) -> bool:
     """Whether KRR is cheaper through the features (more support points than features) for this kernel."""
     return (isinstance(kernel_fn, RandomFeatureKernelFn)
             and n_support > kernel_fn.feature_dimension(tuple(image_shape)))
 
 
-def feature_blocks(kernel_fn: RandomFeatureKernelFn, x, block_size: int = 1000) -> np.ndarray:
+def feature_blocks(kernel_fn: RandomFeatureKernelFn, x: np.ndarray, block_size: int = 1000) -> np.ndarray:
     """``Phi(x)`` of the kernel's fixed networks, computed in padded blocks: ``(n, ...) -> (n, D)`` float64."""
     out = [np.asarray(kernel_fn.features(block), np.float64)[:len(x) - start]
            for start, block in padded_row_blocks(x, block_size)]
@@ -120,7 +124,7 @@ class padded_row_blocks:
             yield start, block
 
 
-def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
+def cross_kernel(kernel_fn: Callable, x1: ArrayLike, x2: ArrayLike, get: str = "ntk") -> jax.Array | np.ndarray:
     """``kernel_fn(x1, x2, get)`` through a jitted function cached per kernel function and ``get``, so
     repeated evaluations (KIP evaluates every few hundred steps) do not recompile."""
     if isinstance(kernel_fn, (KernelFn, RandomFeatureKernelFn)):
@@ -128,9 +132,11 @@ def cross_kernel(kernel_fn: Callable, x1, x2, get: str = "ntk"):
     return kernel_fn(x1, x2, get=get)
 
 
-def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg: float = DEFAULT_REG,
-             get: str = "ntk", block_size: int = 1000, progress: bool = True,
-             description: str = "KRR test", backend=None) -> EvalResult:
+# backend: a kernel_distill.distributed.Backend or None; Any, as a Backend takes a KernelFn and a Get where these
+# functions take any kernel callable and a str (a backend is only given the kernels make_kernel_fn builds)
+def evaluate(kernel_fn: Callable, x_support: npt.ArrayLike, y_support: np.ndarray, x_test: npt.ArrayLike,
+             labels_test: npt.ArrayLike, reg: float = DEFAULT_REG, get: str = "ntk", block_size: int = 1000,
+             progress: bool = True, description: str = "KRR test", backend: Any = None) -> EvalResult:
     """KRR accuracy and MSE of a support set on a whole test set, test points processed in blocks.
 
     Args:
@@ -147,9 +153,11 @@ def evaluate(kernel_fn: Callable, x_support, y_support, x_test, labels_test, reg
                                progress, description, backend)[0]
 
 
-def evaluate_label_sets(kernel_fn: Callable, x_support, label_sets, x_test, labels_test, reg: float = DEFAULT_REG,
+# backend: a kernel_distill.distributed.Backend or None (Any: see evaluate)
+def evaluate_label_sets(kernel_fn: Callable, x_support: npt.ArrayLike, label_sets: Sequence[np.ndarray],
+                        x_test: npt.ArrayLike, labels_test: npt.ArrayLike, reg: float = DEFAULT_REG,
                         get: str = "ntk", block_size: int = 1000, progress: bool = True,
-                        description: str = "KRR test", backend=None) -> list[EvalResult]:
+                        description: str = "KRR test", backend: Any = None) -> list[EvalResult]:
     """:func:`evaluate` for several label sets ``[(n, C), ...]`` of one support, with one pass of test kernels:
     KRR is linear in the labels, so the sets are solved and predicted side by side as columns of one matrix
     (the test kernel, the costly part with a ConvNet kernel, is computed once instead of once per set)."""

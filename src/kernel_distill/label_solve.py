@@ -21,13 +21,16 @@ same, and each is added to the running sums in the same order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 import numpy as np
 import scipy.linalg
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.krr import DEFAULT_REG, cross_kernel, padded_row_blocks, ridge
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 DEFAULT_LS_REG = 1e-6
 
@@ -60,7 +63,7 @@ class LabelSolveResult:
 
 def accumulate_normal_equations(kernel_fn: Callable, x_support: np.ndarray,
                                 train_blocks: Iterable[tuple[np.ndarray, np.ndarray]], get: str = "ntk",
-                                progress=None) -> tuple[np.ndarray, np.ndarray, int]:
+                                progress: tqdm | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Sum ``K_sb K_bs`` and ``K_sb y_b`` over training blocks ``(x_b, y_b)`` (``x_b`` may carry padding
     rows past ``len(y_b)``; they are ignored).
 
@@ -100,9 +103,11 @@ def labels_from_normal_equations(k_ss: np.ndarray, gram: np.ndarray, projected: 
     return (k_ss + lam * np.eye(n)) @ z
 
 
+# backend: a kernel_distill.distributed.Backend or None; Any, as a Backend takes a KernelFn and a Get where this
+# function takes any kernel callable and a str (see kernel_distill.krr.evaluate)
 def solve_labels(kernel_fn: Callable, x_support: np.ndarray, x_train: np.ndarray, y_train: np.ndarray,
                  reg: float = DEFAULT_REG, ls_reg: float = DEFAULT_LS_REG, get: str = "ntk",
-                 block_size: int = 5000, progress: bool = True, backend=None, *,
+                 block_size: int = 5000, progress: bool = True, backend: Any = None, *,
                  chunk_blocks: int | None = None, start: NormalEquations | None = None,
                  on_chunk: Callable[[NormalEquations], None] | None = None) -> LabelSolveResult:
     """Label Solve over ``x_train`` in blocks of ``block_size``.
@@ -170,8 +175,9 @@ def _padded_blocks(x: np.ndarray, y: np.ndarray, size: int) -> Iterator[tuple[np
         yield block, y[offset:offset + size]
 
 
-def training_objective(kernel_fn: Callable, x_support, y_support, x_train, y_train, reg: float = DEFAULT_REG,
-                       get: str = "ntk", block_size: int = 5000) -> float:
+def training_objective(kernel_fn: Callable, x_support: np.ndarray, y_support: np.ndarray, x_train: np.ndarray,
+                       y_train: np.ndarray, reg: float = DEFAULT_REG, get: str = "ntk",
+                       block_size: int = 5000) -> float:
     """The KRR MSE ``0.5 mean((K_ts (K_ss + lam I)^-1 y_s - y_t)^2)`` over the training set, in blocks."""
     from kernel_distill.krr import solve_support
 

@@ -30,7 +30,7 @@ its blocks).
 from __future__ import annotations
 
 import functools
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,12 @@ import numpy as np
 
 from kernel_distill.kernels import random_features as rf
 from kernel_distill.kernels.spec import KernelSpec
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
+    from kernel_distill.kernels import KernelFn
+    from kernel_distill.kernels.api import Get
 
 DEFAULT_REG = 1e-6
 
@@ -48,18 +54,18 @@ KIP_LOSSES = ("mse", "platt")
 # The loss as a function of the kernel blocks.
 
 
-def ridge(k, reg: float = DEFAULT_REG):
+def ridge(k: np.ndarray | jax.Array, reg: float = DEFAULT_REG) -> np.floating | jax.Array:
     """The ridge ``reg * trace(K) / n`` added to a kernel's diagonal: KIP's regulariser, relative to the
     mean eigenvalue. ``k``: a square numpy or JAX array. Returns a scalar of the same kind."""
     return reg * k.trace() / k.shape[0]
 
 
-def regularized(k_ss, reg: float = DEFAULT_REG):
+def regularized(k_ss: jax.Array, reg: float = DEFAULT_REG) -> jax.Array:
     """``K_ss + reg * trace(K_ss) / n * I``. ``(n, n) -> (n, n)``."""
     return k_ss + ridge(k_ss, reg) * jnp.eye(k_ss.shape[0], dtype=k_ss.dtype)
 
 
-def krr_predict(k_ts, k_ss, y_s, reg: float = DEFAULT_REG):
+def krr_predict(k_ts: ArrayLike, k_ss: jax.Array, y_s: ArrayLike, reg: float = DEFAULT_REG) -> jax.Array:
     """KRR predictions by a Cholesky solve.
 
     Args:
@@ -74,12 +80,14 @@ def krr_predict(k_ts, k_ss, y_s, reg: float = DEFAULT_REG):
     return jnp.matmul(k_ts, jax.scipy.linalg.cho_solve(factor, y_s), precision=jax.lax.Precision.HIGHEST)
 
 
-def krr_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG):
+def krr_loss(k_ts: ArrayLike, k_ss: jax.Array, y_s: ArrayLike, y_t: ArrayLike,
+             reg: float = DEFAULT_REG) -> jax.Array:
     """``0.5 * mean((pred - y_t)^2)`` over all entries of the ``(n_t, C)`` predictions. Scalar."""
     return 0.5 * jnp.mean((krr_predict(k_ts, k_ss, y_s, reg) - y_t) ** 2)
 
 
-def krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg: float = DEFAULT_REG):
+def krr_platt_loss(k_ts: ArrayLike, k_ss: jax.Array, y_s: ArrayLike, y_t: ArrayLike, log_scale: ArrayLike,
+                   reg: float = DEFAULT_REG) -> jax.Array:
     """RFAD's Platt-scaled cross-entropy of the KRR predictions: ``mean(CE(exp(log_scale) * pred, argmax y_t))``.
 
     The KRR predictions are read as logits after a learned scale ``exp(log_scale)`` (Platt scaling; Loo et
@@ -92,7 +100,8 @@ def krr_platt_loss(k_ts, k_ss, y_s, y_t, log_scale, reg: float = DEFAULT_REG):
     return -jnp.mean(jnp.take_along_axis(log_probs, jnp.argmax(y_t, axis=-1)[:, None], axis=-1))
 
 
-def kip_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG, log_scale=None):
+def kip_loss(k_ts: ArrayLike, k_ss: jax.Array, y_s: ArrayLike, y_t: ArrayLike, reg: float = DEFAULT_REG,
+             log_scale: ArrayLike | None = None) -> jax.Array:
     """KIP's objective: :func:`krr_loss` when ``log_scale`` is ``None``, else :func:`krr_platt_loss`."""
     if log_scale is None:
         return krr_loss(k_ts, k_ss, y_s, y_t, reg)
@@ -100,7 +109,9 @@ def kip_loss(k_ts, k_ss, y_s, y_t, reg: float = DEFAULT_REG, log_scale=None):
 
 
 @jax.jit
-def loss_vjp(k_ts, k_ss, y_s, y_t, reg, log_scale=None):
+def loss_vjp(k_ts: ArrayLike, k_ss: jax.Array, y_s: ArrayLike, y_t: ArrayLike, reg: float,
+             log_scale: ArrayLike | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
     """The loss and its cotangents with respect to the blocks, the support labels and the log scale.
 
     Args:
@@ -131,7 +142,8 @@ class BlockExecutor(Protocol):
     JAX functions can be traced, so :func:`loss_and_gradients` with it can run under ``jax.jit``.
     """
 
-    def forward_blocks(self, kernel_fn, get: str, x_s, targets, target_idx) -> tuple[Any, Any, Any]:
+    def forward_blocks(self, kernel_fn: KernelFn, get: Get, x_s: jax.Array, targets: Any,
+                       target_idx: jax.Array | np.ndarray | None) -> tuple[Any, Any, Any]:
         """The kernel blocks of a support and a target batch.
 
         Args:
@@ -145,7 +157,7 @@ class BlockExecutor(Protocol):
           ``(K_ts (m, n), K_ss (n, n), residuals)``.
         """
 
-    def backward_blocks(self, residuals, d_kts, g_ss):
+    def backward_blocks(self, residuals: Any, d_kts: jax.Array, g_ss: jax.Array) -> jax.Array:
         """The support images' cotangent through both blocks, summed over the executor's shares of the work.
 
         Args:
@@ -159,8 +171,14 @@ class BlockExecutor(Protocol):
         """
 
 
-def loss_and_gradients(executor: BlockExecutor, kernel_fn, get: str, reg: float, x_s, y_s, targets, target_idx,
-                       y_t, log_scale=None):
+if TYPE_CHECKING:
+    class HashableBlockExecutor(BlockExecutor, Hashable, Protocol):
+        """A :class:`BlockExecutor` that can key :func:`compiled_loss_and_gradients`'s cache (every backend)."""
+
+
+def loss_and_gradients(executor: BlockExecutor, kernel_fn: KernelFn, get: Get, reg: float, x_s: jax.Array,
+                       y_s: ArrayLike, targets: Any, target_idx: jax.Array | np.ndarray | None, y_t: ArrayLike,
+                       log_scale: ArrayLike | None = None) -> tuple[jax.Array, ...]:
     """The KRR loss of a support on a target batch, and its gradients, with the kernel work on ``executor``.
 
     Kernel blocks forward on the executor, ``jax.vjp`` of the loss for ``dL/dK_ts``, ``dL/dK_ss``,
@@ -186,7 +204,8 @@ def loss_and_gradients(executor: BlockExecutor, kernel_fn, get: str, reg: float,
 
 
 @functools.lru_cache(maxsize=64)
-def compiled_loss_and_gradients(executor: BlockExecutor, kernel_fn, get: str):
+def compiled_loss_and_gradients(executor: BlockExecutor, kernel_fn: KernelFn,
+                                get: Get) -> Callable[..., tuple[jax.Array, ...]]:
     """:func:`loss_and_gradients` on an executor whose block methods are pure JAX, jitted once per executor
     (hashable: equal executors share it), kernel function and ``get``.
 
@@ -196,7 +215,9 @@ def compiled_loss_and_gradients(executor: BlockExecutor, kernel_fn, get: str):
     return jax.jit(functools.partial(loss_and_gradients, executor, kernel_fn, get))
 
 
-def backend_loss_and_gradients(backend, kernel_fn, get: str, reg: float, x_s, y_s, targets, target_idx, y_t):
+def backend_loss_and_gradients(backend: HashableBlockExecutor, kernel_fn: KernelFn, get: Get, reg: float,
+                               x_s: jax.Array, y_s: ArrayLike, targets: Any, target_idx: jax.Array | np.ndarray,
+                               y_t: ArrayLike) -> tuple[jax.Array, ...]:
     """:func:`loss_and_gradients` of a KIP step on a backend (:mod:`kernel_distill.distributed`): one compiled
     function on a ``traceable`` backend (its blocks are pure JAX; the target rows are gathered here, so the
     resident set is not copied into the call), the blocks on the backend's workers otherwise.
@@ -217,8 +238,10 @@ def backend_loss_and_gradients(backend, kernel_fn, get: str, reg: float, x_s, y_
 # The random-feature kernel: the same loss, differentiated through the features.
 
 
-def random_feature_loss_and_gradients(spec: KernelSpec, key, reg: float, x_s, y_s, x_t, y_t, budget: int,
-                                      learn_labels: bool = True, log_scale=None):
+def random_feature_loss_and_gradients(spec: KernelSpec, key: jax.Array | None, reg: float, x_s: jax.Array,
+                                      y_s: ArrayLike, x_t: jax.Array, y_t: ArrayLike, budget: int,
+                                      learn_labels: bool = True,
+                                      log_scale: ArrayLike | None = None) -> tuple[jax.Array | None, ...]:
     """The KRR loss of a support on a target batch with the random networks drawn from ``key``, and its gradients.
 
     The kernel is ``Phi(x) Phi(x')^T`` of a random-feature :class:`KernelSpec` (RFAD); ``key=None`` uses its

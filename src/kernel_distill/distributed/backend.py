@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +33,15 @@ from kernel_distill import kernels
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels import KernelFn
 
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
+    from kernel_distill.kernels.api import Get
+
 BACKENDS = ("local", "ray")
 
 
-def compute_dtype(*arrays) -> np.dtype:
+def compute_dtype(*arrays: ArrayLike) -> np.dtype:
     """The floating dtype the local process would compute ``arrays`` in: their common type, float32 unless
     JAX's 64-bit mode is on here (the driver's setting, which is then passed to workers explicitly)."""
     dtype = np.result_type(*[np.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype for a in arrays])
@@ -51,28 +57,31 @@ class Backend(abc.ABC):
     num_workers: int = 1
     traceable: bool = False  # block methods are pure JAX functions (the objective on it can be jitted)
 
-    def put(self, array: np.ndarray):
+    def put(self, array: np.ndarray) -> Any:
         """Hand ``array`` to the workers once; returns what the methods take in its place."""
         return np.asarray(array)
 
     @abc.abstractmethod
-    def forward_blocks(self, kernel_fn: KernelFn, get: str, x_s, targets, target_idx):
+    def forward_blocks(self, kernel_fn: KernelFn, get: Get, x_s: jax.Array, targets: Any,
+                       target_idx: jax.Array | np.ndarray | None) -> tuple[jax.Array, jax.Array, Any]:
         """``(K_ts (m, n), K_ss (n, n), residuals)`` for support ``x_s (n, ...)`` and the target batch
         ``targets[target_idx]`` (``targets``: what :meth:`put` returned, or an array); in the dtype of ``x_s``.
         ``residuals`` is what :meth:`backward_blocks` needs, opaque to the caller."""
 
     @abc.abstractmethod
-    def backward_blocks(self, residuals, d_kts, g_ss):
+    def backward_blocks(self, residuals: Any, d_kts: jax.Array, g_ss: jax.Array) -> jax.Array:
         """``dL/dx_s`` through both blocks of the last :meth:`forward_blocks`, summed over the shares:
         ``d_kts (m, n)`` the cotangent of ``K_ts``, ``g_ss (n, n)`` that of ``K_ss`` through its first argument
         (``G + G^T``). The support statistics' VJP included; in the dtype of ``x_s``."""
 
     @abc.abstractmethod
-    def normal_equations(self, kernel_fn: KernelFn, get: str, x_support, x, y, block_size: int):
+    def normal_equations(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, x: Any, y: Any,
+                         block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
         """``(K_st K_ts (n, n), K_st y (n, C), count)``, float64, over the resident ``x`` and labels ``y``."""
 
     @abc.abstractmethod
-    def predictions(self, kernel_fn: KernelFn, get: str, x_support, alpha, x, block_size: int) -> np.ndarray:
+    def predictions(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, alpha: np.ndarray, x: Any,
+                    block_size: int) -> np.ndarray:
         """``K(x, x_support) @ alpha``, float64 ``(len(x), C)``, over the resident ``x``."""
 
     def describe(self) -> dict:
@@ -99,7 +108,8 @@ class LocalBackend(Backend):
     name = "local"
     traceable = True
 
-    def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
+    def forward_blocks(self, kernel_fn: KernelFn, get: Get, x_s: jax.Array, targets: Any,
+                       target_idx: jax.Array | np.ndarray | None) -> tuple[jax.Array, jax.Array, tuple]:
         spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
         x_t = targets if target_idx is None else targets[target_idx]
         x_t = jnp.asarray(x_t).astype(x_s.dtype)
@@ -109,7 +119,7 @@ class LocalBackend(Backend):
         k_ts = kernels.kernel_matrix_from_stats(spec, x_t, stats_t, x_s, stats_s, get, budget)
         return k_ts, k_ss, (kernel_fn, get, x_s, stats_s, x_t, stats_t)
 
-    def backward_blocks(self, residuals, d_kts, g_ss):
+    def backward_blocks(self, residuals: tuple, d_kts: jax.Array, g_ss: jax.Array) -> jax.Array:
         kernel_fn, get, x_s, stats_s, x_t, stats_t = residuals
         spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
         dx_ss, dstats_ss, _, _ = kernels.kernel_matrix_vjp(spec, x_s, stats_s, x_s, stats_s, g_ss, get, budget,
@@ -119,13 +129,15 @@ class LocalBackend(Backend):
         dstats = jax.tree_util.tree_map(jnp.add, dstats_ss, dstats_ts)
         return dx_ss + dx_ts + kernels.tiled_self_stats_vjp(spec, x_s, dstats, budget)
 
-    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+    def normal_equations(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, x: np.ndarray, y: np.ndarray,
+                         block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
         from kernel_distill.distributed.shares import normal_equation_share
 
         starts = range(0, len(x), min(block_size, max(1, len(x))))
         return normal_equation_share(kernel_fn, get, x_support, x, y, starts, block_size)
 
-    def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
+    def predictions(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, alpha: np.ndarray, x: np.ndarray,
+                    block_size: int) -> np.ndarray:
         from kernel_distill.distributed.shares import prediction_share
 
         starts = range(0, len(x), min(block_size, max(1, len(x))))

@@ -31,8 +31,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import TYPE_CHECKING
 
 from kernel_distill.errors import KernelDistillError
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 # A Ray started by this package listens on loopback only, without dashboard or token file. Ray reads these
 # when it is imported (and its processes inherit them), so they are set before the first ``import ray``.
@@ -164,7 +168,7 @@ def answers(address: str, timeout: float = CHECK_TIMEOUT_S) -> bool:
     return True
 
 
-def import_ray(local: bool):
+def import_ray(local: bool) -> ModuleType:
     """``import ray``; for a ``local`` instance (or a loopback address) first the loopback settings, unless
     the user set them."""
     if local:

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 import traceback
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -38,6 +39,10 @@ from kernel_distill.distributed.backend import Backend
 from kernel_distill.distributed.cluster import ClusterStopped
 from kernel_distill.distributed.ray_backend import ShareBlocks
 from kernel_distill.errors import KernelDistillError
+
+if TYPE_CHECKING:
+    from kernel_distill.kernels import KernelFn
+    from kernel_distill.kernels.api import Get
 
 # the driver process's entry point; -P: neither the working directory nor a script's folder on sys.path
 _SERVE = "import sys; from kernel_distill.distributed.driver import serve; sys.exit(serve(int(sys.argv[1])))"
@@ -71,7 +76,7 @@ class DriverProcess:
         self.connection = multiprocessing.connection.Connection(ours.detach())
         self.busy = False  # a call whose reply has not been read (interrupted): the next reply is not ours
 
-    def call(self, name: str, *args, payload=None):
+    def call(self, name: str, *args: Any, payload: memoryview | bytes | None = None) -> Any:
         """``name(*args)`` in the driver process (``payload``: raw bytes sent after the call); its result, or
         the :class:`KernelDistillError` it raised. Raises :class:`_Ended` if the process is gone."""
         if self.busy:
@@ -146,7 +151,8 @@ class RayDriverBackend(ShareBlocks, Backend):
         self._stopped = False
 
     @classmethod
-    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3, log=print):
+    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3,
+              log: Callable[[str], None] = print) -> RayDriverBackend:
         """Start a Ray of its own (``address=None``, on loopback) or check ``address``, then the driver
         process, which connects and starts the ``workers`` actors."""
         if importlib.util.find_spec("ray") is None:
@@ -211,7 +217,7 @@ class RayDriverBackend(ShareBlocks, Backend):
     def check_cluster(self) -> None:
         self._call("check_cluster")
 
-    def put(self, array):
+    def put(self, array: np.ndarray) -> Resident:
         """Hand ``array`` to the driver process once (raw bytes), which puts it in Ray's object store; the same
         array (same memory, shape, dtype) again returns the same handle."""
         array = np.asarray(array)
@@ -219,20 +225,25 @@ class RayDriverBackend(ShareBlocks, Backend):
         if key not in self._resident:
             data = np.ascontiguousarray(array)
             handle = Resident(len(self._resident), data.shape)
-            self._call("put", handle.key, data.shape, data.dtype.str, payload=memoryview(data.reshape(-1)).cast("B"))
+            # numpy's stubs give ndarray its __buffer__ (the Buffer protocol) on Python >= 3.12 only; it has one on 3.11
+            self._call("put", handle.key, data.shape, data.dtype.str,
+                       payload=memoryview(data.reshape(-1)).cast("B"))  # type: ignore[arg-type]
             self._resident[key] = (array, handle)  # holding the array: no reused memory
         return self._resident[key][1]
 
-    def forward_shares(self, kernel_fn, get, dtype, support, train, idx):
+    def forward_shares(self, kernel_fn: KernelFn, get: Get, dtype: str, support: np.ndarray, train: Resident,
+                       idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         return self._call("forward_shares", kernel_fn, get, dtype, support, train, idx)
 
-    def backward_shares(self, d_kts, g):
+    def backward_shares(self, d_kts: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...], dict]:
         return self._call("backward_shares", d_kts, g)
 
-    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+    def normal_equations(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, x: Resident, y: Resident,
+                         block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
         return self._call("normal_equations", kernel_fn, get, np.asarray(x_support), x, y, block_size)
 
-    def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
+    def predictions(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, alpha: np.ndarray, x: Resident,
+                    block_size: int) -> np.ndarray:
         return self._call("predictions", kernel_fn, get, np.asarray(x_support), np.asarray(alpha), x, block_size)
 
     def close(self) -> None:

@@ -7,11 +7,12 @@ interface module imports none of its implementations.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from kernel_distill.distributed.backend import Backend, BackendOptions, LocalBackend
 
 
-def open_backend(options: BackendOptions | None = None, log=print) -> Backend:
+def open_backend(options: BackendOptions | None = None, log: Callable[[str], None] = print) -> Backend:
     """The backend ``options`` ask for (a started Ray backend for ``"ray"``); close it when done.
 
     Ray's driver runs in a process of its own (:class:`~kernel_distill.distributed.driver.RayDriverBackend`),

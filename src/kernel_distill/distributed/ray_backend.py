@@ -36,7 +36,7 @@ import functools
 import logging
 import os
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +47,12 @@ from kernel_distill.distributed.backend import Backend
 from kernel_distill.distributed.cluster import LOOPBACK_ENVIRONMENT, ClusterStopped, ClusterUnreachable  # noqa: F401
 from kernel_distill.errors import KernelDistillError
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from kernel_distill.kernels import KernelFn
+    from kernel_distill.kernels.api import Get
+
 RESIDENT_CACHE = 8  # arrays an actor keeps (train, validation, test, labels: a few per run)
 WAIT_S = 1.0  # while waiting for workers, check the cluster this often
 
@@ -55,13 +61,13 @@ class WorkerFailed(KernelDistillError):
     """A Ray worker failed for good (its restarts are spent)."""
 
 
-def import_ray(local: bool):
+def import_ray(local: bool) -> ModuleType:
     """``import ray``; for a ``local`` instance first the loopback settings (unless the user set them)."""
     return cluster.import_ray(local)
 
 
 @functools.cache
-def worker_class():
+def worker_class() -> Any:
     """The Ray actor class of :class:`KernelWorker` (made on first use, so importing this module needs no Ray)."""
     import ray
 
@@ -92,7 +98,8 @@ class KernelWorker:
             self.resident[key] = ray.get(ref)
         return self.resident[key]
 
-    def forward_share(self, kernel_fn, get, dtype, rows, train, idx, x_s):
+    def forward_share(self, kernel_fn: KernelFn, get: Get, dtype: str, rows: tuple[int, int], train: list,
+                      idx: np.ndarray, x_s: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         started = time.perf_counter()
         with jax.enable_x64(dtype == "float64"):
             x_t = shares.as_dtype(self._array(train)[idx], dtype)
@@ -100,7 +107,9 @@ class KernelWorker:
             k_ts, k_rs = np.asarray(k_ts), np.asarray(k_rs)
         return k_ts, k_rs, time.perf_counter() - started
 
-    def backward_share(self, kernel_fn, get, dtype, rows, train, idx, x_s, d_kts, g_rows):
+    def backward_share(self, kernel_fn: KernelFn, get: Get, dtype: str, rows: tuple[int, int], train: list,
+                       idx: np.ndarray, x_s: np.ndarray, d_kts: np.ndarray,
+                       g_rows: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...], float]:
         started = time.perf_counter()
         with jax.enable_x64(dtype == "float64"):
             x_t = shares.as_dtype(self._array(train)[idx], dtype)
@@ -109,12 +118,14 @@ class KernelWorker:
             dx, dstats = np.asarray(dx), tuple(np.asarray(s) for s in dstats)
         return dx, dstats, time.perf_counter() - started
 
-    def normal_equations(self, kernel_fn, get, dtype, x_support, x, y, starts, block_size):
+    def normal_equations(self, kernel_fn: KernelFn, get: Get, dtype: str, x_support: np.ndarray, x: list, y: list,
+                         starts: Iterable[int], block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
         with jax.enable_x64(dtype == "float64"):
             return shares.normal_equation_share(kernel_fn, get, shares.as_dtype(x_support, dtype),
                                                 _Cast(self._array(x), dtype), self._array(y), starts, block_size)
 
-    def predictions(self, kernel_fn, get, dtype, x_support, alpha, x, starts, block_size):
+    def predictions(self, kernel_fn: KernelFn, get: Get, dtype: str, x_support: np.ndarray, alpha: np.ndarray,
+                    x: list, starts: Iterable[int], block_size: int) -> np.ndarray:
         with jax.enable_x64(dtype == "float64"):
             return shares.prediction_share(kernel_fn, get, shares.as_dtype(x_support, dtype), alpha,
                                            _Cast(self._array(x), dtype), starts, block_size)
@@ -167,9 +178,11 @@ class ShareBlocks:
     """
 
     last_step: dict
+    forward_shares: Callable[..., tuple[np.ndarray, np.ndarray, dict]]  # the concrete backend's
     backward_shares: Callable[[np.ndarray, np.ndarray], Any]  # the concrete backend's
 
-    def forward_blocks(self, kernel_fn, get, x_s, targets, target_idx):
+    def forward_blocks(self, kernel_fn: KernelFn, get: Get, x_s: jax.Array, targets: Any,
+                       target_idx: jax.Array | np.ndarray | None) -> tuple[jax.Array, jax.Array, PendingBlocks]:
         if target_idx is None:  # the workers read the targets from the object store, by row
             raise KernelDistillError("a Ray backend takes the target batch as row indices into a set handed over "
                                      "with put, not None")
@@ -181,7 +194,7 @@ class ShareBlocks:
         pending = PendingBlocks(kernel_fn, support, started, time.perf_counter(), forward)
         return jnp.asarray(k_ts), jnp.asarray(k_ss), pending
 
-    def backward_blocks(self, pending: PendingBlocks, d_kts, g_ss):
+    def backward_blocks(self, pending: PendingBlocks, d_kts: jax.Array, g_ss: jax.Array) -> jax.Array:
         driver_seconds = time.perf_counter() - pending.returned  # the objective's VJP, between the two passes
         dx, dstats, backward = self.backward_shares(np.asarray(d_kts), np.asarray(g_ss))
         driver_started = time.perf_counter()
@@ -218,8 +231,8 @@ class RayBackend(ShareBlocks, Backend):
         self.last_step: dict = {}
 
     @classmethod
-    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3, log=print,
-              gcs_grace_s: float | None = None):
+    def start(cls, workers: int | None = None, address: str | None = None, retries: int = 3,
+              log: Callable[[str], None] = print, gcs_grace_s: float | None = None) -> RayBackend:
         """Connect this process to Ray (``address``: ``"auto"``, ``"host:port"``; ``None`` starts a local
         instance on loopback for this backend, :class:`~kernel_distill.distributed.cluster.LocalRayHead`)
         and start ``workers`` actors, each with one GPU share when the cluster has GPUs. If Ray is already
@@ -294,7 +307,7 @@ class RayBackend(ShareBlocks, Backend):
         if self.watch is not None:
             self.watch.check()
 
-    def put(self, array):
+    def put(self, array: np.ndarray) -> Any:
         """Put ``array`` in Ray's object store once; the same array (same memory, shape, dtype) again returns
         the same handle, so a run's evaluation sets are sent once, not at every evaluation."""
         import ray
@@ -376,7 +389,8 @@ class RayBackend(ShareBlocks, Backend):
     # -- the work ------------------------------------------------------------------------------------
 
     @_at_boundary
-    def forward_shares(self, kernel_fn, get, dtype: str, support: np.ndarray, train, idx: np.ndarray):
+    def forward_shares(self, kernel_fn: KernelFn, get: Get, dtype: str, support: np.ndarray, train: list,
+                       idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         """The kernel blocks ``(K_ts, K_ss, record)`` of a support and the target rows ``idx`` of the resident
         ``train``, the work split over the workers; the split is kept for :meth:`backward_shares`, the
         second half."""
@@ -396,7 +410,7 @@ class RayBackend(ShareBlocks, Backend):
                                 bytes_sent=support.nbytes + idx.nbytes, bytes_received=k_ts.nbytes + k_ss.nbytes)
 
     @_at_boundary
-    def backward_shares(self, d_kts: np.ndarray, g: np.ndarray):
+    def backward_shares(self, d_kts: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, ...], dict]:
         """The block VJPs of the last :meth:`forward_shares` summed over the workers, ``(dx, dstats, record)``:
         ``d_kts`` the cotangent of ``K_ts``, ``g`` that of ``K_ss`` plus its transpose."""
         if self._pending_shares is None:
@@ -438,13 +452,15 @@ class RayBackend(ShareBlocks, Backend):
         return busy, assigned, block_size, self._gather(futures, what, busy)
 
     @_at_boundary
-    def normal_equations(self, kernel_fn, get, x_support, x, y, block_size):
+    def normal_equations(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, x: list, y: list,
+                         block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
         *_, parts = self._map_blocks("normal_equations", "its Label-Solve partial sums", kernel_fn, get, x_support,
                                      (x, y), _length(x), block_size)
         return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
     @_at_boundary
-    def predictions(self, kernel_fn, get, x_support, alpha, x, block_size):
+    def predictions(self, kernel_fn: KernelFn, get: Get, x_support: np.ndarray, alpha: np.ndarray, x: list,
+                    block_size: int) -> np.ndarray:
         n_rows = _length(x)
         alpha = np.asarray(alpha, np.float64)
         busy, assigned, block_size, parts = self._map_blocks("predictions", "its KRR predictions", kernel_fn, get,
@@ -525,7 +541,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def shares_dtype(x) -> str:
+def shares_dtype(x: np.ndarray | jax.Array) -> str:
     """The name of the dtype workers compute ``x`` in: its own (float64 only in a float64 run)."""
     dtype = np.dtype(x.dtype)
     return dtype.name if np.issubdtype(dtype, np.floating) else "float32"

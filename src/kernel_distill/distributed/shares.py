@@ -11,6 +11,7 @@ so no process-wide switch decides a worker's precision.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +21,18 @@ from kernel_distill import kernels
 from kernel_distill.kernels import KernelFn
 from kernel_distill.kernels.api import Get
 
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
-def as_dtype(x, dtype) -> np.ndarray:
+    class Rows(Protocol):
+        """What the blocks are sliced from: an array, or a view whose slices are arrays (a worker's cast rows)."""
+
+        def __len__(self) -> int: ...
+
+        def __getitem__(self, item: slice, /) -> Any: ...
+
+
+def as_dtype(x: npt.ArrayLike, dtype: npt.DTypeLike) -> np.ndarray:
     """``x`` as a host array of ``dtype`` (no copy when it already is one)."""
     return np.asarray(x, dtype=dtype)
 
@@ -35,7 +46,8 @@ def _rows(tree, rows: tuple[int, int]):
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def forward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_s):
+def forward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t: jax.Array,
+                  x_s: jax.Array) -> tuple[jax.Array, jax.Array]:
     """One share's kernel blocks: ``K(x_t, x_s)`` ``(m_w, n)`` and ``K(x_s[rows], x_s)`` ``(r_w, n)``."""
     spec, budget = kernel_fn.spec, kernel_fn.tile_budget()
     stats_s = _stats(kernel_fn, x_s)
@@ -53,7 +65,8 @@ def forward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_s
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn", "get", "rows"))
-def backward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_s, d_kts, g_rows):
+def backward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t: jax.Array, x_s: jax.Array,
+                   d_kts: jax.Array, g_rows: jax.Array) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """One share's block VJPs, summed onto the support.
 
     Args:
@@ -82,12 +95,13 @@ def backward_share(kernel_fn: KernelFn, get: Get, rows: tuple[int, int], x_t, x_
 
 
 @functools.partial(jax.jit, static_argnames=("kernel_fn",))
-def support_stats_vjp(kernel_fn: KernelFn, x_s, dstats):
+def support_stats_vjp(kernel_fn: KernelFn, x_s: jax.Array, dstats: Sequence[jax.Array]) -> jax.Array:
     """The support images' cotangent through their own statistics (added once, after summing the shares)."""
     return kernels.tiled_self_stats_vjp(kernel_fn.spec, x_s, dstats, kernel_fn.tile_budget())
 
 
-def normal_equation_share(kernel_fn: KernelFn, get: Get, x_support, x, y, starts, block_size: int):
+def normal_equation_share(kernel_fn: KernelFn, get: Get, x_support: np.ndarray, x: Rows, y: np.ndarray,
+                          starts: Iterable[int], block_size: int) -> tuple[np.ndarray, np.ndarray, int]:
     """``sum_b K_sb K_bs`` and ``sum_b K_sb y_b`` over the blocks of ``x`` starting at ``starts``.
 
     Blocks are padded to ``block_size`` rows (one compiled shape); padded columns are dropped.
@@ -105,7 +119,8 @@ def normal_equation_share(kernel_fn: KernelFn, get: Get, x_support, x, y, starts
     return gram, projected, count
 
 
-def prediction_share(kernel_fn: KernelFn, get: Get, x_support, alpha, x, starts, block_size: int):
+def prediction_share(kernel_fn: KernelFn, get: Get, x_support: np.ndarray, alpha: np.ndarray, x: Rows,
+                     starts: Iterable[int], block_size: int) -> np.ndarray:
     """KRR predictions ``K(x_b, x_support) @ alpha`` (float64) of the blocks of ``x`` at ``starts``, stacked."""
     cross = kernel_fn.jitted(get)
     out = []
@@ -116,7 +131,7 @@ def prediction_share(kernel_fn: KernelFn, get: Get, x_support, alpha, x, starts,
     return np.concatenate(out) if out else np.zeros((0, np.shape(alpha)[1]))
 
 
-def padded_block(x, start: int, block_size: int) -> np.ndarray:
+def padded_block(x: Rows, start: int, block_size: int) -> np.ndarray:
     """Rows ``start:start + block_size`` of ``x``, the last block padded by repeating its last row."""
     block_size = min(block_size, max(1, len(x)))
     block = np.asarray(x[start:start + block_size])

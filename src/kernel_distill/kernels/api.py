@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +29,9 @@ from kernel_distill.kernels.inputs import check_inputs, float_pair  # noqa: F401
 from kernel_distill.kernels.random_features import RandomFeatureKernelFn
 from kernel_distill.kernels.spec import KernelSpec
 
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
 Get = Literal["ntk", "nngp"]
 DEFAULT_MEMORY_BUDGET_BYTES = 512 * 2**20
 # On a CPU, small tiles win: the band arrays of a tile that fits the caches are read and written many
@@ -40,7 +43,7 @@ ACCELERATOR_BUDGET_SHARE = 1 / 8
 ACCELERATOR_BUDGET_CAP_MB = 16384.0
 
 
-def default_memory_budget_mb(device=None) -> float:
+def default_memory_budget_mb(device: jax.Device | None = None) -> float:
     """The memory budget of one kernel tile when none is given, in MiB.
 
     512 on a CPU (whose tiles are capped at cache size anyway). On an accelerator, an eighth of its memory
@@ -79,8 +82,9 @@ def bytes_per_pair(spec: KernelSpec, image_shape: tuple, itemsize: int) -> int:
     return ARRAYS_PER_PAIR * pair_elements(spec, image_shape) * itemsize
 
 
-def kernel_block_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: Get = "ntk",
-                     wrt: tuple[bool, bool] = (True, True)):
+def kernel_block_vjp(spec: KernelSpec, x1: jax.Array, stats1: tuple[jax.Array, ...], x2: jax.Array,
+                     stats2: tuple[jax.Array, ...], cotangent: jax.Array, get: Get = "ntk",
+                     wrt: tuple[bool, bool] = (True, True)) -> tuple[Any, ...]:
     """Vector-Jacobian product of :func:`kernel_block`.
 
     Args:
@@ -112,7 +116,7 @@ def kernel_block_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: G
     return tuple(out)
 
 
-def self_stats_vjp(spec: KernelSpec, x, stats_cotangent):
+def self_stats_vjp(spec: KernelSpec, x: jax.Array, stats_cotangent: Sequence[jax.Array]) -> jax.Array:
     """Cotangent of ``x`` from the cotangent of ``self_stats(spec, x)``. ``-> (b, ...)`` like ``x``."""
     _, vjp = jax.vjp(lambda z: self_stats(spec, z), x)
     return vjp(tuple(stats_cotangent))[0]
@@ -132,13 +136,13 @@ class KernelFn:
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
     tile_bytes: int | None = None  # None: CPU_TILE_BYTES on a CPU, the memory budget elsewhere
 
-    def __call__(self, x1, x2=None, get: Get = "ntk"):
+    def __call__(self, x1: ArrayLike, x2: ArrayLike | None = None, get: Get = "ntk") -> jax.Array:
         if get not in ("ntk", "nngp"):
             raise KernelDistillError(f"get must be 'ntk' or 'nngp', got {get!r}")
         # compiled whole: op-by-op dispatch of the layer walk compiled 3x slower than one jit
         return _compiled_matrix(self.spec, get, self.tile_budget())(*float_pair(x1, x2, self.check_inputs))
 
-    def jitted(self, get: Get = "ntk"):
+    def jitted(self, get: Get = "ntk") -> Callable[..., jax.Array]:
         """``jax.jit(lambda x1, x2: self(x1, x2, get))``, cached: one compilation per kernel, ``get`` and
         input shape for the life of the process."""
         return _jitted_kernel(self, get)
@@ -150,7 +154,7 @@ class KernelFn:
             tile = CPU_TILE_BYTES if (on_cpu and self.spec.is_conv) else self.memory_budget_bytes
         return min(self.memory_budget_bytes, tile)
 
-    def check_inputs(self, x1, x2):
+    def check_inputs(self, x1: jax.Array, x2: jax.Array) -> None:
         check_inputs(self.spec, x1, x2)
 
 
@@ -165,7 +169,7 @@ def _jitted_kernel(kernel_fn: KernelFn, get: Get):
 
 
 def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
-                   tile_bytes: int | None = None, **spec_kwargs):
+                   tile_bytes: int | None = None, **spec_kwargs: Any) -> KernelFn | RandomFeatureKernelFn:
     """Build ``kernel_fn(x1, x2=None, get="ntk") -> (n1, n2)`` for an architecture.
 
     ``memory_budget_bytes`` bounds the memory of one tile of the computation (forward or backward);
@@ -193,14 +197,14 @@ def make_kernel_fn(spec: KernelSpec | None = None, memory_budget_bytes: int = DE
     return KernelFn(spec=spec, memory_budget_bytes=int(memory_budget_bytes), tile_bytes=tile_bytes)
 
 
-def tiled_self_stats(spec: KernelSpec, x, budget: int):
+def tiled_self_stats(spec: KernelSpec, x: jax.Array, budget: int) -> tuple[jax.Array, ...]:
     """:func:`self_stats` over chunks of ``x`` that fit ``budget`` (rematerialised in the backward pass)."""
     per_image = bytes_per_pair(spec, x.shape[1:], jnp.dtype(x.dtype).itemsize) // 2
     chunk = max(1, budget // max(1, per_image))
     return tiling.tiled(jax.checkpoint(lambda z: self_stats(spec, z)), (x,), chunk)
 
 
-def kernel_matrix(spec: KernelSpec, x1, x2, get: Get, budget: int):
+def kernel_matrix(spec: KernelSpec, x1: jax.Array, x2: jax.Array | None, get: Get, budget: int) -> jax.Array:
     """``(n1, n2)`` kernel matrix in tiles of at most ``budget`` bytes. ``x2=None`` means ``x1``."""
     stats1 = tiled_self_stats(spec, x1, budget)
     if x2 is None:
@@ -213,7 +217,8 @@ def _tile_shape(spec: KernelSpec, x1, n2: int, budget: int) -> tuple[int, int]:
                               budget)
 
 
-def kernel_matrix_from_stats(spec: KernelSpec, x1, stats1, x2, stats2, get: Get, budget: int):
+def kernel_matrix_from_stats(spec: KernelSpec, x1: jax.Array, stats1: tuple[jax.Array, ...], x2: jax.Array,
+                             stats2: tuple[jax.Array, ...], get: Get, budget: int) -> jax.Array:
     """``(n1, n2)`` kernel matrix from images and their :func:`self_stats`, in tiles of ``budget`` bytes."""
     n1, n2 = x1.shape[0], x2.shape[0]
     b1, b2 = _tile_shape(spec, x1, n2, budget)
@@ -244,8 +249,9 @@ def _unchunk(tree, n: int):
     return jax.tree_util.tree_map(lambda x: x.reshape(-1, *x.shape[2:])[:n], tree)
 
 
-def kernel_matrix_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: Get, budget: int,
-                      wrt: tuple[bool, bool] = (True, True)):
+def kernel_matrix_vjp(spec: KernelSpec, x1: jax.Array, stats1: tuple[jax.Array, ...], x2: jax.Array,
+                      stats2: tuple[jax.Array, ...], cotangent: jax.Array, get: Get, budget: int,
+                      wrt: tuple[bool, bool] = (True, True)) -> tuple[Any, Any, Any, Any]:
     """VJP of :func:`kernel_matrix_from_stats`, as a sum of block VJPs (the local backend of the block API).
 
     Args:
@@ -303,7 +309,8 @@ def kernel_matrix_vjp(spec: KernelSpec, x1, stats1, x2, stats2, cotangent, get: 
     return dx1, ds1, dx2, ds2
 
 
-def tiled_self_stats_vjp(spec: KernelSpec, x, stats_cotangent, budget: int):
+def tiled_self_stats_vjp(spec: KernelSpec, x: jax.Array, stats_cotangent: Sequence[jax.Array],
+                         budget: int) -> jax.Array:
     """Cotangent of ``x`` from that of ``tiled_self_stats(spec, x, budget)``, in chunks of ``budget`` bytes."""
     _, vjp = jax.vjp(lambda z: tiled_self_stats(spec, z, budget), x)
     return vjp(tuple(stats_cotangent))[0]

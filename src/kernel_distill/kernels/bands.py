@@ -12,12 +12,16 @@ All functions are pure and traceable; the box filter and the pool carry hand-wri
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from kernel_distill.kernels.numerics import EXACT
+
+if TYPE_CHECKING:
+    from jax.typing import DTypeLike
 
 
 @functools.lru_cache(maxsize=256)
@@ -30,12 +34,12 @@ def band_mask(h: int, w: int, rh: int, rw: int) -> np.ndarray:
     return (inside_h[:, None, :, None] & inside_w[None, :, None, :]).astype(np.float64)
 
 
-def mask(h, w, rh, rw, dtype):
+def mask(h: int, w: int, rh: int, rw: int, dtype: DTypeLike) -> jax.Array:
     """:func:`band_mask` as a JAX array of ``dtype``."""
     return jnp.asarray(band_mask(h, w, rh, rw), dtype)
 
 
-def band_gather(v, rh: int, rw: int):
+def band_gather(v: jax.Array, rh: int, rw: int) -> jax.Array:
     """``out[..., i, j, p, q] = v[..., p + i - rh, q + j - rw]`` (0 outside). ``(..., H, W) -> (..., 2rh+1, 2rw+1, H, W)``."""
     h, w = v.shape[-2:]
     pad = [(0, 0)] * (v.ndim - 2) + [(rh, rh), (rw, rw)]
@@ -44,14 +48,15 @@ def band_gather(v, rh: int, rw: int):
     return jnp.stack([rows[..., j:j + w] for j in range(2 * rw + 1)], axis=-3)  # (..., Rh, Rw, H, W)
 
 
-def box3_slices(k):
+# returns an Array; Any, as builtins.sum types the sum of the (never empty) slices as possibly the int 0
+def box3_slices(k: jax.Array) -> Any:
     """The 3x3 average as one padded copy and nine shifted slices, summed in one fused pass."""
     h, w = k.shape[-2:]
     padded = jnp.pad(k, [(0, 0)] * (k.ndim - 2) + [(1, 1), (1, 1)])
     return sum(padded[..., i:i + h, j:j + w] for i in range(3) for j in range(3)) * (1.0 / 9.0)
 
 
-def box3_conv(k):
+def box3_conv(k: jax.Array) -> jax.Array:
     """The 3x3 average as a one-channel convolution, every offset of every pair an image of the batch."""
     h, w = k.shape[-2:]
     weights = jnp.full((1, 1, 3, 3), 1.0 / 9.0, k.dtype)
@@ -61,7 +66,7 @@ def box3_conv(k):
 
 
 @jax.custom_vjp
-def box3(k):
+def box3(k: jax.Array) -> jax.Array:
     """3x3 SAME average over the position axes of a band array (zero padding); offsets unchanged.
 
     On a CPU it is a convolution: XLA does not fuse a convolution with its producers, so what feeds the
@@ -140,7 +145,7 @@ def _pool_axis_core_bwd(pos_axis, off_axis, n_in, _, g):
 _pool_axis_core.defvjp(_pool_axis_core_fwd, _pool_axis_core_bwd)
 
 
-def pool(k, out_plan):
+def pool(k: jax.Array, out_plan: tuple[int, int, int, int]) -> jax.Array:
     """2x2/stride-2 VALID average pool of a band array; ``out_plan = (H', W', rh', rw')`` of the result.
     ``(..., Rh, Rw, H, W) -> (..., 2rh'+1, 2rw'+1, H', W')``."""
     h, w, rh, rw = out_plan
@@ -150,7 +155,7 @@ def pool(k, out_plan):
     return k * mask(h, w, rh, rw, k.dtype)
 
 
-def center(k):
+def center(k: jax.Array) -> jax.Array:
     """The offset-0 entries of a band array: ``(..., Rh, Rw, H, W) -> (..., H, W)``."""
     rh, rw = (k.shape[-4] - 1) // 2, (k.shape[-3] - 1) // 2
     return k[..., rh, rw, :, :]

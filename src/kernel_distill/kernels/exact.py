@@ -35,6 +35,7 @@ All functions are pure and traceable: ``jax.jit``, ``jax.grad`` and ``jax.vjp`` 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,8 @@ def _plan(layers: tuple, x) -> tuple:
     return layer_plan(layers, *(x.shape[1:3] if x.ndim == 4 else (1, 1)))
 
 
-def partner_arrays(spec: KernelSpec, x2, stats2):
+def partner_arrays(spec: KernelSpec, x2: jax.Array,
+                   stats2: tuple[jax.Array, ...]) -> tuple[jax.Array, tuple[Any, ...]]:
     """What the blocks need of their second images, gathered into band layout once per image.
 
     Every pair ``(x1[a], x2[b])`` reads ``x2[b]`` and its per-pixel statistics at the partner positions
@@ -186,7 +188,7 @@ def _propagate_pair(spec: KernelSpec, x1, stats1, partner, track_ntk: bool):
     return k, ntk
 
 
-def self_stats(spec: KernelSpec, x):
+def self_stats(spec: KernelSpec, x: jax.Array) -> tuple[jax.Array, ...]:
     """Per-image statistics that every kernel block needs: the pre-activation variance at each ReLU (each
     layer with ``needs_statistics``, its :meth:`~kernel_distill.kernels.layers.Layer.statistic`).
 
@@ -199,13 +201,15 @@ def self_stats(spec: KernelSpec, x):
     return _propagate_self_statistics(spec, x)
 
 
-def kernel_block_from_partner(spec: KernelSpec, x1, stats1, partner, get: str = "ntk"):
+def kernel_block_from_partner(spec: KernelSpec, x1: jax.Array, stats1: tuple[jax.Array, ...],
+                              partner: tuple[jax.Array, tuple[Any, ...]], get: str = "ntk") -> jax.Array:
     """:func:`kernel_block` with the second side already gathered by :func:`partner_arrays`."""
     nngp, ntk = _propagate_pair(spec, x1, stats1, partner, track_ntk=get == "ntk")
     return ntk if get == "ntk" else nngp
 
 
-def kernel_block(spec: KernelSpec, x1, stats1, x2, stats2, get: str = "ntk"):
+def kernel_block(spec: KernelSpec, x1: jax.Array, stats1: tuple[jax.Array, ...], x2: jax.Array,
+                 stats2: tuple[jax.Array, ...], get: str = "ntk") -> jax.Array:
     """The kernel between two blocks of images, from the images and their :func:`self_stats`.
 
     Args:

@@ -6,13 +6,19 @@ Shared by the exact kernels (:class:`kernel_distill.kernels.api.KernelFn`) and t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
+import jax
 import jax.numpy as jnp
 
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels.spec import KernelSpec
 
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
 
-def check_inputs(spec: KernelSpec, x1, x2) -> None:
+
+def check_inputs(spec: KernelSpec, x1: jax.Array, x2: jax.Array) -> None:
     """Raise a one-line :class:`KernelDistillError` unless ``x1`` ``(n1, ...)`` and ``x2`` ``(n2, ...)`` suit
     ``spec``: a batch axis, NHWC images for networks that take images, large enough for their pools, equal
     shapes past the batch axis, and at least one row each."""
@@ -34,7 +40,8 @@ def check_inputs(spec: KernelSpec, x1, x2) -> None:
         raise KernelDistillError("empty input: x1 and x2 need at least one row each")
 
 
-def float_pair(x1, x2, check):
+def float_pair(x1: ArrayLike, x2: ArrayLike | None,
+               check: Callable[[jax.Array, jax.Array], None]) -> tuple[jax.Array, jax.Array | None]:
     """The inputs of a kernel call as arrays of one floating dtype (their common one; float32 for integers),
     after ``check(x1, x2)``. Returns ``(x1, x2)``, with ``x2`` ``None`` when it was ``None`` or ``x1`` itself
     (so the self statistics or features are computed once)."""

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +46,9 @@ import numpy as np
 from kernel_distill.errors import KernelDistillError
 from kernel_distill.kernels.bands import band_gather, box3, center, mask, pool
 from kernel_distill.kernels.numerics import ZERO_NTK, affine, relu_kernels, std_and_inverse
+
+if TYPE_CHECKING:
+    from kernel_distill.kernels.numerics import Ntk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +87,7 @@ class ParameterSpec:
     std: float
 
 
-def map_ntk(fn: Callable, ntk):
+def map_ntk(fn: Callable, ntk: Ntk) -> Ntk:
     """``fn(ntk)``, passing through ``None`` (only the NNGP is wanted) and ``ZERO_NTK`` (no affine layer yet:
     a linear map of zero is zero)."""
     return ntk if ntk is None or ntk is ZERO_NTK else fn(ntk)
@@ -140,7 +143,7 @@ class Layer:
         """The band radii the layer needs of its input for output radii ``(rh, rw)`` (before the image-size cap)."""
         return rh, rw
 
-    def kernel(self, nngp, ntk, step: Step):
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Step) -> tuple[jax.Array, Ntk]:
         """The exact NNGP/NTK step: ``(nngp, ntk) -> (nngp', ntk')``.
 
         ``nngp``: ``(b1, b2)`` when flat, ``(b1, b2, 2rh+1, 2rw+1, H, W)`` as a band (``step.before``); in the
@@ -151,19 +154,20 @@ class Layer:
 
     # Layers with needs_statistics = True define these four instead of kernel().
 
-    def statistic(self, nngp, step: Step):
+    def statistic(self, nngp: jax.Array, step: Step) -> jax.Array:
         """Self pass: what the layer needs of each image, from the image's own covariance ``nngp``."""
         raise NotImplementedError
 
-    def self_kernel(self, nngp, statistic, step: Step):
+    def self_kernel(self, nngp: jax.Array, statistic: jax.Array, step: Step) -> jax.Array:
         """Self pass: the NNGP step of an image with itself, given its :meth:`statistic`."""
         raise NotImplementedError
 
-    def partner_statistic(self, statistic, step: Step):
+    def partner_statistic(self, statistic: jax.Array, step: Step) -> Any:
         """The statistic of a block's second images in the form every pair reads (gathered once per image)."""
         raise NotImplementedError
 
-    def pair_kernel(self, nngp, ntk, statistic1, partner2, step: Step):
+    def pair_kernel(self, nngp: jax.Array, ntk: Ntk, statistic1: jax.Array, partner2: Any,
+                    step: Step) -> tuple[jax.Array, Ntk]:
         """Pair pass: the NNGP/NTK step, from the first images' :meth:`statistic` and the second images'
         :meth:`partner_statistic`."""
         raise NotImplementedError
@@ -174,7 +178,7 @@ class Layer:
         """The layer's :class:`ParameterSpec` tuple for a per-example input of ``input_shape``."""
         return ()
 
-    def apply(self, params: dict, x, settings: FiniteSettings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         """The finite forward pass: ``(n, ...) -> (n, ...)``, ``params`` as :meth:`parameters` named them."""
         raise KernelDistillError(f"{type(self).__name__} has no finite forward pass")
 
@@ -193,11 +197,12 @@ class _Affine(Layer):
     def weight_shape(self, input_shape: tuple, features: int) -> tuple:
         raise NotImplementedError
 
-    def linear(self, x, weights):
+    def linear(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         """The unscaled ``W x``."""
         raise NotImplementedError
 
-    def parameters(self, input_shape, features, settings):
+    def parameters(self, input_shape: tuple, features: int,
+                   settings: FiniteSettings) -> tuple[ParameterSpec, ParameterSpec]:
         fan_in = self.fan_in(input_shape)
         if settings.parameterization == "ntk":
             w_std, b_std = 1.0, 1.0
@@ -206,7 +211,7 @@ class _Affine(Layer):
         return (ParameterSpec("kernel", self.weight_shape(input_shape, features), w_std),
                 ParameterSpec("bias", (features,), b_std))
 
-    def apply(self, params, x, settings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         if settings.parameterization == "ntk":
             scale, bias_scale = settings.W_std / math.sqrt(self.fan_in(x.shape[1:])), settings.b_std
         else:
@@ -221,19 +226,19 @@ class Dense(_Affine):
     takes: ClassVar[str] = "flat"
     parameter_scope: ClassVar[str] = "_Dense"
 
-    def output_shape(self, shape, features):
+    def output_shape(self, shape: tuple, features: int) -> tuple:
         return (features,)
 
-    def kernel(self, nngp, ntk, step):
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Step) -> tuple[jax.Array, jax.Array | None]:
         return affine(nngp, ntk, step.w2, step.b2)
 
-    def fan_in(self, input_shape):
+    def fan_in(self, input_shape: tuple) -> int:
         return input_shape[-1]
 
-    def weight_shape(self, input_shape, features):
+    def weight_shape(self, input_shape: tuple, features: int) -> tuple:
         return (input_shape[-1], features)
 
-    def linear(self, x, weights):
+    def linear(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         return x @ weights
 
 
@@ -249,25 +254,26 @@ class Conv(_Affine):
     takes: ClassVar[str] = "image"
     parameter_scope: ClassVar[str] = "_Conv"
 
-    def check_placement(self, flat, after_affine):
+    def check_placement(self, flat: bool, after_affine: bool) -> None:
         super().check_placement(flat, after_affine)
         if self.size != 3:
             raise KernelDistillError("only 3x3 convolutions and 2x2 pools are implemented")
 
-    def output_shape(self, shape, features):
+    def output_shape(self, shape: tuple, features: int) -> tuple:
         return (*shape[:2], features)
 
-    def kernel(self, nngp, ntk, step):
+    # step: a Step whose ``before`` is set (a conv sees images); Any, as mypy cannot narrow that Optional here
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Any) -> tuple[jax.Array, jax.Array | None]:
         h, w, rh, rw = step.before
         return affine(nngp, ntk, step.w2, step.b2, box3, mask(h, w, rh, rw, nngp.dtype))
 
-    def fan_in(self, input_shape):
+    def fan_in(self, input_shape: tuple) -> int:
         return 9 * input_shape[-1]
 
-    def weight_shape(self, input_shape, features):
+    def weight_shape(self, input_shape: tuple, features: int) -> tuple:
         return (3, 3, input_shape[-1], features)
 
-    def linear(self, x, weights):
+    def linear(self, x: jax.Array, weights: jax.Array) -> jax.Array:
         # The parameters are drawn in float32; a float64 input (64-bit mode) is convolved in float64.
         return jax.lax.conv_general_dilated(x, weights.astype(x.dtype), (1, 1), "SAME",
                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -281,11 +287,11 @@ class Relu(Layer):
     needs_gaussian_input: ClassVar[bool] = True
     needs_statistics: ClassVar[bool] = True
 
-    def statistic(self, nngp, step):
+    def statistic(self, nngp: jax.Array, step: Step) -> jax.Array:
         """The pre-activation variance: ``(b,)`` flat, ``(b, H, W)`` (offset 0 of the band) spatial."""
         return nngp if step.before is None else center(nngp)
 
-    def self_kernel(self, nngp, variance, step):
+    def self_kernel(self, nngp: jax.Array, variance: jax.Array, step: Step) -> jax.Array:
         if step.before is None:  # E[relu(z)^2] = var / 2, exactly
             return nngp / 2.0
         std, inv = std_and_inverse(variance)
@@ -293,14 +299,16 @@ class Relu(Layer):
         partner = (band_gather(std, *step.before[2:]), band_gather(inv, *step.before[2:]))
         return relu_kernels(nngp, *own, *partner, None)[0]
 
-    def partner_statistic(self, variance, step):
+    def partner_statistic(self, variance: jax.Array, step: Step) -> tuple[jax.Array, jax.Array]:
         """``(std, 1/std)``: ``(b2,)`` flat, or gathered at the partner positions ``(b2, Rh, Rw, H, W)``."""
         std, inv = std_and_inverse(variance)
         if step.before is not None:
             std, inv = band_gather(std, *step.before[2:]), band_gather(inv, *step.before[2:])
         return std, inv
 
-    def pair_kernel(self, nngp, ntk, variance1, partner2, step):
+    # ntk: an array or None (an affine layer comes first, so never ZERO_NTK); Any, as mypy cannot narrow that Ntk
+    def pair_kernel(self, nngp: jax.Array, ntk: Any, variance1: jax.Array, partner2: tuple[jax.Array, jax.Array],
+                    step: Step) -> tuple[jax.Array, jax.Array | None]:
         std1, inv1 = std_and_inverse(variance1)
         std2, inv2 = partner2
         if step.before is not None:
@@ -309,7 +317,7 @@ class Relu(Layer):
             own = (std1[:, None], inv1[:, None])
         return relu_kernels(nngp, *own, std2[None], inv2[None], ntk)
 
-    def apply(self, params, x, settings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         return jax.nn.relu(x)
 
 
@@ -322,24 +330,25 @@ class AvgPool(Layer):
 
     takes: ClassVar[str] = "image"
 
-    def check_placement(self, flat, after_affine):
+    def check_placement(self, flat: bool, after_affine: bool) -> None:
         super().check_placement(flat, after_affine)
         if self.size != 2:
             raise KernelDistillError("only 3x3 convolutions and 2x2 pools are implemented")
 
-    def output_shape(self, shape, features):
+    def output_shape(self, shape: tuple, features: int) -> tuple:
         return (shape[0] // 2, shape[1] // 2, *shape[2:])
 
-    def min_input_size(self, size):
+    def min_input_size(self, size: int) -> int:
         return 2 * size
 
-    def input_radius(self, rh, rw):
+    def input_radius(self, rh: int, rw: int) -> tuple[int, int]:
         return 2 * rh + 1, 2 * rw + 1
 
-    def kernel(self, nngp, ntk, step):
+    # step: a Step whose ``after`` is set (a pool sees images); Any, as mypy cannot narrow that Optional here
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Any) -> tuple[jax.Array, Ntk]:
         return pool(nngp, step.after), map_ntk(lambda k: pool(k, step.after), ntk)
 
-    def apply(self, params, x, settings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         # flax.linen.avg_pool's arithmetic (a windowed sum, then a division), so networks are as before
         window = (1, 2, 2, 1)
         return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, window, "VALID") / np.prod((2, 2))
@@ -352,27 +361,27 @@ class Flatten(Layer):
 
     flattens: ClassVar[bool] = True
 
-    def check_placement(self, flat, after_affine):
+    def check_placement(self, flat: bool, after_affine: bool) -> None:
         if flat:
             raise KernelDistillError("an architecture can flatten only once")
 
-    def output_shape(self, shape, features):
+    def output_shape(self, shape: tuple, features: int) -> tuple:
         return (int(np.prod(shape)),)
 
-    def input_radius(self, rh, rw):
+    def input_radius(self, rh: int, rw: int) -> tuple[int, int]:
         return 0, 0
 
-    def kernel(self, nngp, ntk, step):
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Step) -> tuple[jax.Array, Ntk]:
         def positions_mean(k):
             return jnp.mean(center(k), axis=(-2, -1))
 
         return positions_mean(nngp), map_ntk(positions_mean, ntk)
 
-    def apply(self, params, x, settings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         return x.reshape(len(x), -1)
 
 
-def instance_normalize(x, epsilon: float = 1e-5):
+def instance_normalize(x: jax.Array, epsilon: float = 1e-5) -> jax.Array:
     """``(n, H, W, C)``: each image's channel shifted and scaled to mean 0, variance 1 over its positions.
 
     What the evaluation ConvNet's per-channel GroupNorm computes at initialisation (scale 1, shift 0)."""
@@ -389,11 +398,11 @@ class InstanceNorm(Layer):
 
     takes: ClassVar[str] = "image"
 
-    def kernel(self, nngp, ntk, step):
+    def kernel(self, nngp: jax.Array, ntk: Ntk, step: Step) -> tuple[jax.Array, Ntk]:
         raise KernelDistillError("InstanceNorm has no closed-form kernel: use it through random features "
                                  "(RandomFeatures(norm='instance')) or in a finite network")
 
-    def apply(self, params, x, settings):
+    def apply(self, params: dict, x: jax.Array, settings: FiniteSettings) -> jax.Array:
         return instance_normalize(x)
 
 

@@ -55,9 +55,9 @@ class LayerNet(nn.Module):
     b_std: float = 0.1
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x: jax.Array) -> jax.Array:
         settings = FiniteSettings(self.parameterization, self.W_std, self.b_std)
-        scopes_used = collections.Counter()
+        scopes_used: collections.Counter[str] = collections.Counter()
         for i, layer in enumerate(self.layers):
             features = self.num_classes if i == len(self.layers) - 1 else self.width
             specs = layer.parameters(x.shape[1:], features, settings)

@@ -10,11 +10,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
 
 # Full float32 products: on GPUs JAX's default matmul precision is TF32 (10-bit mantissa), whose 1e-3
 # relative error would swamp the kernels' own accuracy.
@@ -29,11 +32,14 @@ class _ZeroNtk:
 
 
 ZERO_NTK = _ZeroNtk()
+if TYPE_CHECKING:
+    # The NTK a kernel step carries: an array, None (only the NNGP is wanted) or ZERO_NTK (no affine layer yet).
+    Ntk = jax.Array | _ZeroNtk | None
 _INV_TWO_PI = 1.0 / (2.0 * np.pi)
 
 
 @jax.custom_jvp
-def sqrt_nonneg(x, floor):
+def sqrt_nonneg(x: jax.Array, floor: ArrayLike) -> jax.Array:
     """sqrt(max(x, 0)) whose derivative is 0 (not inf or NaN) where ``x <= floor``.
 
     On the diagonal K(x, x) the argument ``q1 q2 - c^2`` is zero in exact arithmetic and its derivative
@@ -96,7 +102,7 @@ def _asin_small(a):
     return a + a * u * terms[0]
 
 
-def std_and_inverse(variance):
+def std_and_inverse(variance: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``(sqrt(v), 1 / sqrt(v))`` per position, both 0 where ``v`` is 0 (a zero-padded or dead position)."""
     tiny = jnp.finfo(jnp.result_type(variance)).tiny
     alive = variance > tiny
@@ -104,7 +110,8 @@ def std_and_inverse(variance):
     return jnp.where(alive, std, 0.0), jnp.where(alive, 1.0 / std, 0.0)
 
 
-def relu_kernels(cov, std1, inv1, std2, inv2, ntk):
+def relu_kernels(cov: jax.Array, std1: jax.Array, inv1: jax.Array, std2: jax.Array, inv2: jax.Array,
+                 ntk: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
     """Arc-cosine kernel of order 1 (ReLU) and its derivative kernel.
 
     Args:
@@ -132,7 +139,8 @@ def relu_kernels(cov, std1, inv1, std2, inv2, ntk):
     return nngp, (None if ntk is None else ntk * dot_sigma)
 
 
-def affine(nngp, ntk, w2: float, b2: float, spatial_average: Callable | None = None, mask=None):
+def affine(nngp: jax.Array, ntk: Ntk, w2: float, b2: float, spatial_average: Callable | None = None,
+           mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array | None]:
     """A Dense or conv layer: ``nngp' = W^2 A(nngp) + b^2``, ``ntk' = nngp' + W^2 A(ntk)``.
 
     ``ntk`` is ``None`` when only the NNGP is wanted, or :data:`ZERO_NTK` before the first layer.

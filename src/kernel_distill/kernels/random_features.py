@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,9 @@ from kernel_distill.kernels.inputs import check_inputs, float_pair
 from kernel_distill.kernels.layers import output_shape
 from kernel_distill.kernels.spec import (  # noqa: F401  (check_random_features: its old home was here)
     MAX_RANDOM_FEATURES, RF_NORM_LAYERS, KernelSpec, RandomFeatures, check_random_features)
+
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike, DTypeLike
 
 # Arrays alive per image and model in the widest layer of a forward pass (activation, pre-activation,
 # conv output, pooled copy): a generous round number keeps the memory budget an upper bound.
@@ -84,7 +88,7 @@ def feature_dimension(spec: KernelSpec, image_shape: tuple) -> int:
     return _random_features(spec).models * readout_fan_in(spec, image_shape) + 1
 
 
-def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32):
+def network_params(spec: KernelSpec, key: jax.Array, image_shape: tuple, dtype: DTypeLike = jnp.float32) -> Any:
     """Parameters of the ``M`` random networks drawn from ``key``, stacked on a leading axis of size ``M``.
 
     Drawn in float32 and then cast, so a key gives the same networks in float32 and float64 runs."""
@@ -95,7 +99,7 @@ def network_params(spec: KernelSpec, key, image_shape: tuple, dtype=jnp.float32)
     return jax.tree_util.tree_map(lambda p: p.astype(dtype), params)
 
 
-def fixed_network_params(spec: KernelSpec, image_shape: tuple, dtype=jnp.float32):
+def fixed_network_params(spec: KernelSpec, image_shape: tuple, dtype: DTypeLike = jnp.float32) -> Any:
     """The evaluation networks: drawn from ``PRNGKey(spec.random_features.seed)``."""
     return network_params(spec, jax.random.PRNGKey(_random_features(spec).seed), image_shape, dtype)
 
@@ -108,7 +112,7 @@ def image_chunk(spec: KernelSpec, image_shape: tuple, itemsize: int, budget: int
     return max(1, budget // max(1, per_image))
 
 
-def features(spec: KernelSpec, params, x, budget: int = 512 * 2**20):
+def features(spec: KernelSpec, params: Any, x: jax.Array, budget: int = 512 * 2**20) -> jax.Array:
     """``Phi(x)``: ``(n, ...)`` images -> ``(n, M * fan_in + 1)`` features, in ``x``'s dtype.
 
     Models run one after another and images in chunks of at most ``budget`` bytes of activations
@@ -129,7 +133,7 @@ def features(spec: KernelSpec, params, x, budget: int = 512 * 2**20):
     return jnp.concatenate([phi, bias], axis=1).astype(x.dtype)
 
 
-def gram(phi1, phi2):
+def gram(phi1: jax.Array, phi2: jax.Array) -> jax.Array:
     """``Phi1 Phi2^T`` at full precision: ``(n1, D), (n2, D) -> (n1, n2)``."""
     return jnp.matmul(phi1, phi2.T, precision=jax.lax.Precision.HIGHEST)
 
@@ -153,22 +157,22 @@ class RandomFeatureKernelFn:
     def tile_budget(self) -> int:
         return self.memory_budget_bytes
 
-    def check_inputs(self, x1, x2):
+    def check_inputs(self, x1: jax.Array, x2: jax.Array) -> None:
         check_inputs(self.spec, x1, x2)
 
     def feature_dimension(self, image_shape: tuple) -> int:
         return feature_dimension(self.spec, image_shape)
 
-    def features(self, x):
+    def features(self, x: ArrayLike) -> jax.Array:
         """``Phi(x)`` of the fixed networks: ``(n, ...) -> (n, D)``, compiled once per shape and dtype."""
         x = self._as_float(jnp.asarray(x))
         return _compiled_features(self.spec, self.memory_budget_bytes)(x)
 
-    def __call__(self, x1, x2=None, get: str = "nngp"):
+    def __call__(self, x1: ArrayLike, x2: ArrayLike | None = None, get: str = "nngp") -> jax.Array:
         check_get(get)
         return _compiled_matrix(self.spec, self.memory_budget_bytes)(*float_pair(x1, x2, self.check_inputs))
 
-    def jitted(self, get: str = "nngp"):
+    def jitted(self, get: str = "nngp") -> Callable[..., jax.Array]:
         check_get(get)
         return _compiled_matrix(self.spec, self.memory_budget_bytes)
 
@@ -183,7 +187,7 @@ def check_get(get: str) -> None:
                                  f"(use --get nngp)")
 
 
-def matrix(spec: KernelSpec, x1, x2, budget: int):
+def matrix(spec: KernelSpec, x1: jax.Array, x2: jax.Array | None, budget: int) -> jax.Array:
     """``Phi(x1) Phi(x2)^T`` with the fixed networks; ``x2=None`` means ``x1`` (features computed once)."""
     params = fixed_network_params(spec, x1.shape[1:], x1.dtype)
     phi1 = features(spec, params, x1, budget)

@@ -95,7 +95,7 @@ RF_NORMS = tuple(RF_NORM_LAYERS)
 MAX_RANDOM_FEATURES = dict(models=4096, width=16384)
 
 
-def check_random_features(rf) -> None:
+def check_random_features(rf: RandomFeatures) -> None:
     """Validate a :class:`RandomFeatures` (raises one-line errors)."""
     for name in ("models", "width"):
         value = getattr(rf, name)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 
 
-def pad_rows(x, multiple: int):
+def pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     """Pad axis 0 up to a multiple by repeating the last row (never a degenerate all-zero input)."""
     n = x.shape[0]
     padded_n = -(-n // multiple) * multiple
@@ -18,7 +18,7 @@ def pad_rows(x, multiple: int):
     return jnp.concatenate([x, jnp.repeat(x[-1:], padded_n - n, axis=0)], axis=0)
 
 
-def tiled(fn, xs: Sequence, block: int):
+def tiled(fn: Callable[..., Any], xs: Sequence, block: int) -> Any:
     """Apply ``fn`` to ``block``-row chunks of every array in the pytree ``xs`` (all sharing axis 0).
 
     Runs the chunks one after another with ``lax.map`` and returns ``fn``'s outputs stacked back to the

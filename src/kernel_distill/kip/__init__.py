@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING, Callable
 
 import jax
 
@@ -46,10 +47,13 @@ from kernel_distill.kip.step import (_state_params, class_index_table, krr_loss_
 from kernel_distill.kip.support import initial_state, warm_start_support
 from kernel_distill.krr import evaluate
 
+if TYPE_CHECKING:
+    from kernel_distill.distributed import Backend
+
 
 def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, resume: bool = False,
-            progress: bool = True, log=print, overwrite: bool = False,
-            command_line: list[str] | None = None, backend=None) -> dict:
+            progress: bool = True, log: Callable[[str], None] = print, overwrite: bool = False,
+            command_line: list[str] | None = None, backend: Backend | None = None) -> dict:
     """Run (or resume) KIP, writing everything into ``out_dir``. Returns a summary dict.
 
     The folder belongs to this run (:func:`kernel_distill.runs.claim_run_folder`): a new run refuses a

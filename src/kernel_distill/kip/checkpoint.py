@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import pathlib
+from typing import Callable
 
 import numpy as np
 
@@ -104,7 +105,8 @@ def read_metrics(path: pathlib.Path, up_to_step: int) -> list[dict]:
     return [r for r in runs.read_json_lines(path) if r.get("step", 0) <= up_to_step]
 
 
-def check_resume(out_dir: pathlib.Path, config: KipConfig, flag_of=config_flag) -> tuple[KipState, dict]:
+def check_resume(out_dir: pathlib.Path, config: KipConfig,
+                 flag_of: Callable[[str], str] = config_flag) -> tuple[KipState, dict]:
     """Load the checkpoint of ``out_dir`` and check that ``config`` may continue it.
 
     Returns the state and the allowed changes ``{field: [saved, new]}``; raises naming the option of any
@@ -131,7 +133,7 @@ def outputs_complete(out_dir: pathlib.Path, step: int) -> bool:
     return recorded_step == step and all((out_dir / name).is_file() for name in artifacts)
 
 
-def checkpoint_step(out_dir: pathlib.Path):
+def checkpoint_step(out_dir: pathlib.Path) -> int | str:
     """The step of the checkpoint in ``out_dir``, or ``\"none written\"`` (for an error message)."""
     try:
         with np.load(out_dir / CHECKPOINT) as f:

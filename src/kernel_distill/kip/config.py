@@ -154,7 +154,7 @@ class KipConfig:
         return d
 
     @property
-    def dtype(self):
+    def dtype(self) -> type[np.floating]:
         return np.float64 if self.float64 else np.float32
 
     @classmethod
@@ -199,7 +199,7 @@ def config_flag(name: str) -> str:
 DEFAULT_TARGET_BATCH = 5000
 
 
-def prepare_for(config: KipConfig, data_dir=None, progress: bool = True):
+def prepare_for(config: KipConfig, data_dir: str | os.PathLike | None = None, progress: bool = True) -> PreparedData:
     """Load and preprocess ``config.dataset`` with the validation split and test limit ``config`` asks for."""
     from kernel_distill.data import prepare_dataset
 

@@ -13,7 +13,7 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from kernel_distill.kip.state import KipState
 from kernel_distill.kip.step import _state_params, class_index_table, make_optimizer, step_for_backend
 from kernel_distill.kip.support import initial_state
 from kernel_distill.preprocess import centered_one_hot
+
+if TYPE_CHECKING:
+    from kernel_distill.distributed import Backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +64,9 @@ class RunInputs:
     y_train: jax.Array
 
 
-def run_in_folder(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool, log,
-                  command_line: list[str] | None, backend, evaluate_fn: Callable,
+def run_in_folder(config: KipConfig, data: PreparedData, out_dir: pathlib.Path, resume: bool, progress: bool,
+                  log: Callable[[str], None], command_line: list[str] | None, backend: Backend | None,
+                  evaluate_fn: Callable,
                   available_bytes: Callable[[], int]) -> dict:
     """Run (or resume) KIP in a folder this run has claimed; returns the summary of :func:`write_outputs`.
 

@@ -8,6 +8,8 @@ gradients from :mod:`kernel_distill.objective`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +22,16 @@ from kernel_distill.kernels import KernelFn
 from kernel_distill.kip.config import KipConfig
 from kernel_distill.kip.state import KipState
 
+if TYPE_CHECKING:
+    from jax.typing import ArrayLike
+
+    from kernel_distill.distributed import Backend
+    from kernel_distill.kernels import RandomFeatureKernelFn
+    from kernel_distill.kernels.api import Get
+
+    # (params, opt_state, key, fixed_labels, x_train, y_train) -> (params, opt_state, key, loss)
+    KipStep = Callable[..., tuple[dict, Any, jax.Array, jax.Array]]
+
 
 def class_index_table(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of each class, padded: ``(num_classes, max_count)`` int32 and counts ``(num_classes,)``."""
@@ -31,7 +43,7 @@ def class_index_table(labels: np.ndarray, num_classes: int) -> tuple[np.ndarray,
     return table, counts
 
 
-def sample_balanced(key, table, counts, per_class: int):
+def sample_balanced(key: jax.Array, table: jax.Array, counts: jax.Array, per_class: int) -> jax.Array:
     """``per_class`` distinct indices of every class, drawn with ``key``. Returns int ``(C * per_class,)``."""
     max_count = table.shape[1]
 
@@ -63,7 +75,8 @@ def _state_params(state: KipState, config: KipConfig) -> dict:
     return _params(jnp.asarray(state.images), jnp.asarray(state.labels), config.learn_labels, log_scale)
 
 
-def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, x_t, y_t, log_scale=None):
+def krr_loss_and_gradients(kernel_fn: KernelFn, get: Get, reg: float, x_s: jax.Array, y_s: ArrayLike, x_t: jax.Array,
+                           y_t: ArrayLike, log_scale: ArrayLike | None = None) -> tuple[jax.Array, ...]:
     """The KRR loss of a support on a target batch, and its gradients, through the kernel block API.
 
     :func:`kernel_distill.objective.loss_and_gradients` with the blocks computed here (the local backend):
@@ -78,7 +91,8 @@ def krr_loss_and_gradients(kernel_fn: KernelFn, get: str, reg: float, x_s, y_s, 
     return objective.loss_and_gradients(LocalBackend(), kernel_fn, get, reg, x_s, y_s, x_t, None, y_t, log_scale)
 
 
-def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, per_class_target: int):
+def make_step(kernel_fn: KernelFn | RandomFeatureKernelFn, config: KipConfig, optimizer: optax.GradientTransformation,
+              table: jax.Array, counts: jax.Array, per_class_target: int) -> KipStep:
     """The jitted KIP step ``(params, opt_state, key, fixed_labels, x_train, y_train) -> (..., loss)``.
 
     With a random-feature kernel the step draws its networks from the run's key (a third split of the
@@ -111,8 +125,9 @@ def make_step(kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts, 
     return step
 
 
-def make_backend_step(backend, kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts,
-                      per_class_target: int, train):
+def make_backend_step(backend: Backend, kernel_fn: KernelFn | RandomFeatureKernelFn, config: KipConfig,
+                      optimizer: optax.GradientTransformation, table: jax.Array, counts: jax.Array,
+                      per_class_target: int, train: Any) -> KipStep:
     """The KIP step of :func:`make_step` with the kernel work on ``backend`` (e.g. Ray workers).
 
     Same signature and same numbers (up to summation order) as :func:`make_step`: the target batch is
@@ -144,8 +159,9 @@ def make_backend_step(backend, kernel_fn: KernelFn, config: KipConfig, optimizer
     return step
 
 
-def step_for_backend(backend, kernel_fn: KernelFn, config: KipConfig, optimizer, table, counts,
-                     per_class_target: int, x_train: np.ndarray):
+def step_for_backend(backend: Backend | None, kernel_fn: KernelFn | RandomFeatureKernelFn, config: KipConfig,
+                     optimizer: optax.GradientTransformation, table: jax.Array, counts: jax.Array,
+                     per_class_target: int, x_train: np.ndarray) -> tuple[KipStep, Backend | None]:
     """The run's step on ``backend`` and the backend its evaluations use: ``(step, backend or None)``.
 
     No backend, or the local one: :func:`make_step`, one jitted function, and evaluations here (``None``).

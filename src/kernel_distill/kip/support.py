@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -15,8 +16,11 @@ from kernel_distill.kip.state import KipState
 from kernel_distill.kip.step import _state_params
 from kernel_distill.preprocess import centered_one_hot
 
+if TYPE_CHECKING:
+    import optax
 
-def initial_state(config: KipConfig, data: PreparedData, optimizer) -> KipState:
+
+def initial_state(config: KipConfig, data: PreparedData, optimizer: optax.GradientTransformation) -> KipState:
     from kernel_distill.data import class_balanced_indices
 
     key = jax.random.PRNGKey(config.seed)

@@ -25,6 +25,8 @@ from kernel_distill.workflows.common import (DEFAULT_ZCA_REG, Compute, KernelCho
                                              kernel_spec, refuse_preprocessing_options, regulariser, write_record)
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kernel_distill.io import DistilledSet
     from kernel_distill.label_solve import NormalEquations
 
@@ -256,8 +258,8 @@ def read_config(folder: pathlib.Path) -> LabelSolveConfig:
         raise KernelDistillError(f"cannot resume from {folder}: {CONFIG}: {e}") from None
 
 
-def save_checkpoint(folder: pathlib.Path, sums: NormalEquations, num_train: int, support, original_labels,
-                    checksums: dict[str, str]) -> None:
+def save_checkpoint(folder: pathlib.Path, sums: NormalEquations, num_train: int, support: np.ndarray,
+                    original_labels: np.ndarray, checksums: dict[str, str]) -> None:
     import numpy as np
 
     from kernel_distill.atomic import atomic_savez
