@@ -129,8 +129,11 @@ def _throughput_version(r: dict) -> tuple:
 
 def render_kernel_throughput_refactor() -> str:
     """``kernel_throughput.py --label before|after`` records: the same cells timed with the code before and after
-    a refactor in one session; the best of the runs per label (the CPU is shared), per wall and per CPU second."""
-    records = [r for r in load("kernel_throughput") if r["config"].get("label")]
+    a refactor in one session; the best of the runs per label (the CPU is shared), per wall and per CPU second.
+    Only the newest day's records: runs of different sessions (machines, loads) are not compared."""
+    labelled = [r for r in load("kernel_throughput") if r["config"].get("label")]
+    day = max((r["provenance"]["date"][:10] for r in labelled), default="")
+    records = [r for r in labelled if r["provenance"]["date"][:10] == day]
     cells: dict = {}
     for r in records:
         c = r["config"]
@@ -156,6 +159,31 @@ def render_kernel_throughput_refactor() -> str:
               "after pairs / CPU s", "after / before (per CPU s)", "runs (before / after)", "code (before / after)",
               "load avg"]
     return table(header, rows) + footer("kernel_throughput", records)
+
+
+def render_compiled_programs() -> str:
+    """``compiled_programs.py --label before|after``: each timed computation's compiled XLA program, names and
+    source locations removed, compared by its sha256."""
+    records = newest(load("compiled_programs"), lambda r: (r["config"]["program"], r["config"]["label"]))
+    programs = list(dict.fromkeys(program for program, _ in records))
+    rows = []
+    for program in programs:
+        before, after = records.get((program, "before")), records.get((program, "after"))
+
+        def cell(r, key):
+            return "-" if r is None else r["config"]["code_commit"][:7] if key == "commit" else \
+                r["config"]["sha256"][:12] if key == "sha" else f"{r['metrics']['lines']:,}"
+
+        same = "-" if not (before and after) else \
+            "yes" if before["config"]["sha256"] == after["config"]["sha256"] else \
+            "same instructions, scheduled in another order" if \
+            before["config"]["instructions_sha256"] == after["config"]["instructions_sha256"] else "no"
+        rows.append([program, f"{cell(before, 'commit')} / {cell(after, 'commit')}", cell(before, "sha"),
+                     cell(after, "sha"), f"{cell(before, 'lines')} / {cell(after, 'lines')}", same,
+                     (after or before)["config"].get("jax", "?")])
+    header = ["computation", "code (before / after)", "program sha256 before", "program sha256 after",
+              "lines (before / after)", "identical", "JAX"]
+    return table(header, rows) + footer("compiled_programs", list(records.values()))
 
 
 def render_kernel_throughput() -> str:
@@ -518,6 +546,7 @@ RENDERERS = {
     "krr_accuracy": render_krr_accuracy,
     "kernel_throughput": render_kernel_throughput,
     "kernel_throughput_refactor": render_kernel_throughput_refactor,
+    "compiled_programs": render_compiled_programs,
     "kip_step": render_kip_step,
     "cli_startup": render_cli_startup,
     "kernel_ablation": render_kernel_ablation,
