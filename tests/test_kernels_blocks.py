@@ -74,17 +74,22 @@ def test_block_vjp_platt_gradients_equal_jax_grad(x64, rng):
 def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):
     spec = KernelSpec("convnet", 1)
     x1, x2 = rng.standard_normal((2, 8, 8, 1)), rng.standard_normal((3, 8, 8, 1))
-    s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
     ct = rng.standard_normal((2, 3))
-    dx1, ds1, dx2, ds2 = kernels.kernel_block_vjp(spec, x1, s1, x2, s2, ct)
-    full1 = dx1 + kernels.self_stats_vjp(spec, x1, ds1)
-    full2 = dx2 + kernels.self_stats_vjp(spec, x2, ds2)
+
+    @jax.jit  # one compilation instead of one per primitive (eagerly, most of this test's time)
+    def block_vjp(x1, x2, ct):
+        s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
+        dx1, ds1, dx2, ds2 = kernels.kernel_block_vjp(spec, x1, s1, x2, s2, ct)
+        only2 = kernels.kernel_block_vjp(spec, x1, s1, x2, s2, ct, wrt=(False, True))
+        assert only2[0] is None and only2[1] is None
+        return (dx1 + kernels.self_stats_vjp(spec, x1, ds1), dx2 + kernels.self_stats_vjp(spec, x2, ds2), dx2,
+                only2[2])
+
+    full1, full2, dx2, none1_dx2 = block_vjp(x1, x2, ct)
     ref1, ref2 = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * make_kernel_fn(spec)(a, b)), argnums=(0, 1)))(x1, x2)
     np.testing.assert_allclose(np.asarray(full1), np.asarray(ref1), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(full2), np.asarray(ref2), rtol=1e-10, atol=1e-14)
-    none1 = kernels.kernel_block_vjp(spec, x1, s1, x2, s2, ct, wrt=(False, True))
-    assert none1[0] is None and none1[1] is None
-    np.testing.assert_allclose(np.asarray(none1[2]), np.asarray(dx2), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(none1_dx2), np.asarray(dx2), rtol=1e-12)
 
 
 def test_matrix_vjp_of_one_side_equals_that_side_of_both(x64, rng):
