@@ -30,12 +30,13 @@ import subprocess
 import sys
 import time
 
+from kernel_throughput import SHAPES, _sizes, timed_kernel_fn  # benchmarks/ is on sys.path when a script runs
+from kip_step import CASES, build_step
+
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "compiled_programs.jsonl"
 KERNEL_CASES = [(arch, shape, dtype) for arch in ("fc", "convnet") for shape in ("28x28x1", "32x32x3")
                 for dtype in ("float32", "float64")]
-SHAPES = {"28x28x1": (28, 28, 1), "32x32x3": (32, 32, 3)}
-KERNEL_SIZES = {"fc": (2000, 2000), "convnet": (8, 16)}  # kernel_throughput.py's (n1, n2)
 
 _METADATA = re.compile(r", metadata=\{[^}]*\}")
 _STACK_FRAME = re.compile(r",? ?stack_frame_id=\d+")
@@ -62,21 +63,14 @@ def normalized_program(hlo_text: str) -> str:
     return "\n\n".join(sorted(blocks))
 
 
-def _compiled_text(fn, *args) -> str:
-    import jax
-
-    return jax.jit(fn).lower(*args).compile().as_text()
-
-
 def kernel_program(arch: str, shape: str, dtype: str) -> str:
+    """kernel_throughput.py's NTK of ``arch`` on ``shape`` inputs (its ``n1 x n2`` pairs)."""
+    import jax
     import jax.numpy as jnp
 
-    from kernel_distill.kernels import make_kernel_fn
-
-    n1, n2 = KERNEL_SIZES[arch]
-    kernel_fn = make_kernel_fn(architecture=arch, depth=1 if arch == "fc" else 3, memory_budget_bytes=512 * 2**20)
-    x1, x2 = (jnp.zeros((n, *SHAPES[shape]), dtype) for n in (n1, n2))
-    return _compiled_text(lambda a, c: kernel_fn(a, c, get="ntk"), x1, x2)
+    kernel_fn = timed_kernel_fn(arch)
+    x1, x2 = (jnp.zeros((n, *SHAPES[shape]), dtype) for n in _sizes()[arch])
+    return jax.jit(lambda a, c: kernel_fn(a, c, get="ntk")).lower(x1, x2).compile().as_text()
 
 
 def kip_step_program() -> str:
@@ -85,17 +79,10 @@ def kip_step_program() -> str:
     import jax.numpy as jnp
     import numpy as np
 
-    from kernel_distill import kip
-    from kernel_distill.kernels import KernelSpec, make_kernel_fn
-
-    num_classes, per_class, target_batch, num_train = 10, 1, 100, 60000
+    _, per_class, _ = CASES["mnist-1"]
+    num_classes, num_train = 10, 60000
     y = np.arange(num_train) % num_classes
-    config = kip.KipConfig(dataset="mnist", per_class=per_class, kernel=KernelSpec("convnet"), learn_labels=True,
-                           target_batch_size=target_batch)
-    optimizer = kip.make_optimizer(config)
-    table, counts = kip.class_index_table(y, num_classes)
-    step = kip.make_step(make_kernel_fn(config.kernel), config, optimizer, jnp.asarray(table), jnp.asarray(counts),
-                         target_batch // num_classes)
+    step, optimizer = build_step("mnist-1", "convnet", y)
     labels = jnp.zeros((num_classes * per_class, num_classes), jnp.float32)
     params = {"images": jnp.zeros((num_classes * per_class, 28, 28, 1), jnp.float32), "labels": labels}
     args = (params, optimizer.init(params), jax.random.PRNGKey(0), labels,
@@ -162,8 +149,8 @@ def main() -> None:
             append_record(args.results, make_record(
                 "benchmark/compiled_programs", args.label, dict(name="none", checksums={}),
                 dict(lines=r["lines"], compile_seconds=r["compile_seconds"]),
-                dict(program=r["program"], sha256=r["sha256"], instructions_sha256=r["instructions_sha256"], label=args.label, code=str(code), code_commit=commit, jax=r["jax"],
-                     backend=r["backend"]),
+                dict(program=r["program"], sha256=r["sha256"], instructions_sha256=r["instructions_sha256"],
+                     label=args.label, code=str(code), code_commit=commit, jax=r["jax"], backend=r["backend"]),
                 wall_seconds=r["compile_seconds"]))
 
 

@@ -83,6 +83,15 @@ def _nt_kernel_fn(arch):
     return lambda a, c: kernel_fn(a, c, "ntk")
 
 
+def timed_kernel_fn(arch: str):
+    """Our kernel function as this benchmark times it: FC depth 1 or ConvNet depth 3, the memory budget
+    ``KD_BENCH_BUDGET_MB`` (default 512 MB). benchmarks/compiled_programs.py compiles the same one."""
+    from kernel_distill.kernels import make_kernel_fn
+
+    budget_mb = float(os.environ.get("KD_BENCH_BUDGET_MB", "512"))
+    return make_kernel_fn(architecture=arch, depth=1 if arch == "fc" else 3, memory_budget_bytes=int(budget_mb * 2**20))
+
+
 def worker(impl, arch, shape_name, dtype_name, repeats):
     import jax
 
@@ -93,11 +102,7 @@ def worker(impl, arch, shape_name, dtype_name, repeats):
     n1, n2 = _sizes()[arch]
     x1, x2 = _inputs(SHAPES[shape_name], n1, n2, np.dtype(dtype_name))
     if impl == "ours":
-        from kernel_distill.kernels import make_kernel_fn
-
-        budget_mb = float(os.environ.get("KD_BENCH_BUDGET_MB", "512"))
-        kernel_fn = make_kernel_fn(architecture=arch, depth=1 if arch == "fc" else 3,
-                                   memory_budget_bytes=int(budget_mb * 2**20))
+        kernel_fn = timed_kernel_fn(arch)
         fn = jax.jit(lambda a, c: kernel_fn(a, c, get="ntk"))
     else:
         fn = jax.jit(_nt_kernel_fn(arch))

@@ -74,27 +74,38 @@ def main():
     append_record(args.results, record)
 
 
+def build_step(case: str, architecture: str, y: np.ndarray):
+    """The jitted KIP step this benchmark times for ``case`` (learned labels), and its optimizer; ``y`` the
+    training labels. benchmarks/compiled_programs.py compiles the same one."""
+    import jax.numpy as jnp
+
+    from kernel_distill import kip
+    from kernel_distill.kernels import KernelSpec, make_kernel_fn
+
+    dataset, per_class, target_batch = CASES[case]
+    num_classes = int(y.max()) + 1
+    config = kip.KipConfig(dataset=dataset, per_class=per_class, kernel=KernelSpec(architecture),
+                           learn_labels=True, target_batch_size=target_batch)
+    optimizer = kip.make_optimizer(config)
+    table, counts = kip.class_index_table(y, num_classes)
+    step = kip.make_step(make_kernel_fn(config.kernel), config, optimizer, jnp.asarray(table), jnp.asarray(counts),
+                         target_batch // num_classes)
+    return step, optimizer
+
+
 def time_steps(args) -> dict:
     import jax
     import jax.numpy as jnp
 
     import kernel_distill
-    from kernel_distill import kip
     from kernel_distill.data import load_dataset
-    from kernel_distill.kernels import KernelSpec, make_kernel_fn
 
     dataset, per_class, target_batch = CASES[args.case]
     x, y = load_dataset(dataset, "train", data_dir=args.data_dir)
     x = x.astype(np.float32) / 255.0
     x = (x - x.mean(axis=(0, 1, 2))) / x.std(axis=(0, 1, 2))  # per-channel standardisation
     num_classes = int(y.max()) + 1
-    config = kip.KipConfig(dataset=dataset, per_class=per_class, kernel=KernelSpec(args.architecture),
-                           learn_labels=True, target_batch_size=target_batch)
-    kernel_fn = make_kernel_fn(config.kernel)
-    optimizer = kip.make_optimizer(config)
-    table, counts = kip.class_index_table(y, num_classes)
-    step = kip.make_step(kernel_fn, config, optimizer, jnp.asarray(table), jnp.asarray(counts),
-                         target_batch // num_classes)
+    step, optimizer = build_step(args.case, args.architecture, y)
     rng = np.random.default_rng(0)
     idx = np.concatenate([rng.choice(np.flatnonzero(y == c), per_class, replace=False) for c in range(num_classes)])
     labels = np.eye(num_classes, dtype=np.float32)[y[idx]] - 1.0 / num_classes

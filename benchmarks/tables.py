@@ -170,16 +170,18 @@ def render_compiled_programs() -> str:
     for program in programs:
         before, after = records.get((program, "before")), records.get((program, "after"))
 
-        def cell(r, key):
-            return "-" if r is None else r["config"]["code_commit"][:7] if key == "commit" else \
-                r["config"]["sha256"][:12] if key == "sha" else f"{r['metrics']['lines']:,}"
-
-        same = "-" if not (before and after) else \
-            "yes" if before["config"]["sha256"] == after["config"]["sha256"] else \
-            "same instructions, scheduled in another order" if \
-            before["config"]["instructions_sha256"] == after["config"]["instructions_sha256"] else "no"
-        rows.append([program, f"{cell(before, 'commit')} / {cell(after, 'commit')}", cell(before, "sha"),
-                     cell(after, "sha"), f"{cell(before, 'lines')} / {cell(after, 'lines')}", same,
+        commits = [r["config"]["code_commit"][:7] if r else "-" for r in (before, after)]
+        shas = [r["config"]["sha256"][:12] if r else "-" for r in (before, after)]
+        lines = [f"{r['metrics']['lines']:,}" if r else "-" for r in (before, after)]
+        if not (before and after):
+            same = "-"
+        elif before["config"]["sha256"] == after["config"]["sha256"]:
+            same = "yes"
+        elif before["config"]["instructions_sha256"] == after["config"]["instructions_sha256"]:
+            same = "same instructions, scheduled in another order"
+        else:
+            same = "no"
+        rows.append([program, " / ".join(commits), shas[0], shas[1], " / ".join(lines), same,
                      (after or before)["config"].get("jax", "?")])
     header = ["computation", "code (before / after)", "program sha256 before", "program sha256 after",
               "lines (before / after)", "identical", "JAX"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def programs():
-    spec = importlib.util.spec_from_file_location("compiled_programs", REPO / "benchmarks" / "compiled_programs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(REPO / "benchmarks"))  # as when the script runs: it imports its sibling benchmarks
+    try:
+        spec = importlib.util.spec_from_file_location("compiled_programs", REPO / "benchmarks" / "compiled_programs.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
     return module
 
 

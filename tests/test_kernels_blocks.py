@@ -85,11 +85,11 @@ def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):
         return (dx1 + kernels.self_stats_vjp(spec, x1, ds1), dx2 + kernels.self_stats_vjp(spec, x2, ds2), dx2,
                 only2[2])
 
-    full1, full2, dx2, none1_dx2 = block_vjp(x1, x2, ct)
+    full1, full2, dx2, only2_dx2 = block_vjp(x1, x2, ct)
     ref1, ref2 = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * make_kernel_fn(spec)(a, b)), argnums=(0, 1)))(x1, x2)
     np.testing.assert_allclose(np.asarray(full1), np.asarray(ref1), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(full2), np.asarray(ref2), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(np.asarray(none1_dx2), np.asarray(dx2), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(only2_dx2), np.asarray(dx2), rtol=1e-12)
 
 
 def test_matrix_vjp_of_one_side_equals_that_side_of_both(x64, rng):
