@@ -225,3 +225,12 @@ def test_datasets_says_unreadable_for_a_corrupt_split(tmp_path, capsys):
     code, out, _ = run(capsys, "datasets", "--data-dir", str(tmp_path))
     line = next(line for line in out.splitlines() if line.strip().startswith("mnist"))
     assert code == 0 and "UNREADABLE" in line and "train.npz" in line
+
+
+def test_ranking_runs_file_goes_with_ranking(tmp_path, capsys):
+    code, _, err = run(capsys, "transfer", "zoo:mnist-kip-fc-1ipc", "--ranking-runs", str(tmp_path / "runs.jsonl"))
+    assert code == 2 and err.count("\n") == 1 and "--ranking-runs" in err and "--ranking" in err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    code, _, err = run(capsys, "transfer", "zoo:mnist-kip-fc-1ipc", "--ranking", "--ranking-runs", str(bad))
+    assert code == 2 and err.count("\n") == 1 and "bad.jsonl:1: not a run" in err

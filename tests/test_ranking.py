@@ -87,3 +87,85 @@ def test_ranking_runs_match_independent_training_runs(tmp_path):
     assert acc["random"] == pytest.approx(np.mean(randoms), abs=1e-7)
     assert result["scores"]["ior"] == pytest.approx(acc["set"] - acc["random"])
     assert result["scores"]["hlr"] == pytest.approx(0.95 - acc["set_hard"])
+
+
+def _digits_support(per_class: int = 2):
+    from kernel_distill.data import load_dataset, natural_subset
+    from kernel_distill.experiments import transfer_support
+    from kernel_distill.io import DistilledSet
+    from kernel_distill.preprocess import centered_one_hot, fit_preprocessor
+
+    x, y = load_dataset("digits", "train")
+    pre = fit_preprocessor(x)
+    xs, ys = natural_subset(x, y, per_class, 10, seed=3)
+    labels = centered_one_hot(ys, 10) + np.random.default_rng(1).normal(0, 0.1, (10 * per_class, 10)).astype(np.float32)
+    return transfer_support(DistilledSet(pre.apply(xs), labels, pre, dict(dataset="digits", method="kip")),
+                            "test set", None, None, progress=False)
+
+
+def test_an_interrupted_ranking_resumes_from_its_finished_runs_and_gives_the_same_scores(monkeypatch):
+    """Runs reported through ``on_run`` are not trained again when passed back as ``finished``: a second call
+    trains nothing and returns the same accuracies, and ``set_accuracies`` (the transfer's own runs, which equal
+    the ``set`` runs) stand in for ``set``; a run missing from ``finished`` (the one a kill cut off)
+    is trained again, to the same accuracy; a changed recipe matches no key."""
+    from kernel_distill import experiments, finite
+    from kernel_distill.finite import TrainConfig
+
+    support = _digits_support()
+    config = TrainConfig(steps=15, batch_size=20, learning_rate=0.05, eval_every=15)
+    kept: dict[str, dict] = {}
+    first = experiments.ranking_runs(support, "fc", config, seeds=1, width=16, progress=False, log=lambda *a: None,
+                                     on_run=lambda key, entry: kept.setdefault(key, entry))
+    assert len(kept) == 7 and first["reused"] == 0  # set, set_hard, set_aug_toggled, set_natural_labels, random x 3
+    assert {e["variant"] for e in kept.values()} == set(first["runs"])
+    finished = {key: entry["test_accuracy"] for key, entry in kept.items()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    set_key = next(key for key, entry in kept.items() if entry["variant"] == "set")
+    with monkeypatch.context() as m:
+        m.setattr(finite, "train_seeds", no_training)
+        again = experiments.ranking_runs(support, "fc", config, seeds=1, width=16, progress=False,
+                                         log=lambda *a: None, finished=finished)
+        # what ``transfer`` trained with the same recipe stands in for the ``set`` runs
+        stand_in = experiments.ranking_runs(support, "fc", config, seeds=1, width=16, progress=False,
+                                            log=lambda *a: None, set_accuracies=[0.5],
+                                            finished={k: v for k, v in finished.items() if k != set_key})
+        with pytest.raises(KernelDistillError, match="1 seeds"):
+            experiments.ranking_runs(support, "fc", config, seeds=1, width=16, progress=False,
+                                     set_accuracies=[0.5, 0.25])
+    assert again["accuracies"] == first["accuracies"] and again["reused"] == 7
+    assert stand_in["runs"]["set"] == [0.5] and stand_in["reused"] == 7
+    transferred = experiments.transfer(support, "fc", dataclasses.replace(config, eval_every=5), seeds=1, width=16,
+                                       progress=False)
+    assert transferred["runs"][0]["test_accuracy"] == pytest.approx(first["runs"]["set"][0], abs=1e-7)
+
+    cut_key = next(key for key, entry in kept.items() if entry["variant"] == "random_hard")
+    retrained: list[str] = []
+    resumed = experiments.ranking_runs(support, "fc", config, seeds=1, width=16, progress=False, log=lambda *a: None,
+                                       finished={k: v for k, v in finished.items() if k != cut_key},
+                                       on_run=lambda key, entry: retrained.append(key))
+    assert retrained == [cut_key] and resumed["accuracies"] == pytest.approx(first["accuracies"], abs=1e-7)
+
+    other = dataclasses.replace(config, learning_rate=0.02)
+    keys = {experiments.ranking_run_key("set", 0, support["x"], support["y"], np.zeros((2, 3)), np.zeros(2), c,
+                                        dict(model="fc")) for c in (config, other, dataclasses.replace(config, eval_every=5))}
+    assert len(keys) == 2  # the learning rate changes the key, the evaluation interval does not
+
+
+def test_a_ranking_runs_file_survives_a_line_cut_short(tmp_path):
+    from kernel_distill.workflows.transfer import append_finished_run, read_finished_runs
+
+    path = tmp_path / "runs.jsonl"
+    assert read_finished_runs(path) == {}
+    append_finished_run(path, "sha256:aa", dict(variant="set", seed=0, test_accuracy=0.5, seconds=1.0))
+    with open(path, "a") as f:
+        f.write('{"key": "sha256:bb", "test_acc')  # the kill came mid-write
+    assert read_finished_runs(path) == {"sha256:aa": 0.5}
+    append_finished_run(path, "sha256:cc", dict(variant="random", seed=1, test_accuracy=0.25, seconds=1.0))
+    assert read_finished_runs(path) == {"sha256:aa": 0.5, "sha256:cc": 0.25}  # the cut line was dropped
+    assert path.read_text().count("\n") == 2 and "sha256:bb" not in path.read_text()
+    path.write_text('{"key": "sha256:aa", "test_accuracy": 50.0}\n{"key": "sha256:cc", "test_accuracy": 0.25}\n')
+    with pytest.raises(KernelDistillError, match=r"runs.jsonl:1: not a run"):
+        read_finished_runs(path)  # a percentage is not an accuracy fraction: not what the tool wrote

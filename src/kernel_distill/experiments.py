@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -331,7 +331,9 @@ RANKING_AUGMENTATION = "dsa"  # the augmentation switched on for the ARS runs wh
 def ranking_runs(support: dict, model: str, train_config: TrainConfig, seeds: int, width: int | None = None,
                  depth: int | None = None, parameterization: str = "standard", data_dir: DataDir = None,
                  test_limit: int | None = None, full_hard_accuracy: float | None = None, progress: bool = True,
-                 log: Callable = print) -> dict:
+                 log: Callable = print, set_accuracies: Sequence[float] | None = None,
+                 finished: Mapping[str, float] | None = None,
+                 on_run: Callable[[str, dict], None] | None = None) -> dict:
     """Train the networks DD-Ranking compares, all with ``train_config`` (the recipe) and seeds ``0..seeds-1``,
     and score them on the test set.
 
@@ -345,8 +347,17 @@ def ranking_runs(support: dict, model: str, train_config: TrainConfig, seeds: in
       off otherwise), for the augmentation-robust score.
 
     ``full_hard_accuracy``: the full training set's accuracy with hard labels under the same recipe (a
-    record; see ``benchmarks/ranking.py``), for HLR and LRS. Returns ``dict(accuracies, stds, scores,
-    runs, recipe, toggled_augment, checksums)``; accuracies are means over seeds, as fractions.
+    record; see ``benchmarks/ranking.py``), for HLR and LRS. ``set_accuracies``: the test accuracies of seeds
+    ``0..seeds-1`` already trained on the set with ``train_config`` (what ``transfer`` just ran; training does
+    not depend on ``eval_every``), used for ``set`` instead of training them again.
+
+    Resuming: each run (variant, seed) has a key, :func:`ranking_run_key`, a hash of everything its accuracy
+    depends on (the images, labels, preprocessed test set, network, recipe, seed and the training code).
+    A run whose key is in ``finished`` (key -> test accuracy) is not trained again; ``on_run(key, entry)`` is
+    called after each run trained here, ``entry`` = ``dict(variant, seed, test_accuracy, seconds)``.
+
+    Returns ``dict(accuracies, stds, scores, runs, recipe, toggled_augment, checksums, reused)``; accuracies are
+    means over seeds, as fractions; ``reused`` counts the runs taken from ``finished`` or ``set_accuracies``.
     """
     from kernel_distill import ranking
     from kernel_distill.finite import build_model, train_seeds
@@ -376,29 +387,77 @@ def ranking_runs(support: dict, model: str, train_config: TrainConfig, seeds: in
                 "set_aug_toggled": (dataclasses.replace(train_config, augment=toggled_augment), labels)}
     if not np.allclose(labels, one_hot):
         variants["set_natural_labels"] = (train_config, one_hot)
+    finished = dict(finished or {})
+    if set_accuracies is not None and len(set_accuracies) != seeds:
+        raise KernelDistillError(f"set_accuracies holds {len(set_accuracies)} runs for {seeds} seeds")
+    network = dict(model=model, width=width, depth=depth, parameterization=parameterization)
+    reused = 0
+
+    def accuracy_of(variant: str, seed: int, x: np.ndarray, y: np.ndarray, config: TrainConfig) -> float:
+        nonlocal reused
+        if variant == "set" and set_accuracies is not None:
+            reused += 1
+            return float(set_accuracies[seed])
+        key = ranking_run_key(variant, seed, x, y, z_test, y_test, config, network)
+        if key in finished:
+            reused += 1
+            return finished[key]
+        result = train_seeds(model_fn, x, y, z_test, y_test, config, [seed], progress=progress)["runs"][0]
+        if on_run is not None:
+            on_run(key, dict(variant=variant, seed=seed, test_accuracy=result["test_accuracy"],
+                             seconds=result["seconds"]))
+        return float(result["test_accuracy"])
+
     accuracies, stds, runs = {}, {}, {}
+
+    def summarise(name: str, accs: list[float]) -> None:
+        accuracies[name] = float(np.mean(accs))
+        stds[name] = float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+        runs[name] = accs
+
     for name, (config, y) in variants.items():
         log(f"{name}: {n} images, loss {config.loss}, augment {config.augment}")
-        result = train_seeds(model_fn, support["x"], y, z_test, y_test, config, range(seeds), progress=progress)
-        accuracies[name], stds[name] = result["mean"], result["std"]
-        runs[name] = [r["test_accuracy"] for r in result["runs"]]
+        summarise(name, [accuracy_of(name, seed, support["x"], y, config) for seed in range(seeds)])
     random_variants = {"random": train_config, "random_hard": hard,
                        "random_aug_toggled": dataclasses.replace(train_config, augment=toggled_augment)}
     subsets = [natural_subset(x_raw, y_raw, per_class, num_classes, seed) for seed in range(seeds)]
+    subsets = [(np.asarray(pre.apply(xs), np.float32), centered_one_hot(ys, num_classes)) for xs, ys in subsets]
     for name, config in random_variants.items():
         log(f"{name}: {seeds} random subsets of {n} images, loss {config.loss}, augment {config.augment}")
-        accs = []
-        for seed, (xs, ys) in enumerate(subsets):
-            result = train_seeds(model_fn, pre.apply(xs), centered_one_hot(ys, num_classes), z_test, y_test, config,
-                                 [seed], progress=progress)
-            accs.append(result["runs"][0]["test_accuracy"])
-        accuracies[name], stds[name] = float(np.mean(accs)), float(np.std(accs, ddof=1)) if seeds > 1 else 0.0
-        runs[name] = accs
+        summarise(name, [accuracy_of(name, seed, xs, ys, config) for seed, (xs, ys) in enumerate(subsets)])
     if full_hard_accuracy is not None:
         accuracies["full_hard"] = float(full_hard_accuracy)
     scores = ranking.scores(accuracies, augmented=train_config.augment != "none")
     return dict(accuracies=accuracies, stds=stds, scores=scores, runs=runs, recipe=dataclasses.asdict(train_config),
-                toggled_augment=toggled_augment, checksums=checksums, num_test=len(y_test))
+                toggled_augment=toggled_augment, checksums=checksums, num_test=len(y_test), reused=reused)
+
+
+def ranking_run_key(variant: str, seed: int, x: npt.ArrayLike, y: npt.ArrayLike, x_test: npt.ArrayLike,
+                    y_test: npt.ArrayLike, config: TrainConfig, network: dict) -> str:
+    """``sha256:...`` of what one ranking run's test accuracy depends on: training images ``x`` and labels ``y``
+    (as float32), the preprocessed test images and labels, the recipe (``eval_every`` left out: it does not
+    change training), the network, the seed, the variant's name, and the training code: the source of
+    :mod:`kernel_distill.finite` and of the layer networks, and the JAX version (either may train
+    differently, so a run of another one is not reused)."""
+    import hashlib
+    import importlib
+    import inspect
+    import json
+
+    import jax
+
+    recipe = {k: v for k, v in dataclasses.asdict(config).items() if k != "eval_every"}
+    code = hashlib.sha256()
+    for module in ("kernel_distill.finite", "kernel_distill.kernels.networks"):
+        code.update(inspect.getsource(importlib.import_module(module)).encode())
+    digest = hashlib.sha256(json.dumps(dict(variant=variant, seed=seed, recipe=recipe, network=network,
+                                            code=code.hexdigest(), jax=jax.__version__), sort_keys=True).encode())
+    for array in (x, y, x_test):
+        array = np.ascontiguousarray(array, np.float32)
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    digest.update(np.ascontiguousarray(y_test, np.int64).tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 def full_set_accuracy(dataset: str, model: str, train_config: TrainConfig, seeds: int = 1, width: int | None = None,

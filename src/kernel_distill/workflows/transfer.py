@@ -64,7 +64,9 @@ class TransferRequest:
 
     ``tune``: ``NAME=V1,V2`` grids (names from :data:`kernel_distill.experiments.TUNABLE`) chosen on a validation
     split of ``val_size`` images (default 5000 with ``tune``, else none). ``ranking``: also DD-Ranking's runs
-    and scores; ``full_set_accuracy`` (a fraction) adds HLR and LRS. ``out``: a folder for ``results.json`` and
+    and scores; ``full_set_accuracy`` (a fraction) adds HLR and LRS; ``ranking_runs``: a JSON-lines file of
+    finished ranking runs, appended to after each run and read first, so an interrupted ``--ranking`` resumes
+    where it stopped (:func:`read_finished_runs`). ``out``: a folder for ``results.json`` and
     ``transfer_curve.png`` (none: nothing is written)."""
 
     file: str | None = None
@@ -78,6 +80,7 @@ class TransferRequest:
     tune: tuple[str, ...] = ()
     ranking: bool = False
     full_set_accuracy: float | None = None
+    ranking_runs: str | None = None
     test_limit: int | None = None
     out: str | None = None
     overwrite: bool = False
@@ -136,6 +139,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--full-set-accuracy", type=arguments.number(0.0), default=None, metavar="FRACTION",
                    help="with --ranking: the full training set's hard-label test accuracy under the same recipe "
                         "(a record of benchmarks/ranking.py), for HLR and LRS")
+    p.add_argument("--ranking-runs", default=None, metavar="FILE",
+                   help="with --ranking: a JSON-lines file that keeps each finished run (24 networks for 3 seeds); "
+                        "runs already in it with the same images, labels, recipe, seed and training code are not "
+                        "trained again, so an interrupted --ranking resumes")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
     p.add_argument("--test-limit", type=int, default=None, help="score on the first N test images only")
     p.add_argument("--out", default=None, help="folder for results.json and transfer_curve.png (new or empty)")
@@ -152,7 +159,7 @@ def request_from_args(args: argparse.Namespace) -> TransferRequest:
                               loss=args.loss, label_scale=args.label_scale, batch_size=args.batch_size,
                               augment=args.augment, eval_every=args.eval_every),
         seeds=args.seeds, val_size=args.val_size, tune=tuple(args.tune or ()), ranking=args.ranking,
-        full_set_accuracy=args.full_set_accuracy, test_limit=args.test_limit, out=args.out, overwrite=args.overwrite,
+        full_set_accuracy=args.full_set_accuracy, ranking_runs=args.ranking_runs, test_limit=args.test_limit, out=args.out, overwrite=args.overwrite,
         preprocessing=arguments.preprocessing(args), data_dir=args.data_dir, progress=not args.no_progress,
         command_line=arguments.command_line(args))
 
@@ -171,6 +178,9 @@ def run(request: TransferRequest, log: Log = print, on_record: OnRecord | None =
         raise KernelDistillError("--ranking scores a distilled set against random subsets: give a FILE")
     if request.full_set_accuracy is not None and not (request.ranking and request.full_set_accuracy <= 1):
         raise KernelDistillError("--full-set-accuracy is a fraction in [0, 1] and goes with --ranking")
+    if request.ranking_runs is not None and not request.ranking:
+        raise KernelDistillError("--ranking-runs keeps the runs of --ranking: give --ranking too")
+    finished = read_finished_runs(request.ranking_runs) if request.ranking_runs else None
     if request.ranking and request.tune:
         raise KernelDistillError("--ranking scores one fixed recipe; choose it first with --tune, then give it")
     grid = tune_grid(request.tune, config)
@@ -182,7 +192,7 @@ def run(request: TransferRequest, log: Log = print, on_record: OnRecord | None =
     if grid and not val_size:
         raise KernelDistillError("--tune needs a validation split: --val-size must be positive")
     with output_folder(request.out, "transfer", request.overwrite):
-        record = _transfer(request, config, grid, val_size, log)
+        record = _transfer(request, config, grid, val_size, log, finished)
         return write_record(request.out, record, on_record)
 
 
@@ -211,7 +221,56 @@ def tune_grid(options: tuple[str, ...], config: TrainConfig) -> dict[str, list[A
     return grid
 
 
-def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, val_size: int, log: Log) -> dict:
+def read_finished_runs(path: str | pathlib.Path) -> dict[str, float]:
+    """The finished ranking runs of a ``--ranking-runs`` file, ``{key: test accuracy}`` (none if the file does
+    not exist yet). A last line without its newline was cut short by a kill and is ignored (that run is
+    trained again, and :func:`append_finished_run` drops the cut line); a bad complete line is an error,
+    since the file is then not what this tool wrote."""
+    import json
+    import math
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    if not path.is_file():
+        raise KernelDistillError(f"--ranking-runs {path}: not a file")
+    lines = path.read_bytes().split(b"\n")[:-1]  # the part after the last newline is a cut line, or empty
+    finished = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            key, accuracy = entry["key"], float(entry["test_accuracy"])
+            if not (isinstance(key, str) and key.startswith("sha256:") and math.isfinite(accuracy)
+                    and 0.0 <= accuracy <= 1.0):
+                raise ValueError
+        except (ValueError, KeyError, TypeError):
+            raise KernelDistillError(f"--ranking-runs {path}:{number}: not a run written by --ranking-runs") from None
+        finished[key] = accuracy
+    return finished
+
+
+def append_finished_run(path: str | pathlib.Path, key: str, entry: dict) -> None:
+    """Append one finished run to a ``--ranking-runs`` file as a JSON line, on disk before returning; a last
+    line cut short by a kill (no newline) is dropped first."""
+    import json
+    import os
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab+") as f:
+        f.seek(0)
+        content = f.read()
+        if content and not content.endswith(b"\n"):
+            f.truncate(content.rfind(b"\n") + 1)
+        f.write((json.dumps(dict(key=key, **entry)) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, val_size: int, log: Log,
+              finished: dict[str, float] | None = None) -> dict:
     from kernel_distill import experiments, plots
     from kernel_distill.io import load_distilled
     from kernel_distill.results import dataset_record, make_record
@@ -231,9 +290,21 @@ def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, 
                                   tune_grid=grid, log=log)
     ranking = None
     if request.ranking:
+        runs_file = request.ranking_runs
+        source_name = request.file
+
+        def keep_run(key: str, entry: dict) -> None:
+            if runs_file:
+                append_finished_run(runs_file, key, dict(entry, source=source_name))
+
         ranking = experiments.ranking_runs(support, net.model, config, request.seeds, net.width, net.depth,
                                            net.parameterization, request.data_dir, request.test_limit,
-                                           request.full_set_accuracy, progress=request.progress, log=log)
+                                           request.full_set_accuracy, progress=request.progress, log=log,
+                                           set_accuracies=[r["test_accuracy"] for r in result["runs"]],
+                                           finished=finished, on_run=keep_run)
+        if ranking["reused"]:
+            log(f"ranking: {ranking['reused']} runs reused ({request.seeds} of them the transfer's own"
+                f"{', the rest from ' + str(runs_file) if runs_file else ''})")
         result["metrics"].update({f"ranking_{k}": v for k, v in ranking["scores"].items()})
         result["metrics"].update({f"ranking_accuracy_{k}": v for k, v in ranking["accuracies"].items()})
         _log_ranking(ranking, log)
