@@ -175,3 +175,28 @@ def test_public_functions_are_annotated():
     # function is unchecked, and its callers see Any.
     offenders = [o for path in sorted(PACKAGE.rglob("*.py")) for o in _unannotated(path)]
     assert not offenders, "public functions without full annotations:\n" + "\n".join(offenders)
+
+
+def test_importing_the_package_turns_off_the_xla_cpu_fusions_that_crash_jaxlib_0_10():
+    """kernel_distill._xla_workarounds: the flag is added for jaxlib 0.10 only, a user's own setting of it
+    is kept, other user flags are kept, and the opt-out variable leaves XLA_FLAGS alone. (The crash itself
+    is guarded by tests/test_kernels.py::test_gradients_are_finite_on_the_diagonal.)"""
+    import os
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    def flags_after_import(**env):
+        base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KERNEL_DISTILL_KEEP_XLA_FLAGS")}
+        code = "import os, kernel_distill; print(repr(os.environ.get('XLA_FLAGS')))"
+        out = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True,
+                             check=True).stdout
+        return eval(out)
+
+    affected = metadata.version("jaxlib").startswith("0.10.")
+    assert flags_after_import() == ("--xla_cpu_experimental_ynn_fusion_type=" if affected else None)
+    assert flags_after_import(XLA_FLAGS="--xla_dump_to=/tmp/x") == \
+        ("--xla_dump_to=/tmp/x --xla_cpu_experimental_ynn_fusion_type=" if affected else "--xla_dump_to=/tmp/x")
+    own = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    assert flags_after_import(XLA_FLAGS=own) == own
+    assert flags_after_import(KERNEL_DISTILL_KEEP_XLA_FLAGS="1") is None

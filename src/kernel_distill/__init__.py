@@ -5,6 +5,10 @@ __version__ = "0.1.0"
 import importlib
 from typing import Any
 
+from kernel_distill._xla_workarounds import avoid_known_xla_cpu_crashes
+
+avoid_known_xla_cpu_crashes()  # before any module of the package starts JAX's CPU backend
+
 # The public names, each loaded from its module on first use (PEP 562): importing the package, or any
 # of its light modules (the command line's parser, the zoo index, the results schema), loads no JAX.
 _EXPORTS = {

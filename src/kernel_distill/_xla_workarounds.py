@@ -1,0 +1,37 @@
+"""Work-arounds for bugs of the XLA CPU backend, applied when the package is imported, before JAX starts
+a backend (standard library only: importing the package still loads no JAX).
+
+jaxlib 0.10's CPU backend runs some operations through YNNPACK fusions; on an AMD EPYC machine one of them
+(a transpose, ``slinky::fuse_contiguous_dims`` under ``YnnFusionThunk``) segfaults the process while it
+runs the jitted gradient of the ConvNet kernel (``tests/test_kernels.py::
+test_gradients_are_finite_on_the_diagonal``, every run, 2026-12-02; the same test passed on the machine of
+earlier sessions). An empty ``--xla_cpu_experimental_ynn_fusion_type`` turns the YNN fusions off, and XLA's
+own kernels run instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+YNN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
+AFFECTED_JAXLIB = ("0.10.",)  # another version may not know the flag, and XLA aborts on an unknown flag
+
+
+def avoid_known_xla_cpu_crashes() -> bool:
+    """Add ``--xla_cpu_experimental_ynn_fusion_type=`` to ``XLA_FLAGS`` for an affected jaxlib, unless the
+    user's ``XLA_FLAGS`` already sets that flag or ``KERNEL_DISTILL_KEEP_XLA_FLAGS`` is set. Returns whether
+    the flag was added. Takes effect only if JAX has not started its CPU backend yet (it reads ``XLA_FLAGS``
+    then); subprocesses inherit it."""
+    from importlib import metadata
+
+    if os.environ.get("KERNEL_DISTILL_KEEP_XLA_FLAGS"):
+        return False
+    try:
+        version = metadata.version("jaxlib")
+    except metadata.PackageNotFoundError:
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not version.startswith(AFFECTED_JAXLIB) or YNN_FLAG_NAME in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --{YNN_FLAG_NAME}=".strip()
+    return True
