@@ -9,7 +9,8 @@ for ``--full-steps`` steps (the distilled sets' 300 steps are less than one pass
 kept in ``--full-results``; a rerun reuses it, and skips sets already in ``--results``.
 
 A set is 21 networks (7 variants x 3 seeds; ``set`` reuses the transfer's own 3), about an hour of one CPU core
-for a 10-per-class MNIST set. Each finished network is kept in ``--runs`` (``transfer --ranking-runs``), so a
+for a 10-per-class MNIST set. Each finished network is kept in ``--runs`` (``transfer --ranking-runs``;
+benchmarks/results/networks/, beside the records, not one of them), so a
 run stopped part-way (a session's end, Ctrl-C) resumes from its finished networks; the file is committed with
 the records so that a later session continues where this one stopped.
 
@@ -37,7 +38,7 @@ from kernel_distill.results import append_record, dataset_record, make_record, r
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "ranking.jsonl"
-RUNS = HERE / "results" / "ranking_runs.jsonl"
+RUNS = HERE / "results" / "networks" / "ranking_runs.jsonl"  # not records: results/*.jsonl are
 FULL_RESULTS = HERE / "results" / "full_set.jsonl"
 
 
