@@ -17,7 +17,7 @@ the records so that a later session continues where this one stopped.
 On a CPU, run one process per core with single-threaded XLA: a 10-per-class evaluation-ConvNet step took
 0.44 s against 0.61 s with XLA's default threading, which also used more than one core (2-core machine):
 
-    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" ...
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" ...
 
 Each record also carries the set's storage (image bytes + label bytes at float32) and the compute that
 made it (the zoo's recorded wall time and machine). ``benchmarks/tables.py`` makes the table of

@@ -33,5 +33,6 @@ def avoid_known_xla_cpu_crashes() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if not version.startswith(AFFECTED_JAXLIB) or YNN_FLAG_NAME in flags:
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} --{YNN_FLAG_NAME}=".strip()
+    # first: XLA stops reading flags at a word that is not one, so a flag appended after it is lost
+    os.environ["XLA_FLAGS"] = f"--{YNN_FLAG_NAME}= {flags}".strip()
     return True
