@@ -515,8 +515,15 @@ def render_transfer_protocol() -> str:
 
 
 def render_ranking() -> str:
-    """DD-Ranking's quantities for the zoo's sets (``benchmarks/ranking.py``), with the full-set records."""
-    records = list(newest(load("ranking"), lambda r: r["config"]["set"]).values())
+    """DD-Ranking's quantities for the zoo's sets (``benchmarks/ranking.py``), with the full-set records. A set
+    measured under a former name is shown under its zoo name (the index keeps the old one as an alias)."""
+    from kernel_distill import zoo
+
+    def set_name(measured_as: str) -> str:
+        name = zoo.entry(measured_as)["name"]
+        return f"`{name}`" if name == measured_as else f"`{name}` (measured as `{measured_as}`)"
+
+    records = list(newest(load("ranking"), lambda r: zoo.entry(r["config"]["set"])["name"]).values())
     rows = []
     for r in records:
         m, c = r["metrics"], r["config"]
@@ -530,7 +537,7 @@ def render_ranking() -> str:
             return "-" if value is None else f"{100 * value:+.2f}"
 
         storage = (m.get("storage_image_bytes", 0) + m.get("storage_label_bytes", 0)) / 1000
-        rows.append([f"`{c['set']}`", acc("set"), acc("random"), points("ior"), acc("set_hard"), acc("random_hard"),
+        rows.append([set_name(c["set"]), acc("set"), acc("random"), points("ior"), acc("set_hard"), acc("random_hard"),
                      acc("set_natural_labels"), f"{acc('set_aug_toggled')} / {acc('random_aug_toggled')}",
                      f"{100 * c['full_set']['accuracy']:.2f} ({c['full_set']['steps']} steps)",
                      f"{100 * m['ranking_hlr']:.2f}" if "ranking_hlr" in m else "-",

@@ -31,7 +31,13 @@ from kernel_distill.kernels import ARCHITECTURES, KernelSpec, make_kernel_fn
 
 
 def _empirical_kernels(spec: KernelSpec, width: int, x, num_networks, nngp_outputs=256):
-    """Returns ``(nngp_samples, ntk_samples)``, each ``(num_networks, n, n)`` float64 numpy."""
+    """Returns ``(nngp_samples, ntk_samples)``, each ``(num_networks, n, n)`` float64 numpy.
+
+    The networks run in float32, as users train them: its rounding (~1e-6 relative) is far below the
+    tolerance, and float64 convolutions were 5x slower per network (jaxlib 0.10 with the package's XLA flag,
+    ``kernel_distill._xla_workarounds``: 12.6 s against 1.5 s for one convnet3 sample, 2 cores shared with two
+    other jobs, 2026-12-07; the suite's slowest test took 842 s)."""
+    x = jnp.asarray(x, jnp.float32)
 
     def net(n_out):
         return LayerNet(spec.layers, n_out, width, "ntk", spec.W_std, spec.b_std)
@@ -49,7 +55,7 @@ def _empirical_kernels(spec: KernelSpec, width: int, x, num_networks, nngp_outpu
         return nngp, flat @ flat.T
 
     samples = [one(jax.random.PRNGKey(seed)) for seed in range(num_networks)]
-    return tuple(np.stack([np.asarray(s[i]) for s in samples]) for i in range(2))
+    return tuple(np.stack([np.asarray(s[i], np.float64) for s in samples]) for i in range(2))
 
 
 def _within_tolerance(samples, analytic) -> bool:

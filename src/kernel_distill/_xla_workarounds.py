@@ -7,6 +7,13 @@ runs the jitted gradient of the ConvNet kernel (``tests/test_kernels.py::
 test_gradients_are_finite_on_the_diagonal``, every run, 2026-12-02; the same test passed on the machine of
 earlier sessions). An empty ``--xla_cpu_experimental_ynn_fusion_type`` turns the YNN fusions off, and XLA's
 own kernels run instead.
+
+What it costs, measured 2026-12-07 on that machine with two other jobs beside it (so roughly): a float32
+evaluation-ConvNet training step was faster without the fusions (0.83-0.88 s against 1.16-1.34 s), the
+exact ConvNet NTK the same in float32 and float64 (0.3-0.6 s for 8 x 16 pairs either way), but float64
+convolutions in finite networks 5x slower (12.6 s against 2.5 s for a width-512 ConvNet's Jacobian); keeping
+only ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` also avoided the crash and kept that float64 speed, at a
+slower float32 step (1.11 s). Float32 is what users train in, so all fusions stay off.
 """
 
 from __future__ import annotations
