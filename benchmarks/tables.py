@@ -519,11 +519,15 @@ def render_ranking() -> str:
     measured under a former name is shown under its zoo name (the index keeps the old one as an alias)."""
     from kernel_distill import zoo
 
+    entries = zoo.read_index()
+    current = {alias: e["name"] for e in entries for alias in e.get("aliases", ())}
+    current.update({e["name"]: e["name"] for e in entries})  # as zoo.entry: a set's own name first
+
     def set_name(measured_as: str) -> str:
-        name = zoo.entry(measured_as)["name"]
+        name = current.get(measured_as, measured_as)  # a set since removed from the zoo keeps its name
         return f"`{name}`" if name == measured_as else f"`{name}` (measured as `{measured_as}`)"
 
-    records = list(newest(load("ranking"), lambda r: zoo.entry(r["config"]["set"])["name"]).values())
+    records = list(newest(load("ranking"), lambda r: current.get(r["config"]["set"], r["config"]["set"])).values())
     rows = []
     for r in records:
         m, c = r["metrics"], r["config"]
