@@ -517,17 +517,23 @@ def render_transfer_protocol() -> str:
 def render_ranking() -> str:
     """DD-Ranking's quantities for the zoo's sets (``benchmarks/ranking.py``), with the full-set records. A set
     measured under a former name is shown under its zoo name (the index keeps the old one as an alias)."""
-    from kernel_distill import zoo
+    import functools
 
-    entries = zoo.read_index()
-    current = {alias: e["name"] for e in entries for alias in e.get("aliases", ())}
-    current.update({e["name"]: e["name"] for e in entries})  # as zoo.entry: a set's own name first
+    from kernel_distill import zoo
+    from kernel_distill.errors import KernelDistillError
+
+    @functools.cache
+    def zoo_name(measured_as: str) -> str:
+        try:
+            return zoo.entry(measured_as)["name"]
+        except KernelDistillError:  # a set since removed from the zoo keeps the name it was measured under
+            return measured_as
 
     def set_name(measured_as: str) -> str:
-        name = current.get(measured_as, measured_as)  # a set since removed from the zoo keeps its name
+        name = zoo_name(measured_as)
         return f"`{name}`" if name == measured_as else f"`{name}` (measured as `{measured_as}`)"
 
-    records = list(newest(load("ranking"), lambda r: current.get(r["config"]["set"], r["config"]["set"])).values())
+    records = list(newest(load("ranking"), lambda r: zoo_name(r["config"]["set"])).values())
     rows = []
     for r in records:
         m, c = r["metrics"], r["config"]
