@@ -187,6 +187,24 @@ def test_overwrite_replaces_only_an_earlier_run_of_the_same_command(tmp_path, ca
         assert (out / "notes.txt").read_text() == "mine\n"
 
 
+def test_a_ranking_rerun_with_its_runs_file_trains_no_network_again(tmp_path, capsys):
+    """``transfer --ranking --ranking-runs F``: the transfer's own seed and the ranking's runs all go into F as
+    they finish; the same command again takes every one from F (nothing trained, F unchanged)."""
+    base = tmp_path / "base"
+    assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",
+               "--out", str(base))[0] == 0
+    runs = tmp_path / "runs.jsonl"
+    argv = ["transfer", str(base / "natural.npz"), "--model", "fc", "--width", "16", "--steps", "3", "--seeds", "1",
+            "--eval-every", "3", "--ranking", "--ranking-runs", str(runs), "--no-progress"]
+    code, first, _ = run(capsys, *argv)
+    lines = runs.read_text().splitlines()
+    # one-hot labels: no set_natural_labels; the transfer's seed is the ranking's `set` run
+    assert code == 0 and len(lines) == 6 and sum('"variant": "set"' in line for line in lines) == 1
+    code, again, _ = run(capsys, *argv)
+    assert code == 0 and runs.read_text().splitlines() == lines
+    assert "1 of 1 seeds reused" in again and "ranking: 6 runs reused" in again
+
+
 def test_report_overwrite_replaces_an_earlier_report_whole(tmp_path, capsys):
     for name in ("a", "b"):
         assert run(capsys, "baseline", "--dataset", "digits", "--per-class", "2", "--seeds", "1", "--no-progress",

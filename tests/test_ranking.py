@@ -162,10 +162,66 @@ def test_a_ranking_runs_file_survives_a_line_cut_short(tmp_path):
     append_finished_run(path, "sha256:aa", dict(variant="set", seed=0, test_accuracy=0.5, seconds=1.0))
     with open(path, "a") as f:
         f.write('{"key": "sha256:bb", "test_acc')  # the kill came mid-write
-    assert read_finished_runs(path) == {"sha256:aa": 0.5}
+    first = dict(key="sha256:aa", variant="set", seed=0, test_accuracy=0.5, seconds=1.0)
+    assert read_finished_runs(path) == {"sha256:aa": first}
     append_finished_run(path, "sha256:cc", dict(variant="random", seed=1, test_accuracy=0.25, seconds=1.0))
-    assert read_finished_runs(path) == {"sha256:aa": 0.5, "sha256:cc": 0.25}  # the cut line was dropped
+    assert read_finished_runs(path) == {"sha256:aa": first, "sha256:cc": dict(
+        key="sha256:cc", variant="random", seed=1, test_accuracy=0.25, seconds=1.0)}  # the cut line was dropped
     assert path.read_text().count("\n") == 2 and "sha256:bb" not in path.read_text()
     path.write_text('{"key": "sha256:aa", "test_accuracy": 50.0}\n{"key": "sha256:cc", "test_accuracy": 0.25}\n')
     with pytest.raises(KernelDistillError, match=r"runs.jsonl:1: not a run"):
         read_finished_runs(path)  # a percentage is not an accuracy fraction: not what the tool wrote
+
+
+def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_trains_only_the_rest(
+        tmp_path, monkeypatch):
+    """``transfer --ranking --ranking-runs``: each seed the transfer trains is written as it finishes, under the
+    key the ranking gives its ``set`` run of that seed; a transfer stopped after seed 0 trains only seed 1 when
+    run again, with the same accuracies and curves (through the JSON file); one with every seed kept trains
+    nothing; a kept run without a curve (written by the ranking) is trained again."""
+    from kernel_distill import experiments, finite
+    from kernel_distill.data import load_dataset
+    from kernel_distill.finite import TrainConfig
+    from kernel_distill.workflows.transfer import append_finished_run, read_finished_runs
+
+    support = _digits_support()
+    config = TrainConfig(steps=15, batch_size=20, learning_rate=0.05, eval_every=5)
+    kept: dict[str, dict] = {}
+    first = experiments.transfer(support, "fc", config, seeds=2, width=16, progress=False,
+                                 on_run=lambda key, entry: kept.setdefault(key, entry))
+    assert first["reused"] == 0 and [e["seed"] for e in kept.values()] == [0, 1]
+    assert {e["variant"] for e in kept.values()} == {"set"}
+    x_test, y_test = load_dataset("digits", "test")
+    ranking_key = experiments.ranking_run_key(
+        "set", 0, support["x"], support["y"], support["preprocessor"].apply(x_test), y_test,
+        dataclasses.replace(config, eval_every=config.steps), dict(model="fc", width=16, depth=None,
+                                                                   parameterization="standard"))
+    assert list(kept)[0] == ranking_key
+
+    path = tmp_path / "runs.jsonl"
+    seed0_key, seed1_key = kept
+    append_finished_run(path, seed0_key, kept[seed0_key])  # the kill came during seed 1
+    retrained: list[str] = []
+    resumed = experiments.transfer(support, "fc", config, seeds=2, width=16, progress=False,
+                                   finished=read_finished_runs(path), on_run=lambda key, entry: retrained.append(key))
+    assert retrained == [seed1_key] and resumed["reused"] == 1
+    assert resumed["metrics"]["test_accuracies"] == pytest.approx(first["metrics"]["test_accuracies"], abs=1e-7)
+    np.testing.assert_allclose([run["curve"] for run in resumed["runs"]], [run["curve"] for run in first["runs"]],
+                               atol=1e-7)
+    assert resumed["metrics"]["num_parameters"] == first["metrics"]["num_parameters"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept seed was trained again")
+
+    with monkeypatch.context() as m:
+        m.setattr(experiments, "train_seeds", no_training, raising=False)
+        m.setattr(finite, "train_seeds", no_training)
+        whole = experiments.transfer(support, "fc", config, seeds=2, width=16, progress=False, finished=kept)
+    assert whole["reused"] == 2 and whole["metrics"]["test_accuracy"] == pytest.approx(
+        first["metrics"]["test_accuracy"], abs=1e-7)
+
+    no_curve = {seed0_key: dict(variant="set", seed=0, test_accuracy=0.5, seconds=1.0)}
+    retrained.clear()
+    experiments.transfer(support, "fc", config, seeds=1, width=16, progress=False, finished=no_curve,
+                         on_run=lambda key, entry: retrained.append(key))
+    assert retrained == [seed0_key]

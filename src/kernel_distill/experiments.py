@@ -278,16 +278,24 @@ def tune_transfer(support: dict, model_fn: Callable, base_config: TrainConfig, g
 def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, width: int | None = None,
              depth: int | None = None, parameterization: str = "standard", data_dir: DataDir = None,
              test_limit: int | None = None, progress: bool = True, tune_grid: dict | None = None,
-             log: Callable = print) -> dict:
+             log: Callable = print, finished: Mapping[str, dict] | None = None,
+             on_run: Callable[[str, dict], None] | None = None) -> dict:
     """Train ``seeds`` finite networks on ``support`` (from :func:`transfer_support`); score them on the test set.
 
     With ``tune_grid`` the protocol is first chosen on the support's validation split
     (:func:`tune_transfer`), before the test set is read; the seeds then train with the chosen protocol.
     With a validation split the seeds are scored on it too (``val_accuracy``).
 
-    Returns ``dict(metrics, runs, train, checksums, tuning)`` with accuracies as fractions; ``runs`` holds each
-    seed's test curve; ``train`` the protocol used; ``tuning`` the candidates scored (None without a grid);
-    ``checksums`` those of the splits read (the support's and the test split).
+    Resuming (``transfer --ranking --ranking-runs``): without a grid or a validation split, seed ``s`` is the
+    ranking's ``set`` run of that seed and has its key (:func:`ranking_run_key`). A seed whose key is in
+    ``finished`` (key -> entry as ``on_run`` received it) is not trained again; ``on_run(key, entry)`` is called
+    after each seed trained here, ``entry`` = ``dict(variant="set", seed, test_accuracy, curve, seconds,
+    eval_seconds, num_parameters)``, so a transfer stopped after some of its seeds loses none of them.
+
+    Returns ``dict(metrics, runs, train, checksums, tuning, reused)`` with accuracies as fractions; ``runs`` holds
+    each seed's test curve; ``train`` the protocol used; ``tuning`` the candidates scored (None without a grid);
+    ``checksums`` those of the splits read (the support's and the test split); ``reused`` the number of seeds
+    taken from ``finished``.
     """
     from kernel_distill.finite import build_model, train_seeds
 
@@ -304,22 +312,54 @@ def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, w
     checksums = dict(support.get("checksums", {}))
     x_test, y_test = _load_split(dataset, "test", data_dir, progress, checksums, test_limit)
     z_test = support["preprocessor"].apply(x_test)
-    result = train_seeds(model_fn, support["x"], support["y"], z_test, y_test, train_config, range(seeds),
-                         progress=progress, x_val=support.get("x_val"), y_val=support.get("y_val"))
-    seconds = sum(r["seconds"] for r in result["runs"])
-    eval_seconds = sum(r["eval_seconds"] for r in result["runs"])
-    runs = [dict(seed=seed, test_accuracy=r["test_accuracy"], curve=r["curve"], seconds=r["seconds"],
-                 eval_seconds=r["eval_seconds"]) for seed, r in enumerate(result["runs"])]
-    metrics = dict(test_accuracy=result["mean"], test_accuracy_std=result["std"],
-                   test_accuracies=[r["test_accuracy"] for r in runs], num_test=len(y_test),
-                   support_size=len(support["x"]), num_parameters=result["runs"][0]["num_parameters"],
+    keys: dict[int, str] = {}
+    if (finished is not None or on_run is not None) and not tune_grid and support.get("x_val") is None:
+        network = dict(model=model, width=width, depth=depth, parameterization=parameterization)
+        keys = {seed: ranking_run_key("set", seed, support["x"], support["y"], z_test, y_test, train_config, network)
+                for seed in range(seeds)}
+    by_seed: dict[int, dict] = {}
+    for seed, key in keys.items():
+        kept = _finished_transfer_run(seed, (finished or {}).get(key))
+        if kept is not None:
+            by_seed[seed] = kept
+    reused = len(by_seed)
+    missing = [seed for seed in range(seeds) if seed not in by_seed]
+    if missing:
+        trained = train_seeds(model_fn, support["x"], support["y"], z_test, y_test, train_config, missing,
+                              progress=progress, x_val=support.get("x_val"), y_val=support.get("y_val"))
+        for seed, r in zip(missing, trained["runs"]):
+            by_seed[seed] = {k: r[k] for k in _TRANSFER_RUN_FIELDS + ("val_accuracy",) if k in r}
+            if seed in keys and on_run is not None:
+                on_run(keys[seed], dict(variant="set", seed=seed, **by_seed[seed]))
+    runs = [dict(seed=seed, **{k: by_seed[seed][k] for k in ("test_accuracy", "curve", "seconds", "eval_seconds")})
+            for seed in range(seeds)]
+    accuracies = np.array([run["test_accuracy"] for run in runs])
+    seconds = sum(r["seconds"] for r in runs)
+    eval_seconds = sum(r["eval_seconds"] for r in runs)
+    metrics = dict(test_accuracy=float(accuracies.mean()),
+                   test_accuracy_std=float(accuracies.std(ddof=1)) if seeds > 1 else 0.0,
+                   test_accuracies=accuracies.tolist(), num_test=len(y_test),
+                   support_size=len(support["x"]), num_parameters=by_seed[0]["num_parameters"],
                    train_seconds=seconds - eval_seconds, eval_seconds=eval_seconds)
     if support.get("x_val") is not None:
-        val = np.array([r["val_accuracy"] for r in result["runs"]])
+        val = np.array([by_seed[seed]["val_accuracy"] for seed in range(seeds)])
         metrics.update(val_accuracy=float(val.mean()), val_accuracies=val.tolist(), num_val=len(support["y_val"]))
     return dict(metrics=metrics, runs=runs, train=dataclasses.asdict(train_config), checksums=checksums,
                 tuning=tuning and dict(grid=tune_grid, candidates=tuning["candidates"], best=tuning["best"],
-                                       tuning_seed=TUNING_SEED))
+                                       tuning_seed=TUNING_SEED), reused=reused)
+
+
+_TRANSFER_RUN_FIELDS = ("test_accuracy", "curve", "seconds", "eval_seconds", "num_parameters")
+
+
+def _finished_transfer_run(seed: int, entry: Mapping | None) -> dict | None:
+    """A kept run as :func:`transfer` uses it, or None if there is none or it lacks a field (a run the ranking
+    trained, which keeps no curve, is trained again here: the record draws the transfer's curves)."""
+    if entry is None or entry.get("seed") != seed or any(k not in entry for k in _TRANSFER_RUN_FIELDS):
+        return None
+    run = {k: entry[k] for k in _TRANSFER_RUN_FIELDS}
+    run["curve"] = [tuple(point) for point in run["curve"]]
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ class TransferRequest:
     ``tune``: ``NAME=V1,V2`` grids (names from :data:`kernel_distill.experiments.TUNABLE`) chosen on a validation
     split of ``val_size`` images (default 5000 with ``tune``, else none). ``ranking``: also DD-Ranking's runs
     and scores; ``full_set_accuracy`` (a fraction) adds HLR and LRS; ``ranking_runs``: a JSON-lines file of
-    finished ranking runs, appended to after each run and read first, so an interrupted ``--ranking`` resumes
-    where it stopped (:func:`read_finished_runs`). ``out``: a folder for ``results.json`` and
+    finished runs (the transfer's own seeds and the ranking's), appended to after each run and read first, so an
+    interrupted ``--ranking`` resumes where it stopped (:func:`read_finished_runs`). ``out``: a folder for ``results.json`` and
     ``transfer_curve.png`` (none: nothing is written)."""
 
     file: str | None = None
@@ -140,7 +140,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="with --ranking: the full training set's hard-label test accuracy under the same recipe "
                         "(a record of benchmarks/ranking.py), for HLR and LRS")
     p.add_argument("--ranking-runs", default=None, metavar="FILE",
-                   help="with --ranking: a JSON-lines file that keeps each finished run (24 networks for 3 seeds); "
+                   help="with --ranking: a JSON-lines file that keeps each finished run (the transfer's "
+                        "own seeds and the ranking's: 21 networks for 3 seeds); "
                         "runs already in it with the same images, labels, recipe, seed and training code are not "
                         "trained again, so an interrupted --ranking resumes")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
@@ -221,9 +222,9 @@ def tune_grid(options: tuple[str, ...], config: TrainConfig) -> dict[str, list[A
     return grid
 
 
-def read_finished_runs(path: str | pathlib.Path) -> dict[str, float]:
-    """The finished ranking runs of a ``--ranking-runs`` file, ``{key: test accuracy}`` (none if the file does
-    not exist yet). A last line without its newline was cut short by a kill and is ignored (that run is
+def read_finished_runs(path: str | pathlib.Path) -> dict[str, dict]:
+    """The finished runs of a ``--ranking-runs`` file, ``{key: entry}`` as :func:`append_finished_run` wrote them
+    (``test_accuracy`` checked to be a fraction; none if the file does not exist yet). A last line without its newline was cut short by a kill and is ignored (that run is
     trained again, and :func:`append_finished_run` drops the cut line); a bad complete line is an error,
     since the file is then not what this tool wrote."""
     import json
@@ -247,7 +248,7 @@ def read_finished_runs(path: str | pathlib.Path) -> dict[str, float]:
                 raise ValueError
         except (ValueError, KeyError, TypeError):
             raise KernelDistillError(f"--ranking-runs {path}:{number}: not a run written by --ranking-runs") from None
-        finished[key] = accuracy
+        finished[key] = dict(entry, test_accuracy=accuracy)
     return finished
 
 
@@ -270,7 +271,7 @@ def append_finished_run(path: str | pathlib.Path, key: str, entry: dict) -> None
 
 
 def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, val_size: int, log: Log,
-              finished: dict[str, float] | None = None) -> dict:
+              finished: dict[str, dict] | None = None) -> dict:
     from kernel_distill import experiments, plots
     from kernel_distill.io import load_distilled
     from kernel_distill.results import dataset_record, make_record
@@ -285,23 +286,26 @@ def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, 
     support = experiments.transfer_support(distilled, request.file, request.dataset, request.natural_per_class,
                                            request.seed, request.data_dir, pre.zca, pre.reg,
                                            progress=request.progress, log=log, val_size=val_size)
+    runs_file, source_name = request.ranking_runs, request.file
+
+    def keep_run(key: str, entry: dict) -> None:
+        if runs_file:
+            append_finished_run(runs_file, key, dict(entry, source=source_name))
+
     result = experiments.transfer(support, net.model, config, request.seeds, net.width, net.depth,
                                   net.parameterization, request.data_dir, request.test_limit, request.progress,
-                                  tune_grid=grid, log=log)
+                                  tune_grid=grid, log=log, finished=finished if runs_file else None,
+                                  on_run=keep_run if runs_file else None)
+    if result["reused"]:
+        log(f"transfer: {result['reused']} of {request.seeds} seeds reused from {runs_file}")
     ranking = None
     if request.ranking:
-        runs_file = request.ranking_runs
-        source_name = request.file
-
-        def keep_run(key: str, entry: dict) -> None:
-            if runs_file:
-                append_finished_run(runs_file, key, dict(entry, source=source_name))
-
+        finished_accuracies = None if finished is None else {k: e["test_accuracy"] for k, e in finished.items()}
         ranking = experiments.ranking_runs(support, net.model, config, request.seeds, net.width, net.depth,
                                            net.parameterization, request.data_dir, request.test_limit,
                                            request.full_set_accuracy, progress=request.progress, log=log,
                                            set_accuracies=[r["test_accuracy"] for r in result["runs"]],
-                                           finished=finished, on_run=keep_run)
+                                           finished=finished_accuracies, on_run=keep_run)
         if ranking["reused"]:
             log(f"ranking: {ranking['reused']} runs reused ({request.seeds} of them the transfer's own"
                 f"{', the rest from ' + str(runs_file) if runs_file else ''})")
