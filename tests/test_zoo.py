@@ -242,6 +242,25 @@ def test_zoo_add_transfer_only_replaces_just_the_transfer_field(digits_zoo, caps
     assert "does not match the sha256" in capsys.readouterr().err
 
 
+def test_zoo_add_remeasure_subset_rewrites_just_the_subset_the_suite_re_derives(digits_zoo, capsys, monkeypatch):
+    """``--remeasure-subset``: the set's KRR accuracy on the first ``zoo_test_subset`` test images, as
+    ``evaluate_file`` measures it with that limit, replaces ``krr.subset`` and nothing else; a set re-derived
+    on the whole test set (an FC kernel) has no subset and is refused."""
+    import zoo_add
+
+    with pytest.raises(SystemExit) as exit_:
+        zoo_add.main(["--remeasure-subset", "--name", "digits-natural-3", "--index", str(digits_zoo)])
+    assert exit_.value.code == 2 and "no test subset" in capsys.readouterr().err
+    monkeypatch.setattr(zoo_add, "zoo_test_subset", lambda kernel, support_size: 100)
+    (before,) = zoo.read_index()
+    assert zoo_add.main(["--remeasure-subset", "--name", "digits-natural-3", "--index", str(digits_zoo)]) == 0
+    (after,) = zoo.read_index()
+    subset = after["krr"].pop("subset")
+    expected = evaluate_file(digits_zoo.parent / after["file"], test_limit=100)
+    assert subset["num_test"] == 100 and subset["test_accuracy"] == expected["test_accuracy"]
+    assert after == before and subset["date"].endswith("Z")
+
+
 def test_zoo_commands(digits_zoo, tmp_path, capsys):
     code, out, _ = run(capsys, "zoo", "list")
     assert code == 0 and "digits-natural-3" in out

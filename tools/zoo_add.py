@@ -227,8 +227,8 @@ def _zoo_dir(args, zoo) -> pathlib.Path:
     return pathlib.Path(args.index).parent if args.index else zoo.ZOO_DIR  # --index: the tests' own zoo
 
 
-def _update_transfer(args, zoo, parser) -> int:
-    """``--transfer-only``: measure the shipped file of zoo set ``args.name`` and rewrite its transfer field."""
+def _shipped_entry(args, zoo, parser):
+    """``(index_file, entries, entry, file)`` of zoo set ``args.name``, its file checked against its sha256."""
     zoo_dir = _zoo_dir(args, zoo)
     index_file = zoo_dir / "index.json"
     entries = zoo.read_index(index_file)
@@ -239,6 +239,12 @@ def _update_transfer(args, zoo, parser) -> int:
     target = zoo_dir / entry["file"]
     if zoo.file_sha256(target) != entry["sha256"]:
         parser.error(f"{target} does not match the sha256 in {index_file}: re-add the set instead")
+    return index_file, entries, entry, target
+
+
+def _update_transfer(args, zoo, parser) -> int:
+    """``--transfer-only``: measure the shipped file of zoo set ``args.name`` and rewrite its transfer field."""
+    index_file, _, _, target = _shipped_entry(args, zoo, parser)
     transfer = _transfer(target, args)
     # Re-read: another --transfer-only may have finished while this one trained.
     entries = zoo.read_index(index_file)
@@ -275,16 +281,7 @@ def _convert_zca(args, zoo, parser) -> int:
     """``--convert-zca``: store the ZCA of zoo set ``args.name`` as its recipe; re-measure KRR; keep the rest."""
     from kernel_distill.workflows.zoo import evaluate_file
 
-    zoo_dir = _zoo_dir(args, zoo)
-    index_file = zoo_dir / "index.json"
-    entries = zoo.read_index(index_file)
-    names = [e["name"] for e in entries]
-    if args.name not in names:
-        parser.error(f"no zoo set {args.name!r} in {index_file} (have: {', '.join(names)})")
-    entry = entries[names.index(args.name)]
-    target = zoo_dir / entry["file"]
-    if zoo.file_sha256(target) != entry["sha256"]:
-        parser.error(f"{target} does not match the sha256 in {index_file}")
+    index_file, entries, entry, target = _shipped_entry(args, zoo, parser)
     val_size = args.zca_val_size if args.zca_val_size is not None else (entry.get("selection") or {}).get("val_size")
     before = target.stat().st_size
     checked = _store_zca_as_recipe(target, None, args.data_dir, val_size)
@@ -311,6 +308,28 @@ def _convert_zca(args, zoo, parser) -> int:
         transfer="the transfer numbers were measured with the float16 matrix the file held before")
     _write_index(index_file, entries, regenerate_readme=args.index is None)
     print(f"{args.name}: {before:,} -> {target.stat().st_size:,} bytes; entry updated in {index_file}")
+    return 0
+
+
+def _remeasure_subset(args, zoo, parser) -> int:
+    """``--remeasure-subset``: the KRR accuracy of the shipped set ``args.name`` on the first
+    :func:`zoo_test_subset` test images (what tests/test_zoo.py re-derives), written over ``krr.subset``."""
+    from kernel_distill.workflows.zoo import evaluate_file
+
+    index_file, entries, entry, target = _shipped_entry(args, zoo, parser)
+    size = zoo_test_subset(entry["kernel"], entry["support_size"])
+    if size is None:
+        parser.error(f"{args.name} is re-derived on the whole test set: it has no test subset")
+    subset = evaluate_file(target, args.data_dir, test_limit=size)
+    old = entry["krr"].get("subset")
+    was = "" if old is None else f" (was {100 * old['test_accuracy']:.2f}% on {old['num_test']})"
+    print(f"{args.name}: KRR {100 * subset['test_accuracy']:.2f}% on the first {subset['num_test']} test images"
+          f"{was}", flush=True)
+    entry["krr"]["subset"] = dict(
+        test_accuracy=subset["test_accuracy"], num_test=subset["num_test"],
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        command=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:])]))
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
     return 0
 
 
@@ -347,6 +366,10 @@ def main(argv=None) -> int:
     parser.add_argument("--convert-zca", action="store_true",
                         help="rewrite the zoo set --name (no source) with its ZCA matrix as a recipe, re-measure its "
                              "KRR accuracy and update only those fields of its entry")
+    parser.add_argument("--remeasure-subset", action="store_true",
+                        help="re-measure the KRR accuracy of the zoo set --name (no source) on the test subset that "
+                             "tests/test_zoo.py re-derives (its size: ZOO_TEST_SUBSET, ZOO_TEST_EXACT_CONV_PAIRS) "
+                             "and update only that field")
     parser.add_argument("--float16-images", action="store_true",
                         help="store the images as float16 (half the bytes; the zoo's budget is 15 MB) and measure "
                              "every number on them")
@@ -378,6 +401,10 @@ def main(argv=None) -> int:
         if args.source is not None:
             parser.error("--convert-zca takes no source: it rewrites a set already in the zoo")
         return _convert_zca(args, zoo, parser)
+    if args.remeasure_subset:
+        if args.source is not None:
+            parser.error("--remeasure-subset takes no source: it measures a set already in the zoo")
+        return _remeasure_subset(args, zoo, parser)
     if args.transfer_only:
         if args.source is not None or args.no_transfer:
             parser.error("--transfer-only takes no source and no --no-transfer: it measures a set already in the zoo")
