@@ -133,7 +133,7 @@ def _real_test_split(data_dir, dataset):
 def test_packaged_set_reproduces_its_krr_accuracy_on_the_real_test_set(entry, shared_data_dir):
     """The index's KRR number (written by tools/zoo_add.py through ``workflows.zoo.evaluate_file``) re-derived
     independently on the whole real test set, to 0.1 point (10 images: float32 kernels, float64 solves).
-    A random-feature set is re-derived on the 2,000 test images ``limit_test`` keeps, an exact ConvNet-kernel
+    A random-feature set is re-derived on the 1,000 test images ``limit_test`` keeps, an exact ConvNet-kernel
     set on the few hundred its cost allows (its ``krr.subset``, measured the same way, to one image): a forward
     pass of every network, or O(pixels^2) per pair, is most of this suite's time."""
     x_test, y_test = _real_test_split(shared_data_dir, entry["dataset"])

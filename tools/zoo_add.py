@@ -56,10 +56,10 @@ PUBLISHED = {
 
 
 
-ZOO_TEST_SUBSET = 2000  # test images of a random-feature set's re-derivation in tests/test_zoo.py
+ZOO_TEST_SUBSET = 1000  # test images of a random-feature set's re-derivation in tests/test_zoo.py
 # An exact ConvNet kernel costs O(pixels^2) per pair (~2,000 pairs/s on one CPU core): the zoo's test re-derives
 # such a set on as many test images as this many test-support pairs allow (at least 100).
-ZOO_TEST_EXACT_CONV_PAIRS = 50_000
+ZOO_TEST_EXACT_CONV_PAIRS = 20_000
 
 
 def zoo_test_subset(kernel: dict, support_size: int) -> int | None:
