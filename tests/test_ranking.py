@@ -178,7 +178,8 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
     """``transfer --ranking --ranking-runs``: each seed the transfer trains is written as it finishes, under the
     key the ranking gives its ``set`` run of that seed; a transfer stopped after seed 0 trains only seed 1 when
     run again, with the same accuracies and curves (through the JSON file); one with every seed kept trains
-    nothing; a kept run without a curve (written by the ranking) is trained again."""
+    nothing; a kept run without a curve (written by the ranking), or with a curve scored at other steps, is
+    trained again."""
     from kernel_distill import experiments, finite
     from kernel_distill.data import load_dataset
     from kernel_distill.finite import TrainConfig
@@ -225,3 +226,7 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
     experiments.transfer(support, "fc", config, seeds=1, width=16, progress=False, finished=no_curve,
                          on_run=lambda key, entry: retrained.append(key))
     assert retrained == [seed0_key]
+    retrained.clear()  # the same networks scored every 3 steps: the kept curves (every 5) are not theirs
+    experiments.transfer(support, "fc", dataclasses.replace(config, eval_every=3), seeds=2, width=16,
+                         progress=False, finished=kept, on_run=lambda key, entry: retrained.append(key))
+    assert retrained == [seed0_key, seed1_key]

@@ -289,8 +289,8 @@ def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, w
     Resuming (``transfer --ranking --ranking-runs``): without a grid or a validation split, seed ``s`` is the
     ranking's ``set`` run of that seed and has its key (:func:`ranking_run_key`). A seed whose key is in
     ``finished`` (key -> entry as ``on_run`` received it) is not trained again; ``on_run(key, entry)`` is called
-    after each seed trained here, ``entry`` = ``dict(variant="set", seed, test_accuracy, curve, seconds,
-    eval_seconds, num_parameters)``, so a transfer stopped after some of its seeds loses none of them.
+    after each seed trained here, ``entry`` = ``dict(variant="set", seed, eval_every, test_accuracy, curve,
+    seconds, eval_seconds, num_parameters)``, so a transfer stopped after some of its seeds loses none of them.
 
     Returns ``dict(metrics, runs, train, checksums, tuning, reused)`` with accuracies as fractions; ``runs`` holds
     each seed's test curve; ``train`` the protocol used; ``tuning`` the candidates scored (None without a grid);
@@ -319,7 +319,7 @@ def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, w
                 for seed in range(seeds)}
     by_seed: dict[int, dict] = {}
     for seed, key in keys.items():
-        kept = _finished_transfer_run(seed, (finished or {}).get(key))
+        kept = _finished_transfer_run(seed, train_config.eval_every, (finished or {}).get(key))
         if kept is not None:
             by_seed[seed] = kept
     reused = len(by_seed)
@@ -330,7 +330,8 @@ def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, w
         for seed, r in zip(missing, trained["runs"]):
             by_seed[seed] = {k: r[k] for k in _TRANSFER_RUN_FIELDS + ("val_accuracy",) if k in r}
             if seed in keys and on_run is not None:
-                on_run(keys[seed], dict(variant="set", seed=seed, **by_seed[seed]))
+                on_run(keys[seed], dict(variant="set", seed=seed, eval_every=train_config.eval_every,
+                                        **by_seed[seed]))
     runs = [dict(seed=seed, **{k: by_seed[seed][k] for k in ("test_accuracy", "curve", "seconds", "eval_seconds")})
             for seed in range(seeds)]
     accuracies = np.array([run["test_accuracy"] for run in runs])
@@ -352,10 +353,12 @@ def transfer(support: dict, model: str, train_config: TrainConfig, seeds: int, w
 _TRANSFER_RUN_FIELDS = ("test_accuracy", "curve", "seconds", "eval_seconds", "num_parameters")
 
 
-def _finished_transfer_run(seed: int, entry: Mapping | None) -> dict | None:
-    """A kept run as :func:`transfer` uses it, or None if there is none or it lacks a field (a run the ranking
-    trained, which keeps no curve, is trained again here: the record draws the transfer's curves)."""
-    if entry is None or entry.get("seed") != seed or any(k not in entry for k in _TRANSFER_RUN_FIELDS):
+def _finished_transfer_run(seed: int, eval_every: int, entry: Mapping | None) -> dict | None:
+    """A kept run as :func:`transfer` uses it, or None if there is none, it lacks a field (a run the ranking
+    trained keeps no curve, and the record draws the transfer's curves) or its curve was scored every other
+    number of steps (the key leaves ``eval_every`` out: it does not change the network)."""
+    if entry is None or entry.get("seed") != seed or entry.get("eval_every") != eval_every or \
+            any(k not in entry for k in _TRANSFER_RUN_FIELDS):
         return None
     run = {k: entry[k] for k in _TRANSFER_RUN_FIELDS}
     run["curve"] = [tuple(point) for point in run["curve"]]
