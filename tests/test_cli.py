@@ -204,6 +204,14 @@ def test_a_ranking_rerun_with_its_runs_file_trains_no_network_again(tmp_path, ca
     assert code == 0 and runs.read_text().splitlines() == lines
     assert "1 of 1 seeds reused" in again and "ranking: 6 runs reused" in again
 
+    def scores(out):  # the transfer's accuracy line and the ranking's two lines, without the timings
+        import re
+
+        return [re.sub(r"\(\d+ s training, \d+ s testing\)", "", line) for line in out.splitlines()
+                if "test accuracy" in line or "DD-Ranking" in line]
+
+    assert scores(again) == scores(first) and len(scores(first)) == 3 and "IOR" in scores(first)[1]
+
 
 def test_report_overwrite_replaces_an_earlier_report_whole(tmp_path, capsys):
     for name in ("a", "b"):

@@ -181,7 +181,6 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
     nothing; a kept run without a curve (written by the ranking), or with a curve scored at other steps, is
     trained again."""
     from kernel_distill import experiments, finite
-    from kernel_distill.data import load_dataset
     from kernel_distill.finite import TrainConfig
     from kernel_distill.workflows.transfer import append_finished_run, read_finished_runs
 
@@ -192,12 +191,20 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
                                  on_run=lambda key, entry: kept.setdefault(key, entry))
     assert first["reused"] == 0 and [e["seed"] for e in kept.values()] == [0, 1]
     assert {e["variant"] for e in kept.values()} == {"set"}
-    x_test, y_test = load_dataset("digits", "test")
-    ranking_key = experiments.ranking_run_key(
-        "set", 0, support["x"], support["y"], support["preprocessor"].apply(x_test), y_test,
-        dataclasses.replace(config, eval_every=config.steps), dict(model="fc", width=16, depth=None,
-                                                                   parameterization="standard"))
-    assert list(kept)[0] == ranking_key
+    # The ranking itself, not given the transfer's accuracies, finds both seeds under its own `set` keys.
+    trained_by_ranking: list[str] = []
+
+    def fake_training(model_fn, x, y, x_test, y_test, config, seeds, progress=True):
+        return dict(runs=[dict(test_accuracy=0.125, seconds=0.0) for _ in seeds])
+
+    with monkeypatch.context() as m:
+        m.setattr(finite, "train_seeds", fake_training)
+        ranked = experiments.ranking_runs(support, "fc", config, seeds=2, width=16, progress=False,
+                                          log=lambda *a: None,
+                                          finished={k: e["test_accuracy"] for k, e in kept.items()},
+                                          on_run=lambda key, entry: trained_by_ranking.append(entry["variant"]))
+    assert ranked["reused"] == 2 and "set" not in trained_by_ranking and len(trained_by_ranking) == 12
+    assert ranked["runs"]["set"] == first["metrics"]["test_accuracies"]
 
     path = tmp_path / "runs.jsonl"
     seed0_key, seed1_key = kept
@@ -230,3 +237,8 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
     experiments.transfer(support, "fc", dataclasses.replace(config, eval_every=3), seeds=2, width=16,
                          progress=False, finished=kept, on_run=lambda key, entry: retrained.append(key))
     assert retrained == [seed0_key, seed1_key]
+    retrained.clear()  # with a validation split nothing is kept or taken (the guard on the split's seeds)
+    with_val = dict(support, x_val=support["x"][:5], y_val=np.zeros(5, np.int64))
+    validated = experiments.transfer(with_val, "fc", config, seeds=1, width=16, progress=False, finished=kept,
+                                     on_run=lambda key, entry: retrained.append(key))
+    assert retrained == [] and validated["reused"] == 0 and "val_accuracy" in validated["metrics"]

@@ -290,7 +290,8 @@ def _convert_zca(args, zoo, parser) -> int:
     from kernel_distill.io import load_distilled
 
     krr = evaluate_file(target, args.data_dir)
-    subset = evaluate_file(target, args.data_dir, test_limit=ZOO_TEST_SUBSET) if "subset" in entry["krr"] else None
+    subset_size = zoo_test_subset(entry["kernel"], entry["support_size"])
+    subset = evaluate_file(target, args.data_dir, test_limit=subset_size) if subset_size else None
     old = entry["krr"]
     on_subset = "" if subset is None else f"; on {subset['num_test']} test images {100 * subset['test_accuracy']:.2f}%"
     print(f"KRR test accuracy: {100 * krr['test_accuracy']:.2f}% (was {100 * old['test_accuracy']:.2f}% with the "
@@ -316,7 +317,7 @@ def _remeasure_subset(args, zoo, parser) -> int:
     :func:`zoo_test_subset` test images (what tests/test_zoo.py re-derives), written over ``krr.subset``."""
     from kernel_distill.workflows.zoo import evaluate_file
 
-    index_file, entries, entry, target = _shipped_entry(args, zoo, parser)
+    index_file, _, entry, target = _shipped_entry(args, zoo, parser)
     size = zoo_test_subset(entry["kernel"], entry["support_size"])
     if size is None:
         parser.error(f"{args.name} is re-derived on the whole test set: it has no test subset")
@@ -325,7 +326,8 @@ def _remeasure_subset(args, zoo, parser) -> int:
     was = "" if old is None else f" (was {100 * old['test_accuracy']:.2f}% on {old['num_test']})"
     print(f"{args.name}: KRR {100 * subset['test_accuracy']:.2f}% on the first {subset['num_test']} test images"
           f"{was}", flush=True)
-    entry["krr"]["subset"] = dict(
+    entries = zoo.read_index(index_file)  # re-read: another in-place update may have finished meanwhile
+    entries[[e["name"] for e in entries].index(args.name)]["krr"]["subset"] = dict(
         test_accuracy=subset["test_accuracy"], num_test=subset["num_test"],
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         command=shlex.join(["python", "tools/zoo_add.py", *(sys.argv[1:])]))

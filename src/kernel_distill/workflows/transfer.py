@@ -65,9 +65,10 @@ class TransferRequest:
     ``tune``: ``NAME=V1,V2`` grids (names from :data:`kernel_distill.experiments.TUNABLE`) chosen on a validation
     split of ``val_size`` images (default 5000 with ``tune``, else none). ``ranking``: also DD-Ranking's runs
     and scores; ``full_set_accuracy`` (a fraction) adds HLR and LRS; ``ranking_runs``: a JSON-lines file of
-    finished runs (the transfer's own seeds and the ranking's), appended to after each run and read first, so an
-    interrupted ``--ranking`` resumes where it stopped (:func:`read_finished_runs`). ``out``: a folder for ``results.json`` and
-    ``transfer_curve.png`` (none: nothing is written)."""
+    finished runs (the transfer's own seeds and the ranking's), appended to after each run and read first, so
+    an interrupted ``--ranking`` resumes where it stopped (:func:`read_finished_runs`; nothing is kept with a
+    validation split). ``out``: a folder for ``results.json`` and ``transfer_curve.png`` (none: nothing is
+    written)."""
 
     file: str | None = None
     dataset: str | None = None
@@ -141,7 +142,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                         "(a record of benchmarks/ranking.py), for HLR and LRS")
     p.add_argument("--ranking-runs", default=None, metavar="FILE",
                    help="with --ranking: a JSON-lines file that keeps each finished run (the transfer's "
-                        "own seeds and the ranking's: 21 networks for 3 seeds); "
+                        "own seeds and the ranking's: up to 21 networks for 3 seeds); "
                         "runs already in it with the same images, labels, recipe, seed and training code are not "
                         "trained again, so an interrupted --ranking resumes")
     p.add_argument("--seed", type=int, default=0, help="seed of the natural subset")
@@ -224,9 +225,9 @@ def tune_grid(options: tuple[str, ...], config: TrainConfig) -> dict[str, list[A
 
 def read_finished_runs(path: str | pathlib.Path) -> dict[str, dict]:
     """The finished runs of a ``--ranking-runs`` file, ``{key: entry}`` as :func:`append_finished_run` wrote them
-    (``test_accuracy`` checked to be a fraction; none if the file does not exist yet). A last line without its newline was cut short by a kill and is ignored (that run is
-    trained again, and :func:`append_finished_run` drops the cut line); a bad complete line is an error,
-    since the file is then not what this tool wrote."""
+    (``test_accuracy`` checked to be a fraction; none if the file does not exist yet). A last line without its
+    newline was cut short by a kill and is ignored (that run is trained again, and :func:`append_finished_run`
+    drops the cut line); a bad complete line is an error, since the file is then not what this tool wrote."""
     import json
     import math
 
@@ -328,9 +329,11 @@ def _transfer(request: TransferRequest, config: TrainConfig, grid: dict | None, 
                       seed=request.seed, model=net.model, width=net.width, depth=net.depth,
                       parameterization=net.parameterization, seeds=request.seeds, train=result["train"], zca=pre.zca,
                       zca_reg=pre.reg, test_limit=request.test_limit, val_size=val_size, tuning=result["tuning"],
+                      reused_seeds=result["reused"],
                       ranking=ranking and dict(runs=ranking["runs"], stds=ranking["stds"],
                                                toggled_augment=ranking["toggled_augment"],
-                                               full_set_accuracy=request.full_set_accuracy))
+                                               full_set_accuracy=request.full_set_accuracy,
+                                               reused=ranking["reused"]))
     curves = {f"transfer_test_accuracy_seed{r['seed']}": r["curve"] for r in result["runs"]}
     artifacts = {}
     if request.out:
