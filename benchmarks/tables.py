@@ -13,6 +13,7 @@ commit c979632, whose result files were not kept (tools/transcribe_benchmarks.py
 from __future__ import annotations
 
 import argparse
+import itertools
 import pathlib
 import re
 import sys
@@ -230,6 +231,38 @@ def render_kernel_throughput() -> str:
                 kr[0][3] != "transcribed", kr[0][4] or 0, kr[0][0], kr[0][1], kr[0][2]))]
         out.append(f"**{device}**\n\n" + table(header, rows))
     return "\n".join(out) + footer("kernel_throughput", records)
+
+
+def _benchmark_module(name: str):
+    """A benchmark script as a module, for the rule it defines (the tables use the same definition)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_benchmark_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_kip_defaults() -> str:
+    rule = _benchmark_module("kip_defaults")
+    records = list(newest(load("kip_defaults"), rule.grid_key).values())
+    records.sort(key=rule.grid_key)
+    rows = []
+    for (dataset, per_class, steps), group in itertools.groupby(records, key=lambda r: rule.grid_key(r)[:3]):
+        group = list(group)
+        best = rule.chosen(group)
+        for r in group:
+            c, m = r["config"], r["metrics"]
+            rows.append([DATASET_NAMES.get(dataset, dataset), per_class, steps, rule.resolved_depth(c),
+                         c["learning_rate"], c["target_batch_size"], pct(m["val_accuracy_best"]),
+                         m["best_step"], pct(m["test_accuracy"]), pct(m.get("test_accuracy_final")),
+                         "**chosen**" if r is best else "",
+                         f"{r['provenance']['wall_seconds']:.0f}" if r["provenance"].get("wall_seconds") else "-",
+                         machine(r), source(r)])
+    header = ["dataset", "per class", "steps", "FC depth", "Adam lr", "target batch",
+              "validation acc % (selected)", "selected step", "test acc % (selected)", "test acc % (final)",
+              "rule: best validation", "wall s", "machine", "record"]
+    return table(header, rows) + footer("kip_defaults", records)
 
 
 def render_kip_fc() -> str:
@@ -570,6 +603,7 @@ RENDERERS = {
     "cli_startup": render_cli_startup,
     "kernel_ablation": render_kernel_ablation,
     "kip_fc": render_kip_fc,
+    "kip_defaults": render_kip_defaults,
     "label_solve": render_label_solve,
     "transfer_evalnet_mse": lambda: _transfer("evalnet", "mse", with_krr=True),
     "transfer_evalnet_ce": lambda: _transfer("evalnet", "ce", with_krr=False),

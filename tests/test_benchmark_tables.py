@@ -67,3 +67,25 @@ def test_transfer_tables_show_the_gain_over_the_random_subset_and_the_other_loss
     assert cells[6] == "- / 55.00"  # only the LS set was trained with hard labels
     assert cells[7] == f"{10 * (784 + 10) * 4 / 1000:,.0f} kB"
     assert cells[8] == "- / 42"
+
+
+def test_the_kip_defaults_table_marks_the_best_validation_point_and_breaks_ties_toward_the_cheaper_one(
+        tables, tmp_path, monkeypatch):
+    """The rule of benchmarks/kip_defaults.py: highest validation accuracy of the selected support picks the
+    default (test accuracy never does); equal validation goes to the smaller depth, then the smaller lr."""
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+
+    def record(depth, lr, val, test):
+        config = dict(per_class=10, steps=6000, kernel=dict(architecture="fc", depth=depth), learning_rate=lr,
+                      target_batch_size=5000, learn_labels=True)
+        metrics = dict(test_accuracy=test, test_accuracy_final=test, val_accuracy_best=val, best_step=5500)
+        return make_record("kip", "kip", dict(name="mnist", checksums={}), metrics, config, wall_seconds=1.0)
+
+    grid = [record(1, 0.01, 0.95, 0.99), record(3, 0.01, 0.97, 0.90), record(2, 0.04, 0.97, 0.91),
+            record(2, 0.01, 0.97, 0.92)]
+    with open(tmp_path / "kip_defaults.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in grid)
+    rows = [line for line in tables.render_kip_defaults().splitlines() if line.startswith("| MNIST")]
+    chosen = [line for line in rows if "**chosen**" in line]
+    assert len(rows) == 4 and len(chosen) == 1
+    assert chosen[0].startswith("| MNIST | 10 | 6000 | 2 | 0.01 | 5000 | 97.00 | 5500 | 92.00 |")
