@@ -8,6 +8,11 @@ before any run: the default is the point whose *selected* support has the highes
 choice). Test accuracy is recorded beside it but picks nothing. ``benchmarks/tables.py`` renders the
 table of docs/BENCHMARKS.md and marks the chosen point.
 
+The grid run for the defaults of 2026-12-07, fixed before the first run: stage 1, depth {1, 2, 3} x lr
+{0.01, 0.04} at target batch 5,000 (the KIP papers sweep lr 0.001-0.04; 0.01 was the default); stage 2, at
+stage 1's chosen (depth, lr), target batch 2,000 and 10,000. The default is the rule's choice over all the
+points of both stages. One seed per point (seed 0): the spread between seeds is not measured here.
+
 A rerun skips grid points already in ``--results`` (same dataset, per class, steps, depth, lr, target
 batch), so an interrupted grid continues where it stopped.
 
