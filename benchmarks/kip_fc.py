@@ -57,7 +57,9 @@ def main():
         data = prepare_for(KipConfig(dataset=name, select_on=args.select_on), progress=False)
         for per_class, steps in zip(args.per_class, args.steps):
             for labels in args.labels:
+                # the settings of these rows, not kip's defaults (which changed after them: docs/KIP.md)
                 config = KipConfig(dataset=name, per_class=per_class, kernel=KernelSpec(args.kernel),
+                                   learning_rate=0.01,
                                    learn_labels=labels == "learned", steps=steps, eval_every=args.eval_every,
                                    select_on=args.select_on,
                                    checkpoint_every=max(steps // 4, 1), target_batch_size=args.target_batch)

@@ -265,6 +265,26 @@ def render_kip_defaults() -> str:
     return table(header, rows) + footer("kip_defaults", records)
 
 
+def render_kip_default_run() -> str:
+    """The `kip` run with every option at its default but the dataset, size, labels and steps (the CLI's
+    own record, results.json, appended to kip_default_run.jsonl)."""
+    records = list(newest(load("kip_default_run"), lambda r: r["provenance"].get("command_line")).values())
+    rows = []
+    for r in records:
+        c, m = r["config"], r["metrics"]
+        rows.append([f"`{r['provenance'].get('command_line')}`",
+                     f"depth {c['kernel']['depth']}, lr {c['learning_rate']}, "
+                     f"target batch {c['target_batch_size'] or c.get('default_target_batch')}",
+                     pct(m.get("val_accuracy_best")), m.get("best_step"), pct(m["test_accuracy"]),
+                     pct(m.get("test_accuracy_final")),
+                     PUBLISHED_KIP_FC.get((r["dataset"]["name"], c["per_class"]), "-"),
+                     f"{r['provenance']['wall_seconds']:.0f}" if r["provenance"].get("wall_seconds") else "-",
+                     machine(r), source(r)])
+    header = ["command", "defaults it ran with", "validation acc % (selected)", "selected step",
+              "test acc % (selected)", "test acc % (final)", "published KIP-FC %", "wall s", "machine", "record"]
+    return table(header, rows) + footer("kip_default_run", records)
+
+
 def render_kip_fc() -> str:
     def cell(r):
         c = r["config"]
@@ -604,6 +624,7 @@ RENDERERS = {
     "kernel_ablation": render_kernel_ablation,
     "kip_fc": render_kip_fc,
     "kip_defaults": render_kip_defaults,
+    "kip_default_run": render_kip_default_run,
     "label_solve": render_label_solve,
     "transfer_evalnet_mse": lambda: _transfer("evalnet", "mse", with_krr=True),
     "transfer_evalnet_ce": lambda: _transfer("evalnet", "ce", with_krr=False),

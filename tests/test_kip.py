@@ -13,6 +13,7 @@ from kernel_distill.errors import KernelDistillError
 from kernel_distill.io import load_distilled
 from kernel_distill.kernels import KernelSpec
 from kernel_distill.kip import KipConfig, load_checkpoint, run_kip
+from kernel_distill.kip.config import KIP_FC_DEPTH
 from kernel_distill.data import prepare_dataset
 from kernel_distill.zoo import file_sha256
 
@@ -227,3 +228,43 @@ def test_cli_init_from_conflicts_with_init(tmp_path, capsys):
                  "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 2
     assert "--init and --init-from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options, depth", [((), KIP_FC_DEPTH), (("--kernel", "fc"), KIP_FC_DEPTH),
+                                            (("--depth", "1"), 1), (("--kernel", "fc", "--depth", "3"), 3),
+                                            (("--kernel", "convnet3"), 3)])
+def test_the_kip_command_defaults_to_the_fc_depth_chosen_on_validation(options, depth):
+    """`kip` with no kernel options, or only `--kernel fc`, uses KIP's FC depth (docs/KIP.md: chosen on the
+    validation split), while `KernelSpec("fc")` and the other commands keep the FC kernel's depth 1."""
+    from kernel_distill.cli import build_parser
+    from kernel_distill.workflows import kip as kip_workflow
+
+    args = build_parser().parse_args(["kip", "--dataset", "mnist", *options])
+    config = kip_workflow.kip_config(kip_workflow.request_from_args(args))
+    assert config.kernel.depth == depth and KipConfig().kernel.depth == KIP_FC_DEPTH
+    assert KernelSpec("fc").depth == 1
+    assert kip_workflow.HELP_KIP_FC_DEPTH == KIP_FC_DEPTH  # what `kip --help` says
+
+
+def test_the_default_target_batch_is_chosen_per_kernel_kept_in_the_run_and_capped_by_the_classes(digits):
+    """10,000 targets for the exact FC kernel (chosen on validation), 5,000 for the conv kernels; the number is
+    resolved into the config (a saved run keeps the default it ran with), a config saved before the field
+    existed ran with 5,000, and the cap is still the smallest class."""
+    from kernel_distill.cli import build_parser
+    from kernel_distill.kip import check_feasible
+    from kernel_distill.workflows import kip as kip_workflow
+
+    assert KipConfig().default_target_batch == 10_000
+    assert KipConfig(kernel=KernelSpec("convnet3")).default_target_batch == 5_000
+    for kernel, expected in (("fc", 10_000), ("convnet3", 5_000), ("convnet3-rf", 5_000)):
+        args = build_parser().parse_args(["kip", "--dataset", "mnist", "--kernel", kernel])
+        assert kip_workflow.kip_config(kip_workflow.request_from_args(args)).default_target_batch == expected
+    saved = KipConfig().to_dict()
+    assert KipConfig.from_dict(saved).default_target_batch == 10_000
+    del saved["default_target_batch"]
+    assert KipConfig.from_dict(saved).default_target_batch == 5_000
+    counts = np.bincount(digits.y_train, minlength=digits.num_classes)
+    assert check_feasible(KipConfig(dataset="digits"), digits) == min(1_000, counts.min())
+    assert check_feasible(KipConfig(dataset="digits", default_target_batch=50), digits) == 5
+    with pytest.raises(KernelDistillError, match="default-target-batch"):
+        KipConfig(default_target_batch=0)

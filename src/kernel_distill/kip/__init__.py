@@ -37,8 +37,9 @@ from kernel_distill import runs
 from kernel_distill.data import PreparedData
 from kernel_distill.kip.checkpoint import (CHECKPOINT, CONFIG, METRICS, check_resume, load_checkpoint,
                                            outputs_complete, save_checkpoint)
-from kernel_distill.kip.config import (CONFIG_FLAGS, DEFAULT_TARGET_BATCH, RESUMABLE_FIELDS, KipConfig,
-                                       available_memory_bytes, check_feasible, config_flag, prepare_for)
+from kernel_distill.kip.config import (CONFIG_FLAGS, DEFAULT_FC_TARGET_BATCH, DEFAULT_TARGET_BATCH, KIP_FC_DEPTH,
+                                       RESUMABLE_FIELDS, KipConfig, available_memory_bytes, check_feasible,
+                                       config_flag, kernel_default_target_batch, prepare_for)
 from kernel_distill.kip.loop import run_in_folder
 from kernel_distill.kip.outputs import RUN_FILES, write_outputs
 from kernel_distill.kip.state import KipState
@@ -74,8 +75,10 @@ def run_kip(config: KipConfig, data: PreparedData, out_dir: str | os.PathLike, r
                                  evaluate_fn=evaluate, available_bytes=available_memory_bytes)
 
 
-__all__ = ["CHECKPOINT", "CONFIG", "CONFIG_FLAGS", "DEFAULT_TARGET_BATCH", "METRICS", "RESUMABLE_FIELDS", "RUN_FILES",
+__all__ = ["CHECKPOINT", "CONFIG", "CONFIG_FLAGS", "DEFAULT_FC_TARGET_BATCH", "DEFAULT_TARGET_BATCH", "KIP_FC_DEPTH",
+           "METRICS", "RESUMABLE_FIELDS", "RUN_FILES",
            "KipConfig", "KipState", "available_memory_bytes", "check_feasible", "check_resume", "class_index_table",
-           "config_flag", "evaluate", "initial_state", "krr_loss_and_gradients", "load_checkpoint",
+           "config_flag", "evaluate", "initial_state", "kernel_default_target_batch", "krr_loss_and_gradients",
+           "load_checkpoint",
            "make_backend_step", "make_optimizer", "make_step", "outputs_complete", "prepare_for", "run_kip",
            "sample_balanced", "save_checkpoint", "step_for_backend", "warm_start_support", "write_outputs"]

@@ -18,6 +18,11 @@ from kernel_distill.kernels import KernelSpec
 from kernel_distill.objective import DEFAULT_REG, KIP_LOSSES
 
 
+# KIP's default FC NTK depth: chosen on the validation split by benchmarks/kip_defaults.py (docs/KIP.md,
+# "How the defaults were chosen"); the FC kernel's own default (``KernelSpec("fc")``) stays the KIP papers' 1.
+KIP_FC_DEPTH = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class KipConfig:
     """Everything that defines a KIP run. Defaults follow the KIP papers unless docs/KIP.md says otherwise.
@@ -25,13 +30,18 @@ class KipConfig:
     Attributes:
       dataset: dataset name (see :mod:`kernel_distill.data`).
       per_class: support images per class.
-      kernel: the infinite network; ``get``: ``"ntk"`` or ``"nngp"``.
+      kernel: the infinite network (default: the FC NTK of depth :data:`KIP_FC_DEPTH`); ``get``: ``"ntk"`` or
+        ``"nngp"``.
       learn_labels: also optimise the support labels.
       init: ``"real"`` (class-balanced random training images), ``"noise"`` (standard normal) or ``"file"``
         (the images and labels of the distilled set ``init_file``, to continue distilling it: a warm start).
       init_file, init_sha256: with ``init="file"``, the distilled-set file and its sha256 (checked when read).
       target_batch_size: target points per step, drawn class-balanced (rounded down to a multiple of the
-        number of classes); ``None``: 5,000, or the whole class-balanced training set if smaller.
+        number of classes); ``None``: ``default_target_batch``, or the whole class-balanced training set if
+        smaller.
+      default_target_batch: the target batch ``target_batch_size=None`` asks for; ``None`` resolves it from the
+        kernel when the config is built (:func:`kernel_default_target_batch`: 10,000 for the exact FC kernel,
+        chosen on validation, 5,000 for the others), so a saved run keeps the default it ran with.
       learning_rate: Adam step size. reg: KRR regulariser relative to ``trace(K_ss)/n``.
       zca, zca_reg: preprocessing. seed: initial random key.
       steps: total optimisation steps. eval_every, checkpoint_every, log_every: intervals in steps.
@@ -53,13 +63,14 @@ class KipConfig:
 
     dataset: str = "digits"
     per_class: int = 10
-    kernel: KernelSpec = KernelSpec()
+    kernel: KernelSpec = KernelSpec("fc", depth=KIP_FC_DEPTH)
     get: str = "ntk"
     learn_labels: bool = False
     init: str = "real"
     init_file: str | None = None
     init_sha256: str | None = None
     target_batch_size: int | None = None
+    default_target_batch: int | None = None
     learning_rate: float = 0.01
     reg: float = DEFAULT_REG
     zca: bool = False
@@ -82,6 +93,8 @@ class KipConfig:
             object.__setattr__(self, "kernel", KernelSpec.from_dict(self.kernel))
         if not isinstance(self.kernel, KernelSpec):
             raise KernelDistillError(f"kernel must be a KernelSpec or its dict, got {self.kernel!r}")
+        if self.default_target_batch is None:
+            object.__setattr__(self, "default_target_batch", kernel_default_target_batch(self.kernel))
         for name in ("dataset", "get", "init", "loss"):
             if not isinstance(getattr(self, name), str):
                 raise KernelDistillError(f"{config_flag(name)} must be a string, got {getattr(self, name)!r}")
@@ -105,6 +118,7 @@ class KipConfig:
                         log_every=self.log_every)
         if self.target_batch_size is not None:  # None: the default, capped by the smallest class
             positive["target_batch_size"] = self.target_batch_size
+        positive["default_target_batch"] = self.default_target_batch
         for name, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise KernelDistillError(f"{config_flag(name)} must be a positive integer, got {value!r}")
@@ -165,6 +179,8 @@ class KipConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         if "select_on" not in d:  # written before validation splits existed: those runs selected on test
             d = dict(d, select_on="test", val_size=0)
+        if "default_target_batch" not in d:  # written before 2026-12-07, when every kernel's default was 5,000
+            d = dict(d, default_target_batch=DEFAULT_TARGET_BATCH)
         unknown = sorted(set(d) - known)
         if unknown:
             raise KernelDistillError(f"unknown KIP config field(s): {', '.join(unknown)}")
@@ -195,8 +211,17 @@ def config_flag(name: str) -> str:
     return CONFIG_FLAGS.get(name, "--" + name.split(".")[-1].replace("_", "-"))
 
 
-
 DEFAULT_TARGET_BATCH = 5000
+# The exact FC kernel's default target batch, chosen on validation with its depth (docs/KIP.md, "How the
+# defaults were chosen"); a step costs about twice that of 5,000. The conv kernels, whose pairs cost
+# O(pixels^2), keep 5,000.
+DEFAULT_FC_TARGET_BATCH = 10_000
+
+
+def kernel_default_target_batch(kernel: KernelSpec) -> int:
+    """The target batch a KIP run with this kernel draws when none is given (before the class cap)."""
+    return DEFAULT_FC_TARGET_BATCH if kernel.architecture == "fc" and kernel.random_features is None \
+        else DEFAULT_TARGET_BATCH
 
 
 def prepare_for(config: KipConfig, data_dir: str | os.PathLike | None = None, progress: bool = True) -> PreparedData:
@@ -224,7 +249,9 @@ def check_feasible(config: KipConfig, data: PreparedData, available_bytes: int |
         raise KernelDistillError(f"--per-class {config.per_class} is larger than the smallest class of "
                                  f"{data.name} ({counts.min()} training images)")
     if config.target_batch_size is None:
-        per_class_target = min(DEFAULT_TARGET_BATCH // data.num_classes, int(counts.min()))
+        default = config.default_target_batch  # resolved when the config was built; the fallback is for mypy
+        default = kernel_default_target_batch(config.kernel) if default is None else default
+        per_class_target = min(default // data.num_classes, int(counts.min()))
     else:
         per_class_target = config.target_batch_size // data.num_classes
         if per_class_target < 1:

@@ -81,13 +81,13 @@ def add_backend(p: argparse.ArgumentParser) -> None:
                    help="restarts of a failed Ray worker before the command stops (default 3)")
 
 
-def add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc") -> None:
+def add_kernel(p: argparse.ArgumentParser, default_kernel: str | None = "fc", fc_depth: int = 1) -> None:
     p.add_argument("--kernel", choices=KERNEL_CHOICES, default=default_kernel,
                    help="infinite network: fc, convnet (KIP ConvNet) or convnet3 (without the first conv); "
                         "-rf: its NNGP from random finite networks (RFAD; docs/KERNELS.md)")
     p.add_argument("--get", choices=("ntk", "nngp"), default=None,
                    help="which kernel (default ntk; nngp for the -rf kernels, which approximate only the NNGP)")
-    p.add_argument("--depth", type=int, default=None, help="hidden layers (fc, default 1) or conv blocks (3)")
+    p.add_argument("--depth", type=int, default=None, help=f"hidden layers (fc, default {fc_depth}) or conv blocks (3)")
     p.add_argument("--W-std", dest="W_std", type=POSITIVE, default=None, help="weight std (default sqrt(2))")
     p.add_argument("--b-std", dest="b_std", type=NON_NEGATIVE, default=None, help="bias std (default 0.1)")
     p.add_argument("--reg", type=NON_NEGATIVE, default=None, help="KRR regulariser relative to trace(K)/n (1e-6)")

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from kernel_distill.kip import KipConfig
 
 
+# kip.config.KIP_FC_DEPTH, for --help (tests/test_kip.py checks they agree; importing kip here would load
+# JAX for --help)
+HELP_KIP_FC_DEPTH = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class KipRequest:
     """A KIP run. Every ``None`` means "the default" for a new run (:class:`~kernel_distill.kip.KipConfig`)
@@ -74,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="start from this distilled set's images and labels (.npz or zoo:NAME) and go on distilling "
                         "it; same dataset, images per class and preprocessing as this run")
     p.add_argument("--target-batch", type=int, default=None,
-                   help="class-balanced target images per step (default 5000, capped by the smallest class)")
+                   help="class-balanced target images per step (default 10000 with the fc kernel, 5000 with the "
+                        "others; capped by the smallest class)")
     p.add_argument("--lr", type=arguments.POSITIVE, default=None, help="Adam learning rate (default 0.01)")
     p.add_argument("--loss", choices=("mse", "platt"), default=None,
                    help="KIP objective: mse (KIP's squared error, default) or platt (RFAD's cross-entropy of the KRR "
@@ -98,7 +104,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run saved in DIR; only --steps and the intervals may change")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
-    arguments.add_kernel(p, default_kernel=None)
+    arguments.add_kernel(p, default_kernel=None, fc_depth=HELP_KIP_FC_DEPTH)
     p.add_argument("--zca", action="store_true", default=None, help="ZCA-whiten the images")
     p.add_argument("--zca-reg", type=arguments.POSITIVE, default=None, help="ZCA regulariser (default 0.1)")
     arguments.add_common(p)
@@ -125,7 +131,7 @@ def kip_config(request: KipRequest, base: KipConfig | None = None) -> KipConfig:
     compute = request.compute
     # a new run gets the device's default; a resumed one keeps its own unless the option is given
     budget = None if base is not None and compute.memory_budget_mb is None else compute.budget_mb()
-    values = base.to_dict() if base is not None else KipConfig().to_dict()
+    values = base.to_dict() if base is not None else dict(KipConfig().to_dict(), default_target_batch=None)
     overrides = dict(dataset=request.dataset, per_class=request.per_class, learn_labels=request.learn_labels,
                      init=request.init, target_batch_size=request.target_batch, learning_rate=request.lr,
                      reg=request.kernel.reg, zca=request.zca, zca_reg=request.zca_reg, seed=request.seed,
