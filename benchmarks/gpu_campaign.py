@@ -39,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL = dict(dataset="cifar10", support_size=500, val_size=1000, block_size=1000, kernel="convnet3", zca=True,
             init_from="zoo:cifar10-lossy-kip-convnet3rf-10ipc", per_class=10, target_batch=1000, lr=0.01,
             eval_every=20, test_limit=None, label_solve_share=0.6)
-TOY = dict(dataset="digits", support_size=20, val_size=100, block_size=300, kernel="fc", zca=False,
+TOY = dict(dataset="digits", support_size=20, val_size=100, block_size=300, kernel="fc", depth=1, zca=False,
            init_from="label-solve", per_class=2, target_batch=100, lr=0.01, eval_every=2, test_limit=None,
            label_solve_share=0.5)
 
@@ -108,7 +108,7 @@ def label_solve_stage(plan: dict, out: pathlib.Path, data_dir: str | None, progr
             val_size=None if resume else plan["val_size"], block_size=None if resume else plan["block_size"],
             test_limit=None if resume else plan["test_limit"], out=None if resume else str(folder),
             resume=str(folder) if resume else None, data_dir=data_dir, progress=progress,
-            kernel=KernelChoice() if resume else KernelChoice(kernel=plan["kernel"], get="nngp"),
+            kernel=KernelChoice() if resume else KernelChoice(kernel=plan["kernel"], depth=plan.get("depth"), get="nngp"),
             preprocessing=Preprocessing(zca=plan["zca"] and not resume))
         record = run(request, log=lambda line: print(line, flush=True))
         return dict(folder=str(folder), metrics=record["metrics"], resumed=resume)
@@ -138,7 +138,8 @@ def kip_stage(plan: dict, out: pathlib.Path, data_dir: str | None, progress: boo
                              target_batch=plan["target_batch"], lr=plan["lr"], steps=100_000,
                              eval_every=plan["eval_every"], checkpoint_every=plan["eval_every"],
                              val_size=plan["val_size"], test_limit=plan["test_limit"], zca=plan["zca"] or None,
-                             kernel=KernelChoice(kernel=plan["kernel"], get="nngp"), out=str(out / "kip"),
+                             kernel=KernelChoice(kernel=plan["kernel"], depth=plan.get("depth"), get="nngp"),
+                             out=str(out / "kip"),
                              data_dir=data_dir, progress=progress)
         record = run(request, log=lambda line: print(line, flush=True))
         return dict(folder=str(out / "kip"), metrics=record["metrics"])

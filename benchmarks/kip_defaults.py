@@ -40,7 +40,12 @@ def grid_key(record: dict) -> tuple:
     """(dataset, per_class, steps, depth, learning_rate, target_batch) of a kip_defaults record."""
     config = record["config"]
     return (record["dataset"]["name"], config["per_class"], config["steps"], resolved_depth(config),
-            float(config["learning_rate"]), config["target_batch_size"])
+            float(config["learning_rate"]), target_batch(config))
+
+
+def target_batch(config: dict) -> int:
+    """The target batch a record ran with: its explicit one, else its resolved default."""
+    return config["target_batch_size"] or config.get("default_target_batch") or 5000
 
 
 def resolved_depth(config: dict) -> int:
@@ -55,7 +60,7 @@ def chosen(records: list[dict]) -> dict | None:
     if not scored:
         return None
     return min(scored, key=lambda r: (-r["metrics"]["val_accuracy_best"], resolved_depth(r["config"]),
-                                      float(r["config"]["learning_rate"]), r["config"]["target_batch_size"] or 0))
+                                      float(r["config"]["learning_rate"]), target_batch(r["config"])))
 
 
 def main():
@@ -74,13 +79,13 @@ def main():
     data = prepare_for(KipConfig(dataset=args.dataset, select_on="validation"), progress=False)
     print(f"# KIP FC defaults grid: {args.dataset}, {args.per_class}/class, learned labels, {args.steps} steps, "
           f"selection on validation ({time.strftime('%Y-%m-%d')})", flush=True)
-    for depth, lr, target_batch in itertools.product(args.depths, args.lrs, args.target_batches):
-        key = (args.dataset, args.per_class, args.steps, depth, lr, target_batch)
+    for depth, lr, batch in itertools.product(args.depths, args.lrs, args.target_batches):
+        key = (args.dataset, args.per_class, args.steps, depth, lr, batch)
         if key in done:
-            print(f"depth {depth}, lr {lr}, target batch {target_batch}: already in {args.results}", flush=True)
+            print(f"depth {depth}, lr {lr}, target batch {batch}: already in {args.results}", flush=True)
             continue
         config = KipConfig(dataset=args.dataset, per_class=args.per_class, kernel=KernelSpec("fc", depth=depth),
-                           learn_labels=True, learning_rate=lr, target_batch_size=target_batch,
+                           learn_labels=True, learning_rate=lr, target_batch_size=batch,
                            steps=args.steps, eval_every=args.eval_every, checkpoint_every=args.steps,
                            select_on="validation")
         out = pathlib.Path(tempfile.mkdtemp(prefix="kip-defaults-"))
@@ -89,7 +94,7 @@ def main():
             append_record(args.results, read_results(out))
         finally:
             shutil.rmtree(out, ignore_errors=True)
-        print(f"depth {depth}, lr {lr}, target batch {target_batch}: validation "
+        print(f"depth {depth}, lr {lr}, target batch {batch}: validation "
               f"{100 * summary['best_accuracy']:.2f}% at step {summary['best_step']}", flush=True)
     best = chosen([r for r in read_records(args.results)
                    if grid_key(r)[:3] == (args.dataset, args.per_class, args.steps)])

@@ -20,7 +20,7 @@ import time
 import jax
 
 from kernel_distill.kernels import KernelSpec
-from kernel_distill.kip import KipConfig, prepare_for, run_kip
+from kernel_distill.kip import DEFAULT_TARGET_BATCH, KipConfig, prepare_for, run_kip
 from kernel_distill.results import append_record, read_results
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results" / "kip_fc.jsonl"
@@ -59,7 +59,7 @@ def main():
             for labels in args.labels:
                 # the settings of these rows, not kip's defaults (which changed after them: docs/KIP.md)
                 config = KipConfig(dataset=name, per_class=per_class, kernel=KernelSpec(args.kernel),
-                                   learning_rate=0.01,
+                                   learning_rate=0.01, default_target_batch=DEFAULT_TARGET_BATCH,
                                    learn_labels=labels == "learned", steps=steps, eval_every=args.eval_every,
                                    select_on=args.select_on,
                                    checkpoint_every=max(steps // 4, 1), target_batch_size=args.target_batch)

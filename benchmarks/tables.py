@@ -254,7 +254,7 @@ def render_kip_defaults() -> str:
         for r in group:
             c, m = r["config"], r["metrics"]
             rows.append([DATASET_NAMES.get(dataset, dataset), per_class, steps, rule.resolved_depth(c),
-                         c["learning_rate"], c["target_batch_size"], pct(m["val_accuracy_best"]),
+                         c["learning_rate"], rule.target_batch(c), pct(m.get("val_accuracy_best")),
                          m["best_step"], pct(m["test_accuracy"]), pct(m.get("test_accuracy_final")),
                          "**chosen**" if r is best else "",
                          f"{r['provenance']['wall_seconds']:.0f}" if r["provenance"].get("wall_seconds") else "-",

@@ -38,7 +38,9 @@ def make_sets(root: pathlib.Path, name: str, per_class: int, kip_steps: int, kip
     if not (kip_dir / "distilled.npz").is_file():
         # One evaluation, at the last step: the set used is the final support whichever split kip "selects" on;
         # --kip-select-on test only makes all training images targets (no validation split held out).
+        # depth 1 and 5,000 targets: the recipe of these rows (kip's defaults since 2026-12-07 differ)
         cli("kip", "--dataset", name, "--per-class", str(per_class), "--learn-labels", "--steps", str(kip_steps),
+            "--depth", "1", "--target-batch", "5000",
             "--eval-every", str(kip_steps), "--select-on", kip_select_on, "--out", str(kip_dir))
     ls_dir = root / f"{name}-ls-{per_class}"
     if not (ls_dir / "distilled.npz").is_file():

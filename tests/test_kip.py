@@ -266,5 +266,5 @@ def test_the_default_target_batch_is_chosen_per_kernel_kept_in_the_run_and_cappe
     counts = np.bincount(digits.y_train, minlength=digits.num_classes)
     assert check_feasible(KipConfig(dataset="digits"), digits) == min(1_000, counts.min())
     assert check_feasible(KipConfig(dataset="digits", default_target_batch=50), digits) == 5
-    with pytest.raises(KernelDistillError, match="default-target-batch"):
+    with pytest.raises(KernelDistillError, match="--target-batch must be a positive integer"):
         KipConfig(default_target_batch=0)

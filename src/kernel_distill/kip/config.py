@@ -197,7 +197,7 @@ class KipConfig:
 RESUMABLE_FIELDS = frozenset({"steps", "eval_every", "checkpoint_every", "log_every", "memory_budget_mb"})
 
 # The command-line option that sets each config field (``--`` + the field name otherwise).
-CONFIG_FLAGS = {"target_batch_size": "--target-batch", "learning_rate": "--lr", "kernel.architecture": "--kernel",
+CONFIG_FLAGS = {"target_batch_size": "--target-batch", "default_target_batch": "--target-batch", "learning_rate": "--lr", "kernel.architecture": "--kernel",
                 "kernel.depth": "--depth", "kernel.W_std": "--W-std", "kernel.b_std": "--b-std",
                 "kernel.parameterization": "--kernel", "kernel.random_features": "--kernel",
                 "kernel.random_features.models": "--rf-models", "kernel.random_features.width": "--rf-width",
