@@ -129,27 +129,36 @@ def test_gradient_through_the_features_equals_autodiff_of_the_kernel_matrix(x64)
     def whole_loss(xs, ys):
         return krr.krr_loss(kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, 1e-3)
 
-    loss_and_gradients = jax.jit(lambda key, xs, ys: random_feature_loss_and_gradients(spec, key, 1e-3, xs, ys, x_t, y_t,
-                                                                                2**20))
-    loss, dx, dy = jax.jit(lambda xs, ys: random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20))(
-        x_s, y_s)
-    expected_loss, (expected_dx, expected_dy) = jax.jit(jax.value_and_grad(whole_loss, argnums=(0, 1)))(x_s, y_s)
+    def platt_loss(xs, ys, t):
+        return krr.krr_platt_loss(kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, t, 1e-3)
+
+    # Every quantity in one program: one compilation, sharing the feature networks' forward passes (five
+    # separate ones were most of this test's time).
+    @jax.jit
+    def everything(xs, ys, t, key):
+        return dict(
+            ours=random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20),
+            expected=jax.value_and_grad(whole_loss, argnums=(0, 1))(xs, ys),
+            platt=random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20, log_scale=t),
+            platt_expected=jax.value_and_grad(platt_loss, argnums=(0, 1, 2))(xs, ys, t),
+            fresh=random_feature_loss_and_gradients(spec, key, 1e-3, xs, ys, x_t, y_t, 2**20)[0])
+
+    out = everything(x_s, y_s, -0.4, jax.random.PRNGKey(1))
+    loss, dx, dy = out["ours"]
+    expected_loss, (expected_dx, expected_dy) = out["expected"]
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-10)
     np.testing.assert_allclose(dx, expected_dx, rtol=1e-8, atol=1e-14)
     np.testing.assert_allclose(dy, expected_dy, rtol=1e-8, atol=1e-14)
     assert np.all(np.isfinite(dx))
     # The Platt loss: its three gradients, the scale's included, as autodiff of the whole loss.
-    platt = jax.jit(lambda xs, ys, t: random_feature_loss_and_gradients(spec, None, 1e-3, xs, ys, x_t, y_t, 2**20,
-                                                                 log_scale=t))(x_s, y_s, -0.4)
-    expected = jax.jit(jax.value_and_grad(lambda xs, ys, t: krr.krr_platt_loss(
-        kernel_fn(x_t, xs), kernel_fn(xs), ys, y_t, t, 1e-3), argnums=(0, 1, 2)))(x_s, y_s, -0.4)
+    platt, expected = out["platt"], out["platt_expected"]
     np.testing.assert_allclose(platt[0], expected[0], rtol=1e-10)
     for ours, ref in zip(platt[1:], expected[1]):
         np.testing.assert_allclose(ours, ref, rtol=1e-8, atol=1e-14)
     # Fresh networks (a key) give another loss; the same key the same one.
-    fresh = loss_and_gradients(jax.random.PRNGKey(1), x_s, y_s)[0]
-    again = loss_and_gradients(jax.random.PRNGKey(1), x_s, y_s)[0]
-    assert fresh != loss and fresh == again
+    again = everything(x_s, y_s, -0.4, jax.random.PRNGKey(1))["fresh"]
+    other = everything(x_s, y_s, -0.4, jax.random.PRNGKey(2))["fresh"]
+    assert out["fresh"] != loss and out["fresh"] == again and other != out["fresh"]
 
 
 def test_krr_in_feature_space_equals_krr_with_the_kernel():
