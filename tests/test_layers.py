@@ -68,14 +68,24 @@ def test_a_layer_defined_outside_the_package_gets_its_exact_kernel(x64, rng, nam
     _, (architecture, depth), shape = SCALED[name]
     x1, x2 = rng.standard_normal((3, *shape)), rng.standard_normal((4, *shape))
     scaled, plain = make_kernel_fn(KernelSpec(name)), make_kernel_fn(KernelSpec(architecture, depth))
-    nngp, ntk = _closed_form(plain(x1, x2, "nngp"), plain(x1, x2, "ntk"), KernelSpec(name).b_std)
-    np.testing.assert_allclose(scaled(x1, x2, "nngp"), nngp, rtol=1e-12)
-    np.testing.assert_allclose(scaled(x1, x2, "ntk"), ntk, rtol=1e-12)
-    # and through the gradient: the self statistics (the ReLU's variances) saw the Scale layer too
-    grad = jax.grad(lambda a: scaled(a, x2, "ntk").sum())(x1)
     b_std = KernelSpec(name).b_std
-    grad_closed = jax.grad(lambda a: _closed_form(plain(a, x2, "nngp"), plain(a, x2, "ntk"), b_std)[1].sum())(x1)
-    np.testing.assert_allclose(grad, grad_closed, rtol=1e-10, atol=1e-14)
+
+    def closed_ntk_sum(a):
+        return _closed_form(plain(a, x2, "nngp"), plain(a, x2, "ntk"), b_std)[1].sum()
+
+    # everything in one compiled program (separately: eight compilations, most of this test's time)
+    @jax.jit
+    def everything(a):
+        return dict(closed=_closed_form(plain(a, x2, "nngp"), plain(a, x2, "ntk"), b_std),
+                    scaled=(scaled(a, x2, "nngp"), scaled(a, x2, "ntk")),
+                    grad=jax.grad(lambda z: scaled(z, x2, "ntk").sum())(a), grad_closed=jax.grad(closed_ntk_sum)(a))
+
+    out = everything(x1)
+    (nngp, ntk), (scaled_nngp, scaled_ntk) = out["closed"], out["scaled"]
+    np.testing.assert_allclose(scaled_nngp, nngp, rtol=1e-12)
+    np.testing.assert_allclose(scaled_ntk, ntk, rtol=1e-12)
+    # and through the gradient: the self statistics (the ReLU's variances) saw the Scale layer too
+    np.testing.assert_allclose(out["grad"], out["grad_closed"], rtol=1e-10, atol=1e-14)
 
 
 def test_the_finite_network_of_the_new_layer_converges_to_its_exact_nngp():
