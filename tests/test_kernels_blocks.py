@@ -88,8 +88,10 @@ def test_kernel_block_vjp_equals_autodiff_of_the_block(x64, rng):
         return (dx1 + kernels.self_stats_vjp(spec, x1, ds1), dx2 + kernels.self_stats_vjp(spec, x2, ds2), dx2,
                 only2[2])
 
-    full1, full2, dx2, only2_dx2 = block_vjp(x1, x2, ct)
-    ref1, ref2 = jax.jit(jax.grad(lambda a, b: jnp.sum(ct * make_kernel_fn(spec)(a, b)), argnums=(0, 1)))(x1, x2)
+    # ours and autodiff's in one program: one compilation
+    (full1, full2, dx2, only2_dx2), (ref1, ref2) = jax.jit(lambda a, b, c: (
+        block_vjp(a, b, c), jax.grad(lambda u, v: jnp.sum(c * make_kernel_fn(spec)(u, v)), argnums=(0, 1))(a, b)))(
+        x1, x2, ct)
     np.testing.assert_allclose(np.asarray(full1), np.asarray(ref1), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(full2), np.asarray(ref2), rtol=1e-10, atol=1e-14)
     np.testing.assert_allclose(np.asarray(only2_dx2), np.asarray(dx2), rtol=1e-12)
@@ -100,16 +102,20 @@ def test_matrix_vjp_of_one_side_equals_that_side_of_both(x64, rng):
     (tiles of 1 x 1 pairs on 2 x 3 images, so both paths run several blocks)."""
     spec = KernelSpec("convnet", 1)
     x1, x2 = rng.standard_normal((2, 8, 8, 1)), rng.standard_normal((3, 8, 8, 1))
-    s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
     ct = rng.standard_normal((2, 3))
     budget = kernels.bytes_per_pair(spec, (8, 8, 1), 8)
-    both = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (True, True))
-    only2 = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (False, True))
-    only1 = kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (True, False))
+
+    @jax.jit  # one compilation for the three (eagerly: one per primitive, most of this test's time)
+    def three(x1, x2, ct):
+        s1, s2 = kernels.self_stats(spec, x1), kernels.self_stats(spec, x2)
+        return tuple(kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, wrt)
+                     for wrt in ((True, True), (False, True), (True, False)))
+
+    both, only2, only1 = three(x1, x2, ct)
     assert only2[0] is None and only2[1] is None and only1[2] is None and only1[3] is None
     for got, want in [(only2[2], both[2]), (only1[0], both[0])] + list(zip(only2[3], both[3])):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-15)
-    assert kernels.kernel_matrix_vjp(spec, x1, s1, x2, s2, ct, "ntk", budget, (False, False)) == (None,) * 4
+    assert kernels.kernel_matrix_vjp(spec, x1, (), x2, (), ct, "ntk", budget, (False, False)) == (None,) * 4
 
 
 @pytest.mark.parametrize("size", [(7, 6), (8, 8)])
