@@ -73,7 +73,7 @@ def test_vjp_through_kernel_blocks_equals_jax_grad(x64, rng):
     backend = LocalBackend()
     for scale in (None, 0.3):
         argnums = (0, 1) if scale is None else (0, 1, 2)
-        ref_loss, refs = jax.value_and_grad(whole, argnums=argnums)(x_s, y_s, scale)
+        ref_loss, refs = jax.jit(jax.value_and_grad(whole, argnums=argnums))(x_s, y_s, scale)  # the reference: jitted
         eager = objective.loss_and_gradients(backend, kernel_fn, "ntk", 1e-3, x_s, y_s, targets, idx, y_t, scale)
         compiled = objective.compiled_loss_and_gradients(backend, kernel_fn, "ntk")(1e-3, x_s, y_s, targets, idx,
                                                                                      y_t, scale)
@@ -133,7 +133,7 @@ def test_the_objective_runs_on_any_block_executor(x64, rng):
 
     for calls, scale in enumerate((None, -0.2), start=1):
         argnums = (0, 1) if scale is None else (0, 1, 2)
-        ref_loss, refs = jax.value_and_grad(whole, argnums=argnums)(x_s, y_s, scale)
+        ref_loss, refs = jax.jit(jax.value_and_grad(whole, argnums=argnums))(x_s, y_s, scale)  # the reference: jitted
         ours = objective.loss_and_gradients(fake, None, "ntk", 1e-2, x_s, y_s, targets, idx, y_t, scale)
         assert fake.forward_calls == fake.backward_calls == calls
         np.testing.assert_allclose(float(ours[0]), float(ref_loss), rtol=1e-12)
