@@ -114,11 +114,14 @@ def test_cli_transfer_choices_are_the_library_s():
 def test_dsa_augmentation_applies_one_transform_per_batch_and_trains(digits, rng):
     x = jnp.asarray(rng.normal(size=(8, 12, 12, 3)).astype(np.float32))
     chosen = set()
+    # jitted once each (eagerly, every seed dispatched op by op: most of this test's time)
+    augment = jax.jit(lambda z, k: augment_batch(z, k, "dsa"))
+    transforms = {n: jax.jit(fn) for n, fn in DSA_TRANSFORMS.items()}
     for seed in range(24):
         key = jax.random.PRNGKey(seed)
-        out = np.asarray(augment_batch(x, key, "dsa"))
+        out = np.asarray(augment(x, key))
         _, parameter_key = jax.random.split(key)
-        names = [n for n, fn in DSA_TRANSFORMS.items() if np.allclose(fn(x, parameter_key), out, atol=1e-5)]
+        names = [n for n, fn in transforms.items() if np.allclose(fn(x, parameter_key), out, atol=1e-5)]
         assert len(names) >= 1 and out.shape == x.shape and out.dtype == np.float32
         chosen.add(names[0])
     assert len(chosen) >= 4
