@@ -96,3 +96,41 @@ def test_a_matrix_without_recipe_cannot_be_stored_as_one(zca_set, tmp_path):
     with pytest.raises(KernelDistillError, match="no recipe"):
         save_distilled(tmp_path / "x.npz", bare, zca_as_recipe=True)
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_processes_needing_the_same_matrix_at_once_refit_it_once(zca_set, tmp_path, monkeypatch):
+    """Two loads of one recipe at once (threads here: each opens the lock file itself, as processes do) refit
+    the matrix once; the one that waited reads the cache the other wrote."""
+    import threading
+    import time
+
+    data, distilled = zca_set
+    path = save_distilled(tmp_path / "recipe.npz", distilled, zca_as_recipe=True)
+    monkeypatch.setattr(zca_recipes, "_MEMORY", {})
+    monkeypatch.setenv(zca_recipes.CACHE_ENV, str(tmp_path / "cache"))
+    refits, original = [], zca_recipes._refit
+
+    def slow_refit(*args):
+        refits.append(1)
+        time.sleep(0.5)  # long enough that the other thread arrives while this one refits
+        return original(*args)
+
+    monkeypatch.setattr(zca_recipes, "_refit", slow_refit)
+    monkeypatch.setattr(zca_recipes, "_MEMORY", _NoMemory())  # each load goes to the disk cache or the refit
+    matrices = []
+    threads = [threading.Thread(target=lambda: matrices.append(load_distilled(path).preprocessor.zca_matrix))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(matrices) == 2 and len(refits) == 1
+    for matrix in matrices:
+        np.testing.assert_array_equal(matrix, data.preprocessor.zca_matrix)
+
+
+class _NoMemory(dict):
+    """A process cache that forgets: as if each load ran in a new process."""
+
+    def __setitem__(self, key, value):
+        pass

@@ -11,15 +11,22 @@ split is the one the recipe names and that the refitted channel statistics are t
 * on disk as ``<cache>/zca-<key>.npy`` (``$KERNEL_DISTILL_CACHE``, else ``~/.cache/kernel_distill``), written
   atomically; ``key`` is the SHA-256 of the recipe, so another recipe never reads it. An unwritable cache
   folder only costs the refit next time.
+
+Processes that need the same matrix at once (two ranking processes, Ray workers, test workers) refit it once:
+the refit holds an exclusive lock on ``<cache>/zca-<key>.lock`` (``fcntl.flock``; released by the kernel if its
+holder dies), and a process that waited for it reads the cache its holder wrote. Where locks are unavailable
+(no ``fcntl``, an unwritable folder) each process refits, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import pathlib
+from typing import Iterator
 
 import numpy as np
 
@@ -59,12 +66,38 @@ def zca_matrix(recipe: ZcaRecipe, mean: np.ndarray, std: np.ndarray, data_dir: s
     key = recipe_key(recipe)
     if key in _MEMORY:
         return _MEMORY[key]
-    cached = _read_cache(cache_dir() / f"zca-{key}.npy", recipe.rank)
+    path = cache_dir() / f"zca-{key}.npy"
+    cached = _read_cache(path, recipe.rank)
     if cached is None:
-        cached = _refit(recipe, mean, std, data_dir, progress)
-        _write_cache(cache_dir() / f"zca-{key}.npy", cached)
+        with _refit_lock(path.with_suffix(".lock")):
+            cached = _read_cache(path, recipe.rank)  # written by a process this one waited for
+            if cached is None:
+                cached = _refit(recipe, mean, std, data_dir, progress)
+                _write_cache(path, cached)
     _MEMORY[key] = cached
     return cached
+
+
+@contextlib.contextmanager
+def _refit_lock(path: pathlib.Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` while the block runs; nothing where that is impossible."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError:  # a read-only cache folder: no lock, and no cache to share either
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _refit(recipe: ZcaRecipe, mean: np.ndarray, std: np.ndarray, data_dir: str | os.PathLike | None,
