@@ -264,3 +264,15 @@ def test_class_balanced_indices():
     assert not np.array_equal(idx, class_balanced_indices(labels, 3, 10, jax.random.PRNGKey(1)))
     with pytest.raises(DataError, match="only 7 examples"):
         class_balanced_indices(labels, 8, 10, jax.random.PRNGKey(0))
+
+
+def test_class_balanced_indices_are_those_of_jax_random_permutation_class_by_class():
+    """The one-program sampler draws what the per-class ``jax.random.permutation`` calls drew (every seed and
+    subset made before it stays the same); uneven class sizes, as real datasets have."""
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(4), [503, 611, 498, 577]))
+    for seed in (0, 7):
+        keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+        expected = np.concatenate([np.flatnonzero(labels == c)[np.asarray(jax.random.permutation(keys[c], n))[:25]]
+                                   for c, n in enumerate([503, 611, 498, 577])])
+        np.testing.assert_array_equal(class_balanced_indices(labels, 25, 4, jax.random.PRNGKey(seed)), expected)

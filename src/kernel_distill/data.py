@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gzip
 import io
 import os
@@ -484,15 +485,33 @@ def class_balanced_indices(labels: npt.ArrayLike, per_class: int, num_classes: i
     labels = np.asarray(labels)
     if per_class < 1:
         raise DataError(f"per-class count must be at least 1, got {per_class}")
-    chosen = []
-    keys = jax.random.split(key, num_classes)
-    for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    for c, idx in enumerate(by_class):
         if len(idx) < per_class:
             raise DataError(f"class {c} has only {len(idx)} examples, fewer than the {per_class} asked for")
-        perm = np.asarray(jax.random.permutation(keys[c], len(idx)))
-        chosen.append(idx[perm[:per_class]])
-    return np.concatenate(chosen)
+    keys = jax.random.split(key, num_classes)
+    perms = _class_permutations()(keys, tuple(len(idx) for idx in by_class))
+    return np.concatenate([idx[np.asarray(perm)[:per_class]] for idx, perm in zip(by_class, perms)])
+
+
+@functools.lru_cache(maxsize=1)
+def _class_permutations():
+    """``jax.random.permutation(keys[c], counts[c])`` for every class, as one compiled program.
+
+    The same permutations (the same operations; tested against ``jax.random.permutation``), but one
+    compilation per set of class sizes instead of one per class, and on a CPU without XLA's optimisation
+    passes, which do not change integer results: MNIST's ten classes took 7.5 s to compile class by class,
+    3.1 s this way (2026-12-07; the first command on a dataset pays it once, as every command samples)."""
+    import jax
+
+    options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} \
+        if jax.default_backend() == "cpu" else None
+
+    @functools.partial(jax.jit, static_argnums=1, compiler_options=options)
+    def permutations(keys, counts):
+        return [jax.random.permutation(keys[c], n) for c, n in enumerate(counts)]
+
+    return permutations
 
 
 def natural_subset(x: np.ndarray, y: np.ndarray, per_class: int, num_classes: int,
