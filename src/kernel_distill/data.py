@@ -501,7 +501,8 @@ def _class_permutations():
     The same permutations (the same operations; tested against ``jax.random.permutation``), but one
     compilation per set of class sizes instead of one per class, and on a CPU without XLA's optimisation
     passes, which do not change integer results: MNIST's ten classes took 7.5 s to compile class by class,
-    3.1 s this way (2026-12-07; the first command on a dataset pays it once, as every command samples)."""
+    3.1 s this way (2026-12-07, 2-core CPU beside two other jobs; the first command on a dataset pays it
+    once, as every command samples)."""
     import jax
 
     options = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True} \

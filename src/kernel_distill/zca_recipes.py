@@ -14,13 +14,14 @@ split is the one the recipe names and that the refitted channel statistics are t
 
 Processes that need the same matrix at once (two ranking processes, Ray workers, test workers) refit it once:
 the refit holds an exclusive lock on ``<cache>/zca-<key>.lock`` (``fcntl.flock``; released by the kernel if its
-holder dies), and a process that waited for it reads the cache its holder wrote. Where locks are unavailable
-(no ``fcntl``, an unwritable folder) each process refits, as before.
+holder dies), and a process that waited for it reads the cache its holder wrote. With an unwritable cache
+folder there is no lock (and no cache to share): each process refits, as before.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl  # POSIX only, as the run folders' locks (runs.py)
 import hashlib
 import io
 import json
@@ -80,12 +81,7 @@ def zca_matrix(recipe: ZcaRecipe, mean: np.ndarray, std: np.ndarray, data_dir: s
 
 @contextlib.contextmanager
 def _refit_lock(path: pathlib.Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` while the block runs; nothing where that is impossible."""
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        yield
-        return
+    """An exclusive ``flock`` on ``path`` while the block runs; nothing where the file cannot be created."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a")

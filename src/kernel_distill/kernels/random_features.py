@@ -94,7 +94,7 @@ def network_params(spec: KernelSpec, key: jax.Array, image_shape: tuple, dtype: 
     Drawn in float32 and then cast, so a key gives the same networks in float32 and float64 runs.
 
     One network after another (``lax.map``), not ``vmap``: the same bits, and XLA's CPU backend compiles the
-    batched random draws about 3x more slowly (a 4-network convnet depth 2: 19.9 s against 6.8 s), which was
+    batched random draws about 3x more slowly (a 4-network convnet depth 2: 19.9 s against 6.8 s, 2-core CPU beside two other jobs), which was
     most of the compile time of every program with random features in it (a kernel matrix, a KIP step)."""
     net = _feature_net(spec)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
