@@ -6,7 +6,9 @@ random class-balanced subsets of the same size, hard labels, the augmentation sw
 with one-hot labels, ``--seeds`` seeds each, on the whole test set. The full training set's hard-label
 accuracy under the same recipe (DD-Ranking's ``real-hard``, for HLR) is trained once per dataset and recipe,
 for ``--full-steps`` steps (the distilled sets' 300 steps are less than one pass over 60,000 images), and
-kept in ``--full-results``; a rerun reuses it, and skips sets already in ``--results``.
+kept in ``--full-results``; a rerun reuses it, and skips sets already in ``--results``. Where that record is
+still to make, the set's networks are trained first and the full set after them (one long run without a
+checkpoint), so that a run stopped during the full set keeps all of the set's networks.
 
 A set is 21 networks (7 variants x 3 seeds; ``set`` reuses the transfer's own 3), about an hour of one CPU core
 for a 10-per-class MNIST set. Each finished network is kept in ``--runs`` (``transfer --ranking-runs``;
@@ -55,6 +57,24 @@ def storage_bytes(entry: dict) -> dict:
     return dict(storage_image_bytes=int(distilled.images.size * 4), storage_label_bytes=int(distilled.labels.size * 4))
 
 
+def full_set_key(recipe: dict, full_steps: int, preprocessor=None) -> dict:
+    key = dict(recipe, steps=full_steps, loss="ce", label_scale=1.0)
+    if preprocessor is not None and preprocessor.uses_zca:
+        key["preprocessing"] = "the set's ZCA"
+    return key
+
+
+def find_full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, path: pathlib.Path,
+                         preprocessor=None) -> dict | None:
+    """The full-set record of this dataset, recipe and seeds kept in ``path``, or None."""
+    key = full_set_key(recipe, full_steps, preprocessor)
+    for record in (read_records(path) if path.is_file() else []):
+        if record["dataset"]["name"] == dataset and record["config"]["recipe_key"] == key and \
+                record["config"]["seeds"] == seeds:
+            return record
+    return None
+
+
 def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, path: pathlib.Path,
                     preprocessor=None) -> dict:
     """The full-set record of this dataset and recipe: read from ``path``, else trained now and appended.
@@ -62,13 +82,10 @@ def full_set_record(dataset: str, recipe: dict, full_steps: int, seeds: int, pat
     from kernel_distill.experiments import full_set_accuracy
     from kernel_distill.finite import TrainConfig
 
-    key = dict(recipe, steps=full_steps, loss="ce", label_scale=1.0)
-    if preprocessor is not None and preprocessor.uses_zca:
-        key["preprocessing"] = "the set's ZCA"
-    for record in (read_records(path) if path.is_file() else []):
-        if record["dataset"]["name"] == dataset and record["config"]["recipe_key"] == key and \
-                record["config"]["seeds"] == seeds:
-            return record
+    found = find_full_set_record(dataset, recipe, full_steps, seeds, path, preprocessor)
+    if found is not None:
+        return found
+    key = full_set_key(recipe, full_steps, preprocessor)
     print(f"full training set of {dataset}: {full_steps} steps x {seeds} seed(s), hard labels ...", flush=True)
     start = time.perf_counter()
     config = TrainConfig(steps=full_steps, optimizer="sgd", learning_rate=recipe["learning_rate"],
@@ -111,16 +128,25 @@ def main():
             continue
         entry = entries[name]
         recipe = recipe_of(entry)
+        transfer = ("transfer", f"zoo:{name}", "--model", recipe["model"], "--steps", str(recipe["steps"]),
+                    "--lr", str(recipe["learning_rate"]), "--batch-size", str(recipe["batch_size"]),
+                    "--weight-decay", str(recipe["weight_decay"]), "--loss", recipe["loss"],
+                    "--label-scale", str(recipe["label_scale"]), "--augment", recipe["augment"],
+                    "--seeds", str(args.seeds), "--eval-every", str(recipe["steps"]), "--ranking",
+                    "--ranking-runs", str(args.runs))
+        networks_seconds = 0.0  # the set's own wall time, the full-set run left out
+        if find_full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results,
+                                zoo.load(name).preprocessor) is None:
+            # The set's 21 networks first, each kept in --runs as it ends; then the full set, one long run
+            # with no checkpoint. Stopped during the full set, a rerun still finds every network done.
+            print(f"{name}: the set's networks first (the full-set run comes after them)", flush=True)
+            start = time.perf_counter()
+            cli(*transfer)
+            networks_seconds = time.perf_counter() - start
         full = full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results,
                                zoo.load(name).preprocessor)
         start = time.perf_counter()
-        record = cli("transfer", f"zoo:{name}", "--model", recipe["model"], "--steps", str(recipe["steps"]),
-                     "--lr", str(recipe["learning_rate"]), "--batch-size", str(recipe["batch_size"]),
-                     "--weight-decay", str(recipe["weight_decay"]), "--loss", recipe["loss"],
-                     "--label-scale", str(recipe["label_scale"]), "--augment", recipe["augment"],
-                     "--seeds", str(args.seeds), "--eval-every", str(recipe["steps"]), "--ranking",
-                     "--ranking-runs", str(args.runs),
-                     "--full-set-accuracy", repr(full["metrics"]["test_accuracy"]))
+        record = cli(*transfer, "--full-set-accuracy", repr(full["metrics"]["test_accuracy"]))
         record["command"] = "benchmark/ranking"
         record["method"] = entry["method"]
         record["metrics"].update(storage_bytes(entry), make_seconds=entry.get("wall_seconds"))
@@ -128,7 +154,7 @@ def main():
                                 full_set=dict(steps=args.full_steps, seeds=args.full_seeds,
                                               accuracy=full["metrics"]["test_accuracy"]),
                                 make_machine=entry.get("machine"))
-        record["provenance"]["wall_seconds"] = time.perf_counter() - start
+        record["provenance"]["wall_seconds"] = networks_seconds + time.perf_counter() - start
         append_record(args.results, record)
         m = record["metrics"]
         print(f"{name}: set {100 * m['ranking_accuracy_set']:.2f}%, random {100 * m['ranking_accuracy_random']:.2f}%, "

@@ -242,3 +242,51 @@ def test_a_transfer_keeps_each_seed_as_the_rankings_set_run_and_a_resumed_one_tr
     validated = experiments.transfer(with_val, "fc", config, seeds=1, width=16, progress=False, finished=kept,
                                      on_run=lambda key, entry: retrained.append(key))
     assert retrained == [] and validated["reused"] == 0 and "val_accuracy" in validated["metrics"]
+
+
+def test_the_ranking_benchmark_trains_the_sets_networks_before_a_missing_full_set(tmp_path, monkeypatch):
+    """benchmarks/ranking.py: where the full-set record is still to make, the set's networks (kept one by one in
+    ``--runs``) come first and the full-set run (no checkpoint) after them; a second run finds the record and
+    goes straight to the scored transfer. The transfer command and the full-set training are stubbed: what
+    is checked is the order and what reaches the record, not the training."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    from kernel_distill import experiments, zoo
+    from kernel_distill.results import dataset_record, make_record, read_records
+
+    bench = pathlib.Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("ranking_benchmark", bench / "ranking.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    name = "mnist-kip-fc-1ipc"
+    assert name in {e["name"] for e in zoo.read_index()}
+    events: list[str] = []
+    scores = {k: 0.5 for k in ("ranking_accuracy_set", "ranking_accuracy_random", "ranking_ior", "ranking_hlr",
+                                "ranking_lrs", "ranking_ars")}
+
+    def fake_cli(*args):
+        events.append("transfer with full set" if "--full-set-accuracy" in args else "transfer")
+        assert args[:2] == ("transfer", f"zoo:{name}") and "--ranking-runs" in args
+        return make_record("transfer", "kip", dataset_record("mnist", num_test=10000), dict(scores), {})
+
+    def fake_full_set(dataset, model, config, **kwargs):
+        events.append("full set")
+        return dict(test_accuracy=0.99, test_accuracy_std=0.0, test_accuracies=[0.99], train_seconds=1.0,
+                    num_train=60000, num_test=10000, checksums={}, recipe={})
+
+    monkeypatch.setattr(script, "cli", fake_cli)
+    monkeypatch.setattr(experiments, "full_set_accuracy", fake_full_set)
+    args = ["ranking.py", "--names", name, "--results", str(tmp_path / "r.jsonl"),
+            "--full-results", str(tmp_path / "full.jsonl"), "--runs", str(tmp_path / "runs.jsonl")]
+    monkeypatch.setattr(sys, "argv", args)
+    script.main()
+    assert events == ["transfer", "full set", "transfer with full set"]
+    [record] = read_records(tmp_path / "r.jsonl")
+    assert record["config"]["set"] == name and record["config"]["full_set"]["accuracy"] == 0.99
+    (tmp_path / "r.jsonl").unlink()  # the set again, its full-set record now kept
+    events.clear()
+    script.main()
+    assert events == ["transfer with full set"]
