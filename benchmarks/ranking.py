@@ -134,9 +134,10 @@ def main():
                     "--label-scale", str(recipe["label_scale"]), "--augment", recipe["augment"],
                     "--seeds", str(args.seeds), "--eval-every", str(recipe["steps"]), "--ranking",
                     "--ranking-runs", str(args.runs))
+        preprocessor = zoo.load(name).preprocessor
         networks_seconds = 0.0  # the set's own wall time, the full-set run left out
         if find_full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results,
-                                zoo.load(name).preprocessor) is None:
+                                preprocessor) is None:
             # The set's 21 networks first, each kept in --runs as it ends; then the full set, one long run
             # with no checkpoint. Stopped during the full set, a rerun still finds every network done.
             print(f"{name}: the set's networks first (the full-set run comes after them)", flush=True)
@@ -144,7 +145,7 @@ def main():
             cli(*transfer)
             networks_seconds = time.perf_counter() - start
         full = full_set_record(entry["dataset"], recipe, args.full_steps, args.full_seeds, args.full_results,
-                               zoo.load(name).preprocessor)
+                               preprocessor)
         start = time.perf_counter()
         record = cli(*transfer, "--full-set-accuracy", repr(full["metrics"]["test_accuracy"]))
         record["command"] = "benchmark/ranking"
