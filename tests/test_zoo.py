@@ -10,6 +10,7 @@ import pathlib
 import subprocess
 import sys
 import tomllib
+import zipfile
 
 import numpy as np
 import pytest
@@ -173,6 +174,13 @@ def test_readme_zoo_table_is_generated_from_the_index():
 # A zoo of our own, on digits (no real data needed): the tool, zoo:NAME, checksums, export, downloads.
 
 
+def assert_same_arrays(a: pathlib.Path, b: pathlib.Path) -> None:
+    with np.load(a) as fa, np.load(b) as fb:
+        assert sorted(fa.files) == sorted(fb.files)
+        for name in fa.files:
+            assert fa[name].dtype == fb[name].dtype and np.array_equal(fa[name], fb[name]), name
+
+
 @pytest.fixture
 def digits_zoo(tmp_path, monkeypatch, capsys):
     """A zoo in tmp_path/zoo holding one digits set added by tools/zoo_add.py (a tiny transfer included)."""
@@ -200,7 +208,8 @@ def test_zoo_add_measures_and_records(digits_zoo, tmp_path):
     assert entry["command"].startswith("kernel-distill baseline") and entry["wall_seconds"] == 1.5
     file = digits_zoo.parent / entry["file"]
     assert entry["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
-    assert file.read_bytes() == (tmp_path / "run" / "natural.npz").read_bytes()
+    assert_same_arrays(file, tmp_path / "run" / "natural.npz")
+    assert all(info.compress_type == zipfile.ZIP_DEFLATED for info in zipfile.ZipFile(file).infolist())
     # The KRR number is the file's own kernel on the whole digits test split, as `evaluate` computes it, and
     # the same number re-derived without evaluate_file (to one of the 359 test images: float32 kernels).
     measured = evaluate_file(file)
@@ -240,6 +249,34 @@ def test_zoo_add_transfer_only_replaces_just_the_transfer_field(digits_zoo, caps
     with pytest.raises(SystemExit):
         zoo_add.main(["--transfer-only", "--name", "digits-natural-3", "--index", str(digits_zoo)])
     assert "does not match the sha256" in capsys.readouterr().err
+
+
+def test_zoo_add_compress_stores_a_shipped_set_compressed_with_the_same_arrays(digits_zoo, capsys):
+    """``--compress`` (the sets added before the zoo stored files compressed): the file becomes a deflated
+    ``.npz`` of the same arrays, and only the entry's sha256 and bytes change."""
+    import zoo_add
+
+    (entry,) = zoo.read_index()
+    file = digits_zoo.parent / entry["file"]
+    with np.load(file) as f:
+        arrays = {name: f[name] for name in f.files}
+    np.savez(file, **arrays)  # as the zoo stored sets before
+    entry.update(sha256=hashlib.sha256(file.read_bytes()).hexdigest(), bytes=file.stat().st_size)
+    digits_zoo.write_text(json.dumps(dict(format=1, sets=[entry])))
+    uncompressed = file.read_bytes()
+    assert zoo_add.main(["--compress", "--name", "digits-natural-3", "--index", str(digits_zoo)]) == 0
+    (after,) = zoo.read_index()
+    assert after["bytes"] == file.stat().st_size < len(uncompressed)
+    assert after["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest() != entry["sha256"]
+    assert {k: v for k, v in after.items() if k not in ("sha256", "bytes")} == \
+        {k: v for k, v in entry.items() if k not in ("sha256", "bytes")}
+    with np.load(file) as f:
+        assert sorted(f.files) == sorted(arrays)
+        assert all(f[n].dtype == arrays[n].dtype and np.array_equal(f[n], arrays[n]) for n in arrays)
+    assert zoo.path("digits-natural-3") == file  # the new sha256 is the one checked on use
+    with pytest.raises(SystemExit) as exit_:
+        zoo_add.main(["--compress", "--name", "digits-natural-3", "extra.npz", "--index", str(digits_zoo)])
+    assert exit_.value.code == 2 and "takes no source" in capsys.readouterr().err
 
 
 def test_zoo_add_remeasure_subset_rewrites_just_the_subset_the_suite_re_derives(digits_zoo, capsys, monkeypatch):

@@ -8,7 +8,8 @@ run's *reported* support (KIP: the one selected on validation), and the command,
 and commit come from its ``results.json``; given an ``.npz``, ``--command`` is required (and
 ``--wall-seconds``/``--machine`` say what it cost). Then it
 
-1. copies the file's bytes into ``src/kernel_distill/zoo/sets/NAME.npz`` (the sha256 goes into the index);
+1. copies the file into ``src/kernel_distill/zoo/sets/NAME.npz``, stored as a compressed ``.npz`` of the same
+   arrays (the sha256 goes into the index);
 2. measures the KRR test accuracy with the kernel recorded in the file
    (:func:`kernel_distill.workflows.zoo.evaluate_file`, the function the test suite re-runs);
 3. measures transfer: ``--transfer-model`` (default the evaluation ConvNet ``evalnet``) trained on the set
@@ -16,6 +17,9 @@ and commit come from its ``results.json``; given an ``.npz``, ``--command`` is r
    model's default), batch ``--transfer-batch`` (128), MSE on the set's labels, weight decay 5e-4: the
    protocol of docs/BENCHMARKS.md "Transfer to finite networks"; ``--no-transfer`` skips it;
 4. writes the entry into ``src/kernel_distill/zoo/index.json`` and regenerates the README's zoo table.
+
+``--compress --name NAME`` rewrites a set already in the zoo as a compressed ``.npz`` of the very same arrays
+(the sets added before compression): only its sha256 and bytes change.
 
 ``--transfer-only --name NAME`` (no source) measures step 3 alone for a set already in the zoo, on the file as
 shipped (its checksum verified first), and replaces only that entry's ``transfer`` field: everything else
@@ -123,6 +127,37 @@ def _store_float16_images(path: pathlib.Path, data_dir) -> str:
     note = f"images stored as float16 (largest rounding {worst:.1e} of the largest pixel; every number measured on them)"
     print(note, flush=True)
     return note
+
+
+def _store_compressed(path: pathlib.Path) -> tuple[int, int]:
+    """Rewrite a set file as a compressed ``.npz`` holding the very same arrays (names, dtypes, values and
+    metadata checked on the file as written). Returns ``(bytes before, bytes after)``."""
+    import numpy as np
+
+    from kernel_distill.atomic import atomic_savez_compressed
+
+    before = path.stat().st_size
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {name: f[name] for name in f.files}
+    atomic_savez_compressed(path, **arrays)
+    with np.load(path, allow_pickle=False) as f:
+        same = sorted(f.files) == sorted(arrays) and all(
+            f[name].dtype == arrays[name].dtype and f[name].shape == arrays[name].shape
+            and np.array_equal(f[name], arrays[name]) for name in arrays)
+    if not same:  # cannot happen with numpy's zip writer; checked because the zoo's numbers hang on it
+        raise SystemExit(f"{path}: the compressed file does not read back the same arrays")
+    return before, path.stat().st_size
+
+
+def _compress(args, zoo, parser) -> int:
+    """``--compress``: store the shipped file of zoo set ``args.name`` compressed; its arrays, hence every number
+    measured on it, stay the same, so only the entry's sha256 and bytes change."""
+    index_file, entries, entry, target = _shipped_entry(args, zoo, parser)
+    before, after = _store_compressed(target)
+    entry.update(sha256=zoo.file_sha256(target), bytes=after)
+    _write_index(index_file, entries, regenerate_readme=args.index is None)
+    print(f"{args.name}: {before:,} -> {after:,} bytes (same arrays); entry updated in {index_file}")
+    return 0
 
 
 def _store_zca_as_recipe(path: pathlib.Path, record, data_dir, val_size=None) -> str:
@@ -372,6 +407,9 @@ def main(argv=None) -> int:
                         help="re-measure the KRR accuracy of the zoo set --name (no source) on the test subset that "
                              "tests/test_zoo.py re-derives (its size: ZOO_TEST_SUBSET, ZOO_TEST_EXACT_CONV_PAIRS) "
                              "and update only that field")
+    parser.add_argument("--compress", action="store_true",
+                        help="store a set already in the zoo as a compressed .npz (the same arrays; new sets are "
+                             "always stored compressed)")
     parser.add_argument("--float16-images", action="store_true",
                         help="store the images as float16 (half the bytes; the zoo's budget is 15 MB) and measure "
                              "every number on them")
@@ -403,6 +441,10 @@ def main(argv=None) -> int:
         if args.source is not None:
             parser.error("--convert-zca takes no source: it rewrites a set already in the zoo")
         return _convert_zca(args, zoo, parser)
+    if args.compress:
+        if args.source is not None:
+            parser.error("--compress takes no source: it rewrites a set already in the zoo")
+        return _compress(args, zoo, parser)
     if args.remeasure_subset:
         if args.source is not None:
             parser.error("--remeasure-subset takes no source: it measures a set already in the zoo")
@@ -428,6 +470,7 @@ def main(argv=None) -> int:
     zca_note = _store_zca_as_recipe(target, record, args.data_dir, args.zca_val_size)
     if args.float16_images:
         zca_note = "; ".join(n for n in (zca_note, _store_float16_images(target, args.data_dir)) if n)
+    _store_compressed(target)
     distilled = load_distilled(target, args.data_dir)
     print(f"{npz} -> {target} ({target.stat().st_size:,} bytes)", flush=True)
 
