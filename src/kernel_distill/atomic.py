@@ -56,14 +56,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> pathlib.Path:
 
 def atomic_savez(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:
     """``np.savez`` to ``path`` atomically (uncompressed: distilled sets are small)."""
-    buffer = _io.BytesIO()
-    np.savez(buffer, **arrays)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return _atomic_npz(np.savez, path, arrays)
 
 
 def atomic_savez_compressed(path: str | os.PathLike, **arrays: Any) -> pathlib.Path:
     """``np.savez_compressed`` to ``path`` atomically: the zoo's files, where natural images (Label Solve
     supports, mostly background on MNIST) shrink several times; ``np.load`` reads both kinds alike."""
+    return _atomic_npz(np.savez_compressed, path, arrays)
+
+
+def _atomic_npz(writer: Any, path: str | os.PathLike, arrays: dict[str, Any]) -> pathlib.Path:
     buffer = _io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
+    writer(buffer, **arrays)
     return atomic_write_bytes(path, buffer.getvalue())
