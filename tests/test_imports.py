@@ -178,8 +178,8 @@ def test_public_functions_are_annotated():
 
 
 def test_importing_the_package_turns_off_the_xla_cpu_fusions_that_crash_jaxlib_0_10():
-    """kernel_distill._xla_workarounds: the flag is added for jaxlib 0.10 only, a user's own setting of it
-    is kept, other user flags are kept, and the opt-out variable leaves XLA_FLAGS alone. (The crash itself
+    """kernel_distill._xla_workarounds: the flag is added for jaxlib 0.10 on AMD processors only, a user's own
+    setting of it is kept, other user flags are kept, and the opt-out variable leaves XLA_FLAGS alone. (The crash itself
     is guarded by tests/test_kernels.py::test_gradients_are_finite_on_the_diagonal.)"""
     import os
     import subprocess
@@ -193,7 +193,9 @@ def test_importing_the_package_turns_off_the_xla_cpu_fusions_that_crash_jaxlib_0
                              check=True).stdout
         return eval(out)
 
-    affected = metadata.version("jaxlib").startswith("0.10.")
+    from kernel_distill._xla_workarounds import affected_processor
+
+    affected = metadata.version("jaxlib").startswith("0.10.") and affected_processor()
     assert flags_after_import() == ("--xla_cpu_experimental_ynn_fusion_type=" if affected else None)
     assert flags_after_import(XLA_FLAGS="--xla_dump_to=/tmp/x") == \
         ("--xla_cpu_experimental_ynn_fusion_type= --xla_dump_to=/tmp/x" if affected else "--xla_dump_to=/tmp/x")

@@ -14,6 +14,13 @@ exact ConvNet NTK the same in float32 and float64 (0.3-0.6 s for 8 x 16 pairs ei
 convolutions in finite networks 5x slower (12.6 s against 2.5 s for a width-512 ConvNet's Jacobian); keeping
 only ``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` also avoided the crash and kept that float64 speed, at a
 slower float32 step (1.11 s). Float32 is what users train in, so all fusions stay off.
+
+On an Intel Xeon machine (2026-12-08) it is the other way round: with the fusions off, the float64 jitted
+gradient of the ConvNet kernel segfaults (``tests/test_distributed.py::
+test_ray_kip_loss_and_gradients_equal_local_and_jax_grad[convnet]``, every run; also with only
+``LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION`` kept, and with XNNPACK, oneDNN, the thunk runtime or fusion
+emitters switched off), and with jaxlib's defaults it runs. So the flag is added on AMD processors only, the
+one kind on which the fusions were seen to crash.
 """
 
 from __future__ import annotations
@@ -38,8 +45,18 @@ def avoid_known_xla_cpu_crashes() -> bool:
     except metadata.PackageNotFoundError:
         return False
     flags = os.environ.get("XLA_FLAGS", "")
-    if not version.startswith(AFFECTED_JAXLIB) or YNN_FLAG_NAME in flags:
+    if not version.startswith(AFFECTED_JAXLIB) or not affected_processor() or YNN_FLAG_NAME in flags:
         return False
     # first: XLA stops reading flags at a word that is not one, so a flag appended after it is lost
     os.environ["XLA_FLAGS"] = f"--{YNN_FLAG_NAME}= {flags}".strip()
     return True
+
+
+def affected_processor() -> bool:
+    """Whether this machine's processor is of the kind the crash was seen on (AMD, from ``/proc/cpuinfo``;
+    False where that file does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
