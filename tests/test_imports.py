@@ -179,8 +179,8 @@ def test_public_functions_are_annotated():
 
 def test_importing_the_package_turns_off_the_xla_cpu_fusions_that_crash_jaxlib_0_10():
     """kernel_distill._xla_workarounds: the flag is added for jaxlib 0.10 on AMD processors only, a user's own
-    setting of it is kept, other user flags are kept, and the opt-out variable leaves XLA_FLAGS alone. (The crash itself
-    is guarded by tests/test_kernels.py::test_gradients_are_finite_on_the_diagonal.)"""
+    setting of it is kept, other user flags are kept, and the opt-out variable leaves XLA_FLAGS alone. (The
+    crash itself is guarded by tests/test_kernels.py::test_gradients_are_finite_on_the_diagonal.)"""
     import os
     import subprocess
     import sys
